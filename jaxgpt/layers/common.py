@@ -1,0 +1,47 @@
+"""Shared building blocks: compute dtype and the harness's effective initialisation.
+
+Effective init (DESIGN §1): the benchmark re-initialises every nn.Linear / nn.Embedding after construction
+(nanoGPT's `_init_weights`): weights N(0, 0.02), biases zero; `c_proj` weights N(0, 0.02/sqrt(2*n_layer)).
+Modules that are not Linear/Embedding in PyTorch (norms, convolutions, raw parameters) keep their own init.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """bf16 matmuls on accelerators, fp32 on CPU, unless the config names one."""
+    if cfg.dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(cfg.dtype)
+
+
+def proj_std(cfg: ModelConfig) -> float:
+    """nanoGPT's scaled init for residual output projections (`c_proj`)."""
+    return INIT_STD / math.sqrt(2 * cfg.n_layer)
+
+
+def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = INIT_STD) -> nnx.Linear:
+    """nn.Linear twin: kernel [d_in, d_out] ~ N(0, std), optional zero bias, fp32 params, compute dtype."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=cfg.bias,
+        dtype=compute_dtype(cfg),
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(std),
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
+
+
+def embed(num: int, features: int, rngs: nnx.Rngs, std: float = INIT_STD) -> nnx.Embed:
+    """nn.Embedding twin: table [num, features] ~ N(0, std), looked up in fp32."""
+    return nnx.Embed(num, features, param_dtype=jnp.float32, embedding_init=nnx.initializers.normal(std), rngs=rngs)

@@ -1,0 +1,52 @@
+"""GPT: the composition of the four variant axes (embedding, norm/block, mixer, loss) of DESIGN §2."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.layers.block import BLOCKS
+from jaxgpt.layers.common import compute_dtype
+from jaxgpt.layers.embedding import EMBEDDINGS
+from jaxgpt.losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
+
+
+class GPT(nnx.Module):
+    """nanoGPT-style decoder: embedding -> n_layer blocks -> final norm -> head (via the embedding)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        block, final_norm = BLOCKS[cfg.norm]
+        self.embedding = EMBEDDINGS[cfg.embedding](cfg, rngs)
+        self.h = nnx.List([block(cfg, i, rngs) for i in range(cfg.n_layer)])
+        self.ln_f = final_norm(cfg, rngs)
+
+    def __call__(self, idx: jax.Array) -> jax.Array:
+        """idx [B, T] int -> logits [B, T, V] in the compute dtype."""
+        x = self.embedding(idx)
+        for i, block in enumerate(self.h):
+            ve = self.embedding.value_embed(i, idx)
+            if ve is not None:
+                x = x + ve
+            x = block(x)
+        x = self.ln_f(x)
+        dtype = compute_dtype(self.cfg)
+        logits = x.astype(dtype) @ self.embedding.lm_head_weight().astype(dtype).T
+        transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
+        return logits if transform is None else transform(logits)
+
+    def loss(self, idx: jax.Array, targets: jax.Array, train: bool = True) -> jax.Array:
+        """Training loss of the loss axis (train=True) or plain cross-entropy (evaluation)."""
+        logits = self(idx)
+        return LOSSES[self.cfg.loss](logits, targets) if train else cross_entropy(logits, targets)
+
+
+def num_params(model: GPT, exclude_pos: bool = True) -> int:
+    """Parameter count; like nanoGPT/the benchmark, position parameters are excluded by default."""
+    n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return n - model.embedding.num_pos_params() if exclude_pos else n
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """Build a GPT with the harness's effective initialisation from an integer seed."""
+    return GPT(cfg, nnx.Rngs(params=seed))

@@ -1,0 +1,61 @@
+"""Build a jaxgpt model and its torch_ref twin with identical weights, and compare them."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+from jaxgpt.config import Config, ModelConfig
+from jaxgpt.convert import jax_to_torch
+from jaxgpt.model import GPT, init_model
+from jaxgpt.variants import PRESETS, apply_variant
+from torch_ref.model import build_model
+
+SMALL = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, dtype="float32")
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def variant_config(variant: str, base: ModelConfig = SMALL, **model_overrides) -> Config:
+    cfg = Config(model=dataclasses.replace(base, **model_overrides))
+    return apply_variant(cfg, variant)
+
+
+def twin_models(model_cfg: ModelConfig, seed: int = 0, device: str = "cpu") -> tuple[GPT, torch.nn.Module]:
+    """A JAX model and a torch_ref model holding the same (JAX-initialised) fp32 weights."""
+    jmodel = init_model(model_cfg, seed)
+    tmodel = build_model(model_cfg).to(device)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in jax_to_torch(params_of(jmodel)).items()}
+    tmodel.load_state_dict(state, strict=True)
+    return jmodel, tmodel
+
+
+def params_of(model: nnx.Module) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def jax_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[float, dict]:
+    """Training loss and its gradient w.r.t. every parameter, as a torch-named dict of numpy arrays."""
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(p):
+        return nnx.merge(graphdef, p).loss(idx, targets)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return float(loss), jax_to_torch(nnx.to_pure_dict(grads))
+
+
+def random_batch(cfg: ModelConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 50257, size=(batch, cfg.block_size + 1), dtype=np.int64)
+    return tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32)
+
+
+VARIANTS = list(PRESETS)
