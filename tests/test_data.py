@@ -24,6 +24,7 @@ from jaxgpt.data import (
     prepare_files,
     shard_header,
     split_files,
+    tokenize_docs,
     write_shard,
 )
 from jaxgpt.errors import UserError
@@ -193,6 +194,26 @@ def test_split_must_hold_a_window(tmp_path):
     np.testing.assert_array_equal(x, np.tile(np.arange(BLOCK), (2, 1)))
     with pytest.raises(UserError, match="too small for block_size"):
         BatchSampler(tmp_path, "val", BLOCK + 1)
+
+
+# --- tokenization --------------------------------------------------------------------------------
+
+
+def test_parallel_tokenization_keeps_order_and_bounds_what_it_reads():
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        while True:
+            yield TEXTS[pulled % len(TEXTS)]
+            pulled += 1
+
+    stream = tokenize_docs(endless(), workers=2, chunksize=4)
+    got = [next(stream) for _ in range(50)]
+    assert pulled <= 50 + 4 * 2 * 4  # consumed + at most 4 * workers * chunksize in flight
+    stream.close()  # must not hang
+    for i, tokens in enumerate(got):
+        np.testing.assert_array_equal(tokens, encode_doc(TEXTS[i % len(TEXTS)]))
 
 
 # --- prepare files ---------------------------------------------------------------------------------
