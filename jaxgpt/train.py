@@ -1,0 +1,222 @@
+"""Train a GPT variant: `python -m jaxgpt.train [--variant NAME] [--config NAME|PATH] [--data DIR] ...`.
+
+With no arguments: the `tiny` preset on the embedded default corpus (prepared on first use), on CPU in a few
+minutes. Prints progress lines, the benchmark's `TRAIN_METRICS:` lines at every evaluation and its
+`Final metrics (...)` line at the end; writes config.json, metrics.jsonl, loss.png and Orbax checkpoints
+into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.config import (
+    MODEL_PRESETS,
+    Config,
+    apply_overrides,
+    available_configs,
+    load_config_file,
+    parse_set_args,
+)
+from jaxgpt.data import BatchSampler, ensure_default_corpus
+from jaxgpt.errors import UserError, cli_main
+from jaxgpt.metrics import MetricsLog, flops_per_token, model_label, plot_losses
+from jaxgpt.model import init_model, num_params
+from jaxgpt.optim import learning_rate, make_optimizer
+from jaxgpt.steps import all_finite, make_eval_step, make_mesh, make_train_step, replicate, shard_batch
+from jaxgpt.variants import AXES, PRESETS, apply_variant
+
+
+class TrainingDiverged(UserError):
+    """The loss or the parameters became non-finite; the run stops without saving."""
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.out or f"runs/{cfg.variant}-{cfg.model_size}")
+
+
+class Evaluator:
+    """Mean plain-CE loss over a fixed set of `eval_iters` batches per split (the same batches every time)."""
+
+    def __init__(self, cfg: Config, data_dir: Path, eval_step, mesh):
+        self.cfg, self.eval_step, self.mesh = cfg, eval_step, mesh
+        T = cfg.model.block_size
+        self.samplers = {s: BatchSampler(data_dir, s, T, seed=cfg.seed + 1) for s in ("train", "val")}
+
+    def __call__(self, params) -> dict[str, float]:
+        out = {}
+        for split, sampler in self.samplers.items():
+            losses = []
+            for i in range(self.cfg.eval_iters):
+                x, y = sampler.get(i, self.cfg.batch_size)
+                losses.append(self.eval_step(params, shard_batch(x, self.mesh), shard_batch(y, self.mesh)))
+            out[split] = float(np.mean(jax.device_get(losses)))
+        return out
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Run (or resume) training; returns the final evaluation {'train_loss', 'val_loss', 'step'}."""
+    out = run_dir(cfg)
+    data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
+    T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
+    train_data = BatchSampler(data_dir, "train", T, seed=cfg.seed)
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    if ckpt.steps() and not resume:
+        raise UserError(f"{out} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue it or --out NEW_DIR")
+    if resume and not ckpt.steps():
+        raise UserError(f"nothing to resume: no checkpoint in {ckpt.directory}")
+
+    mesh = make_mesh(B)
+    model = init_model(cfg.model, cfg.seed)
+    n_params = num_params(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(cfg)
+    params = replicate(params, mesh)
+    opt_state = replicate(tx.init(params), mesh)
+    log = MetricsLog(out / "metrics.jsonl")
+    start = 0
+    if resume:
+        saved = Config.from_dict(ckpt.read_meta()["config"])
+        if saved.model != cfg.model:
+            raise UserError(f"--resume: the checkpoint's model {saved.model} differs from the requested {cfg.model}")
+        state = ckpt.restore(params, opt_state)
+        params, opt_state, start = state.params, state.opt_state, state.step
+        log.truncate_after(start)
+        print(f"resumed from {ckpt.directory} at step {start}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    train_step = make_train_step(graphdef, tx)
+    evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef), mesh)
+    print(
+        f"{cfg.variant} ({', '.join(f'{a}={getattr(cfg.model, a)}' for a in AXES)}) | {cfg.model_size} "
+        f"{n_params / 1e6:.2f}M params | {len(mesh.devices.flat)}x {jax.devices()[0].platform} | "
+        f"{cfg.tokens_per_iter:,} tokens/iter (batch {B} x accum {A} x {T}) | data {data_dir} "
+        f"({train_data.n_tokens:,} train tokens) | run {out}"
+    )
+
+    def save(step: int) -> None:
+        if not bool(all_finite(params)):
+            raise TrainingDiverged(f"non-finite state at step {step}; not saved. {_last_good(ckpt)}")
+        meta = {
+            "step": step,
+            "config": cfg.to_dict(),
+            "variant": cfg.variant,
+            "data": {"dir": str(data_dir), "seed": cfg.seed, "next_batch_index": step},
+            "rng": {"init_seed": cfg.seed},
+            "jaxgpt_version": __import__("jaxgpt").__version__,
+        }
+        ckpt.save(TrainState(params, opt_state, meta))
+
+    def run_eval(step: int) -> dict:
+        t0 = time.time()
+        losses = evaluate(params)
+        print(f"TRAIN_METRICS: step={step}, train_loss={losses['train']:.4f}, val_loss={losses['val']:.4f}")
+        log.write(kind="eval", step=step, train_loss=losses["train"], val_loss=losses["val"], seconds=time.time() - t0)
+        return {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}
+
+    final = run_eval(start) if start == 0 else None
+    flops = flops_per_token(cfg.model, n_params)
+    t_last, step_last, completed = time.time(), start, start
+    try:
+        for step in range(start, cfg.max_iters):
+            x, y = train_data.get(step, B * A)
+            x, y = (shard_batch(a.reshape(A, B, T), mesh) for a in (x, y))
+            params, opt_state, metrics = train_step(params, opt_state, x, y)
+            completed = done = step + 1
+            if done % cfg.log_interval == 0 or done == cfg.max_iters or step == start:
+                metrics = jax.device_get(metrics)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"loss is {loss} at step {done}; stopping. {_last_good(ckpt)}")
+                dt = (time.time() - t_last) / max(1, done - step_last)
+                t_last, step_last = time.time(), done
+                tok_s = cfg.tokens_per_iter / dt
+                lr = float(learning_rate(cfg, step))
+                print(
+                    f"step {done:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
+                    f"{float(metrics['grad_norm']):.3f} | {dt * 1e3:.1f} ms/iter | {tok_s / 1e3:.1f}k tok/s"
+                    + (" (incl. compile)" if step == start else ""),
+                    flush=True,
+                )
+                log.write(kind="train", step=done, loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]),
+                          ms_per_iter=dt * 1e3, tokens_per_s=tok_s, tflops=tok_s * flops / 1e12)
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                final = run_eval(done)
+                t_last = time.time()
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_iters:
+                save(done)
+    except KeyboardInterrupt:
+        ckpt.wait()
+        if completed > (ckpt.latest_step() or 0):
+            save(completed)
+            ckpt.wait()
+            print(f"\ninterrupted: saved step {completed} to {ckpt.directory}; continue with --resume")
+        raise
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+    plot_losses(log.read(), out / "loss.png", title=f"{cfg.variant} {cfg.model_size}")
+    if final is None:
+        final = run_eval(cfg.max_iters)
+    label = model_label(cfg.model_size)
+    print(f"Final metrics ({label}): val_loss_{label}={final['val_loss']:.4f}")
+    print(f"run folder: {out} (metrics.jsonl, loss.png, checkpoints/)")
+    return final
+
+
+def _last_good(ckpt: Checkpointer) -> str:
+    ckpt.wait()
+    step = ckpt.latest_step()
+    return f"Last good checkpoint: step {step} in {ckpt.directory}" if step is not None else "No checkpoint was saved."
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = Config()
+    if args.config:
+        cfg = apply_overrides(cfg, load_config_file(args.config), source=f"config {args.config}")
+    cfg = apply_variant(cfg, args.variant, **{axis: getattr(args, axis) for axis in AXES})
+    cfg = apply_overrides(cfg, parse_set_args(args.set), source="--set")
+    direct = {"data": args.data, "out": args.out, "max_iters": args.max_iters}
+    return apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxgpt.train",
+        description="Train a GPT-2 variant of the MLS-Bench harness (default: tiny preset on the embedded corpus).",
+    )
+    p.add_argument("--variant", help=f"variant preset: {', '.join(PRESETS)}")
+    for axis, choices in AXES.items():
+        p.add_argument(f"--{axis}", help=f"{axis} axis: {', '.join(choices)}")
+    p.add_argument("--config", help=f"config name in configs/ ({', '.join(available_configs())}) or a .toml path")
+    p.add_argument("--data", help="token-shard folder (default: the embedded Shakespeare corpus)")
+    p.add_argument("--out", help="run folder (default: runs/<variant>-<model_size>)")
+    p.add_argument("--max-iters", type=int, help="number of optimizer steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override any recipe key or model.<key>; model_size in {', '.join(MODEL_PRESETS)}")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cfg = build_config(args)
+    train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
