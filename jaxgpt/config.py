@@ -144,8 +144,13 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
                 return False
             raise UserError(f"{key}: expected true/false, got {value!r}")
         try:
-            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
-        except ValueError:
+            if typ is int and "e" in text.lower():  # 2e3 is an int; 2.5e0 and 1e999 are not
+                number = float(text)
+                if not number.is_integer():
+                    raise ValueError(text)
+                return int(number)
+            return typ(text)
+        except (ValueError, OverflowError):
             raise UserError(f"{key}: expected {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
