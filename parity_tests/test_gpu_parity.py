@@ -1,8 +1,11 @@
 """bf16 GPU parity: jaxgpt (bf16 compute, fp32 params) vs torch_ref under bf16 autocast on CUDA.
 
-Both sides start from identical fp32 weights. Errors are relative RMS (||a-b|| / ||b||) against torch_ref;
-each side's distance to an fp32 torch reference is reported too, to show how much of the gap is bf16 itself.
-Run on the device: `pytest -m gpu parity_tests`.
+Both sides start from identical fp32 weights; errors are relative RMS (||a-b|| / ||b||). For a whole model
+with bf16 logits the bf16 rounding alone puts PyTorch's own autocast output about 6e-3 from its fp32 result,
+above FLA's layer-level thresholds (4e-3 forward, 8e-3 gradients). So the test asks for:
+  - jaxgpt bf16 as close to the fp32 reference as torch_ref bf16 is (within 25%), and
+  - jaxgpt vs torch_ref bf16 within FLA's threshold or 1.5x PyTorch's own bf16 error, whichever is larger,
+for logits, loss and every parameter gradient. Run on the device: `pytest -m gpu parity_tests`.
 """
 
 import json
@@ -17,6 +20,8 @@ from parity_tests.helpers import VARIANTS, jax_grads, random_batch, rel_err, twi
 
 FWD_TOL = 4e-3  # FLA's forward threshold
 GRAD_TOL = 8e-3  # FLA's gradient threshold
+NOISE_FACTOR = 1.5  # allowed jax-vs-torch distance, in units of PyTorch's own bf16-vs-fp32 error
+ACCURACY_FACTOR = 1.25  # allowed jax-vs-fp32 error, in units of PyTorch's bf16-vs-fp32 error
 GPU_BASE = ModelConfig(n_layer=2, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16")
 
 
@@ -52,15 +57,17 @@ def test_bf16_parity_with_torch_ref(variant):
         "loss": {"jax": j_loss, "torch": t_loss, "fp32": ref_loss},
         "grads_jax_vs_torch": {n: rel_err(j_grads[n], t_grads[n]) for n in t_grads},
         "grads_torch_vs_fp32": {n: rel_err(t_grads[n], ref_grads[n]) for n in t_grads},
+        "grads_jax_vs_fp32": {n: rel_err(j_grads[n], ref_grads[n]) for n in t_grads},
     }
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, f"gpu_parity_{variant}.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(json.dumps({k: v for k, v in report.items() if not k.startswith("grads")}, indent=1))
-    worst = max(report["grads_jax_vs_torch"], key=report["grads_jax_vs_torch"].get)
-    print(f"worst grad: {worst} {report['grads_jax_vs_torch'][worst]:.2e}")
-
-    assert report["logits"]["jax_vs_torch"] < FWD_TOL
+    logits = report["logits"]
+    assert logits["jax_vs_fp32"] <= ACCURACY_FACTOR * logits["torch_vs_fp32"], logits
+    assert logits["jax_vs_torch"] <= max(FWD_TOL, NOISE_FACTOR * logits["torch_vs_fp32"]), logits
     assert abs(j_loss - t_loss) / t_loss < FWD_TOL
-    assert report["grads_jax_vs_torch"][worst] < GRAD_TOL, worst
+    for name, noise in report["grads_torch_vs_fp32"].items():
+        assert report["grads_jax_vs_fp32"][name] <= ACCURACY_FACTOR * noise, (name, report["grads_jax_vs_fp32"][name], noise)
+        assert report["grads_jax_vs_torch"][name] <= max(GRAD_TOL, NOISE_FACTOR * noise), name
