@@ -37,6 +37,12 @@ class Checkpointer:
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax removes the temporary directories of interrupted saves in a background thread. Finish that here:
+        # a process that stops right after (a user error such as --resume without a checkpoint) would otherwise
+        # exit with the thread still running, and it prints a traceback from the interpreter's shutdown.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
