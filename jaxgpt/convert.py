@@ -76,3 +76,41 @@ def _to_numpy(v: Any) -> np.ndarray:
     if hasattr(v, "detach"):  # torch.Tensor, without importing torch here
         return v.detach().float().cpu().numpy()
     return np.asarray(v)
+
+
+# Hugging Face GPT2LMHeadModel <-> torch_ref (plain GPT-2 variants only). HF prefixes everything with
+# `transformer.` (wte/wpe without our `embedding.`), keeps Linear weights as Conv1D [in, out], always has
+# biases (zeros compute the same function as bias=False) and ties `lm_head.weight` to `wte`.
+
+
+def _hf_gpt2_name(torch_name: str) -> str:
+    return "transformer." + torch_name.removeprefix("embedding.")
+
+
+def torch_to_hf_gpt2(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """torch_ref state dict of a plain GPT-2 -> GPT2LMHeadModel state dict (biases filled with zeros)."""
+    out = {}
+    for name, a in state_dict.items():
+        out[_hf_gpt2_name(name)] = a.T if name.startswith("h.") and a.ndim == 2 else a
+        bias = name.removesuffix(".weight") + ".bias"
+        if name.endswith(".weight") and not name.startswith("embedding.") and bias not in state_dict:
+            out[_hf_gpt2_name(bias)] = np.zeros(a.shape[0], a.dtype)
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def hf_gpt2_to_torch(state_dict: Mapping[str, Any], bias: bool) -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel state dict -> torch_ref state dict; with bias=False the (all-zero) biases are dropped."""
+    out = {}
+    for hf_name, v in state_dict.items():
+        if hf_name == "lm_head.weight":  # tied to wte
+            continue
+        name = hf_name.removeprefix("transformer.")
+        name = "embedding." + name if name.startswith(("wte.", "wpe.")) else name
+        a = _to_numpy(v)
+        if name.endswith(".bias") and not bias:
+            if np.any(a != 0):
+                raise ValueError(f"{hf_name} is non-zero but the model has bias=False")
+            continue
+        out[name] = a.T if name.startswith("h.") and a.ndim == 2 else a
+    return out

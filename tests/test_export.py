@@ -1,0 +1,199 @@
+"""Export to Hugging Face folders and import back: logits parity, round trips, bad input (CPU, fp32)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.config import Config, ModelConfig
+from jaxgpt.export import export, import_folder, load_checkpoint
+from jaxgpt.model import GPT
+from jaxgpt.optim import make_optimizer
+from jaxgpt.variants import PRESETS, apply_variant
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment of a fresh process: offline, this checkout importable, HF caches in tmp_path."""
+    return os.environ | OFFLINE | {"PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf_home"), "JAX_PLATFORMS": "cpu"}
+
+
+def make_run(run: Path, bias: bool, step: int = 7, variant: str = "baseline") -> Config:
+    """A run folder with one checkpoint of a tiny model whose every parameter is randomly perturbed
+    (non-zero biases, non-unit norm gains), so that no layout mistake can hide behind init values."""
+    cfg = Config(model=ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=bias), max_iters=step + 1,
+                 batch_size=2, eval_iters=1, eval_interval=1000, log_interval=1, out=str(run))
+    cfg = apply_variant(cfg, variant)
+    params = nnx.state(GPT(cfg.model, nnx.Rngs(params=0)), nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    ckpt = Checkpointer(run / "checkpoints")
+    ckpt.save(TrainState(params, make_optimizer(cfg).init(params), {"step": step, "config": cfg.to_dict(), "variant": cfg.variant}))
+    ckpt.wait()
+    ckpt.close()
+    return cfg
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["nobias", "bias"])
+def run(request, tmp_path_factory) -> tuple[Path, Config]:
+    path = tmp_path_factory.mktemp("run") / "run"
+    return path, make_run(path, bias=request.param)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("baseline") / "run"
+    make_run(path, bias=False)
+    return path
+
+
+def tokens(cfg: Config) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 50257, size=(2, cfg.model.block_size))
+
+
+def jax_logits(run: Path, idx: np.ndarray) -> np.ndarray:
+    cfg, _, params = load_checkpoint(run)
+    return apply_jax(cfg, params, idx)
+
+
+def apply_jax(cfg: Config, params: dict, idx: np.ndarray) -> np.ndarray:
+    """JAX logits [B, T, V] (fp32 on CPU) of a model given as pure-dict params."""
+    model = nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return np.asarray(nnx.merge(graphdef, state)(idx), np.float32)
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+
+def test_gpt2_export_matches_jax(run, tmp_path):
+    path, cfg = run
+    out = export(path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = tokens(cfg)
+    with torch.no_grad():
+        logits = model(torch.tensor(idx)).logits.numpy()
+    err = rel_err(logits, jax_logits(path, idx))
+    print(f"gpt2 export rel err (bias={cfg.model.bias}): {err:.2e}")
+    assert err < TOL
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_torch_ref_export_loads_in_fresh_process(baseline_run, tmp_path):
+    path = baseline_run
+    cfg, _, _ = load_checkpoint(path)
+    out = export(path, tmp_path / "remote", fmt="torch_ref")
+    idx = tokens(cfg)
+    np.save(tmp_path / "idx.npy", idx)
+    script = (
+        "import sys, numpy as np, torch, transformers as t\n"
+        "m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "assert type(m).__name__ == 'JaxgptForCausalLM', type(m)\n"
+        "with torch.no_grad(): np.save(sys.argv[3], m(torch.tensor(np.load(sys.argv[2]))).logits.numpy())\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "idx.npy"), str(tmp_path / "logits.npy")],
+                   check=True, env=subprocess_env(tmp_path), cwd=tmp_path)
+    err = rel_err(np.load(tmp_path / "logits.npy"), jax_logits(path, idx))
+    print(f"torch_ref export rel err (fresh process): {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.parametrize("fmt", ["gpt2", "torch_ref"])
+def test_export_import_round_trip(run, tmp_path, fmt):
+    path, cfg = run
+    out = export(path, tmp_path / "hf", fmt=fmt)
+    back = import_folder(out, tmp_path / "imported")
+    cfg0, meta0, params0 = load_checkpoint(path)
+    cfg1, meta1, params1 = load_checkpoint(back)
+    assert (cfg1, meta1["step"]) == (cfg0, meta0["step"])
+    flat0, flat1 = jax.tree.leaves_with_path(params0), jax.tree.leaves_with_path(params1)
+    assert [p for p, _ in flat0] == [p for p, _ in flat1]
+    for (p, a), (_, b) in zip(flat0, flat1):
+        assert a.dtype == b.dtype and np.array_equal(a, b), p
+
+
+@pytest.mark.parametrize("variant", sorted(PRESETS))
+def test_every_variant_exports_and_imports(variant, tmp_path):
+    """torch_ref export of each preset (loaded in-process through trust_remote_code): logits and round trip."""
+    cfg = make_run(tmp_path / "run", bias=False, variant=variant)
+    out = export(tmp_path / "run", tmp_path / "hf", fmt="torch_ref")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    idx = tokens(cfg)
+    with torch.no_grad():
+        logits = model(torch.tensor(idx)).logits.numpy()
+    _, _, params0 = load_checkpoint(tmp_path / "run")
+    err = rel_err(logits, apply_jax(cfg, params0, idx))
+    print(f"torch_ref export rel err ({variant}): {err:.2e}")
+    assert err < TOL
+    _, _, params1 = load_checkpoint(import_folder(out, tmp_path / "imported"))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params0, params1))
+
+
+def test_imported_checkpoint_resumes_training(tmp_path, default_corpus):
+    from jaxgpt.train import train
+
+    cfg = make_run(tmp_path / "run", bias=False)
+    back = import_folder(export(tmp_path / "run", tmp_path / "hf"), tmp_path / "imported")
+    final = train(Config.from_dict(cfg.to_dict() | {"out": str(back), "data": str(default_corpus)}), resume=True)
+    assert final["step"] == cfg.max_iters and np.isfinite(final["val_loss"])
+
+
+def test_torch_ref_without_the_variant_is_refused(baseline_run, tmp_path, monkeypatch):
+    import torch_ref.model
+    from jaxgpt.errors import UserError
+
+    monkeypatch.setattr(torch_ref.model, "BLOCKS", {})
+    with pytest.raises(UserError, match="torch_ref has no implementation"):
+        export(baseline_run, tmp_path / "out", fmt="torch_ref")
+    assert list(tmp_path.iterdir()) == []
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jaxgpt.export", *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(tmp_path), cwd=ROOT)
+
+
+def test_cli_bad_input(baseline_run, tmp_path):
+    r = cli(tmp_path, tmp_path / "missing", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: checkpoint directory {tmp_path / 'missing'} does not exist"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    r = cli(tmp_path, baseline_run, tmp_path / "taken")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'taken'} exists; pass --force to replace it"
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    r = cli(tmp_path, "--import", tmp_path / "taken", tmp_path / "imported")
+    assert r.returncode == 2 and "is not a Hugging Face model folder" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "imported").exists()
+
+
+def test_force_replaces(baseline_run, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("x")
+    export(baseline_run, tmp_path / "out", force=True)
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".old" in p.name]
