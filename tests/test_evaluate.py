@@ -1,0 +1,80 @@
+"""lm-eval on exported tiny models with the local (offline) tasks: perplexity equals JAX's on the same text."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export import ROOT, apply_jax, make_run, subprocess_env
+
+from jaxgpt.evaluate import evaluate, write_local_tasks
+from jaxgpt.export import export, load_checkpoint
+from jaxgpt.losses import cross_entropy
+from jaxgpt.tokenizer import EOT, get_tokenizer
+
+pytest.importorskip("lm_eval")
+LIMIT = 12
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "run"
+    make_run(path, bias=False)
+    return path
+
+
+def jax_word_perplexity(run: Path, docs: list[str]) -> float:
+    """exp(total NLL / total words): each doc scored as [EOT] + tokens with jaxgpt's eval loss (plain CE)."""
+    cfg, _, params = load_checkpoint(run)
+    nll, words = 0.0, 0
+    for doc in docs:
+        seq = np.array([EOT] + get_tokenizer().encode_ordinary(doc))
+        assert len(seq) - 1 <= cfg.model.block_size  # one lm-eval window
+        logits = apply_jax(cfg, params, seq[None, :-1])
+        nll += float(cross_entropy(logits, seq[None, 1:])) * (len(seq) - 1)  # mean eval CE -> sum
+        words += len(re.split(r"\s+", doc))
+    return float(np.exp(nll / words))
+
+
+def first_docs(tasks: Path, n: int) -> list[str]:
+    return [json.loads(line)["text"] for line in (tasks / "jaxgpt_wikitext.jsonl").read_text().splitlines()[:n]]
+
+
+def test_lm_eval_cli_word_perplexity_matches_jax(run, tmp_path, default_corpus):
+    out = export(run, tmp_path / "remote", fmt="torch_ref")
+    write_local_tasks(tmp_path / "tasks", max_tokens=32, data_dir=default_corpus)
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out},trust_remote_code=True",
+           "--include_path", str(tmp_path / "tasks"), "--tasks", "jaxgpt_wikitext", "--device", "cpu",
+           "--limit", str(LIMIT), "--output_path", str(tmp_path / "results")]
+    subprocess.run(cmd, check=True, env=subprocess_env(tmp_path), cwd=tmp_path, capture_output=True)
+    (result,) = (tmp_path / "results").rglob("results*.json")
+    ppl = json.loads(result.read_text())["results"]["jaxgpt_wikitext"]["word_perplexity,none"]
+    expected = jax_word_perplexity(run, first_docs(tmp_path / "tasks", LIMIT))
+    print(f"lm_eval word perplexity {ppl:.6g} vs JAX {expected:.6g}: rel err {abs(ppl / expected - 1):.2e}")
+    assert ppl == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_prints_final_metrics(run, tmp_path, default_corpus, capsys, monkeypatch):
+    out = export(run, tmp_path / "hf")
+    monkeypatch.setattr("jaxgpt.evaluate.ensure_default_corpus", lambda: default_corpus)
+    metrics = evaluate(out, tasks="mlsbench", limit=LIMIT, val_loss=2.5, tasks_dir=tmp_path / "tasks", device="cpu")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"Final metrics \(tiny\): val_loss_tiny=2\.5000, wikitext2_ppl_tiny=[\d.]+, lambada_ppl_tiny=[\d.]+", line)
+    expected = jax_word_perplexity(run, first_docs(tmp_path / "tasks", LIMIT))
+    assert metrics["wikitext2_ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_cli_bad_folder(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(tmp_path / "nope")], capture_output=True, text=True,
+                       env=subprocess_env(tmp_path), cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not an exported model folder" in r.stderr
