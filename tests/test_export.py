@@ -136,6 +136,18 @@ def test_export_import_round_trip(run, tmp_path, fmt):
         assert a.dtype == b.dtype and np.array_equal(a, b), p
 
 
+def test_import_foreign_gpt2_folder(baseline_run, tmp_path):
+    """An HF GPT-2 folder without jaxgpt.json imports with bias=True (here all-zero) and the same function."""
+    out = export(baseline_run, tmp_path / "hf")
+    (out / "jaxgpt.json").unlink()
+    cfg0, _, params0 = load_checkpoint(baseline_run)
+    cfg1, meta1, params1 = load_checkpoint(import_folder(out, tmp_path / "imported"))
+    assert cfg1.model.bias and meta1["step"] == 0
+    assert not params1["h"][0]["attn"]["c_attn"]["bias"].any()
+    idx = tokens(cfg0)
+    assert rel_err(apply_jax(cfg1, params1, idx), apply_jax(cfg0, params0, idx)) < TOL
+
+
 @pytest.mark.parametrize("variant", sorted(PRESETS))
 def test_every_variant_exports_and_imports(variant, tmp_path):
     """torch_ref export of each preset (loaded in-process through trust_remote_code): logits and round trip."""

@@ -13,7 +13,6 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from jaxgpt.config import ModelConfig
-from torch_ref.losses import cross_entropy
 from torch_ref.model import GPT
 
 
@@ -45,10 +44,7 @@ class JaxgptForCausalLM(PreTrainedModel):
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Weights come from the checkpoint; torch_ref's constructor already initialised them."""
 
-    def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
-    ) -> CausalLMOutput:
-        """input_ids [B, T] -> logits [B, T, V]; with `labels` [B, T] also the mean next-token CE (HF shift)."""
-        logits = self.gpt(input_ids)
-        loss = None if labels is None else cross_entropy(logits[:, :-1], labels[:, 1:])
-        return CausalLMOutput(loss=loss, logits=logits)
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
+        """input_ids [B, T] -> logits [B, T, V] (fp32 on CPU). Other HF arguments (attention_mask, ...) are
+        ignored: the model is causal and lm-eval feeds unpadded or right-padded rows."""
+        return CausalLMOutput(logits=self.gpt(input_ids))
