@@ -15,9 +15,29 @@ from jaxgpt.config import MODEL_PRESETS, OVERRIDABLE_BY_VARIANT, Config, ModelCo
 from jaxgpt.errors import UserError, cli_main
 
 AXES: dict[str, dict[str, str]] = {
-    "embedding": {"default": "wte + learned wpe, head tied to wte"},
-    "norm": {"layernorm": "Pre-LN LayerNorm blocks"},
-    "loss": {"ce": "cross-entropy"},
+    "embedding": {
+        "default": "wte + learned wpe, head tied to wte",
+        "untied": "wte + wpe, separate head N(0, 0.02)",
+        "bigram_hash": "+ hashed-bigram table (5V rows) before every block, per-layer scalar 0.1",
+        "value_embed": "+ 5 value-embedding tables at layers [1, 2, L-3, L-2, L-1], scalars 0.5",
+        "ve_lcr": "value_embed + local context residual beta*shift(ve), beta 0.1",
+        "ve_lcr_cyclic_untied": "ve_lcr with the 5 tables cycled over layers 1..L-1, zero-init untied head",
+    },
+    "norm": {
+        "layernorm": "Pre-LN LayerNorm blocks",
+        "rmsnorm": "Pre-LN RMSNorm blocks (fp32, eps 1e-6), RMSNorm final norm",
+        "rmsnorm_parallel": "RMSNorm, parallel attn + MLP from one norm",
+        "rmsnorm_post": "RMSNorm sandwich: norm before and after each branch",
+        "rmsnorm_parallel_gated": "RMSNorm, parallel branches with own norms and scalar gates 1/sqrt(2)",
+    },
+    "loss": {
+        "ce": "cross-entropy",
+        "label_smoothing": "CE with label smoothing 0.05",
+        "z_loss": "CE + 1e-4 * mean(logsumexp^2)",
+        "softcap_ce": "model output 30*sigmoid(logits/7.5) (also at eval), CE",
+        "poly_ls_z": "CE (smoothing 0.05) + mean(1 - p_target) + 1e-4 z-loss",
+        "tanh_cap_ls_z": "30*tanh(logits/30) in training: CE (smoothing 0.1) + 1e-4 z-loss; eval on raw logits",
+    },
     "mixer": {"softmax": "causal multi-head softmax attention"},
 }
 
@@ -59,6 +79,21 @@ PRESETS: dict[str, Variant] = {
     v.name: v
     for v in [
         Variant("baseline", "GPT-2 as in nanoGPT: LayerNorm, softmax attention, wte+wpe, CE"),
+        Variant("untied", "untied output head", embedding="untied"),
+        Variant("bigram_hash", "hashed-bigram embeddings injected at every layer", embedding="bigram_hash"),
+        Variant("value_embed", "value embeddings at 5 layers", embedding="value_embed"),
+        Variant("ve_lcr", "value embeddings with local context residual (submission)", embedding="ve_lcr"),
+        Variant("ve_lcr_cyclic_untied", "cyclic value embeddings with LCR, zero-init untied head",
+                embedding="ve_lcr_cyclic_untied"),
+        Variant("rmsnorm", "RMSNorm instead of LayerNorm", norm="rmsnorm"),
+        Variant("rmsnorm_parallel", "RMSNorm, parallel attention/MLP block", norm="rmsnorm_parallel"),
+        Variant("rmsnorm_post", "RMSNorm sandwich (pre + post branch norms)", norm="rmsnorm_post"),
+        Variant("rmsnorm_parallel_gated", "RMSNorm, gated parallel block (submission)", norm="rmsnorm_parallel_gated"),
+        Variant("label_smoothing", "CE with label smoothing 0.05", loss="label_smoothing"),
+        Variant("z_loss", "CE + 1e-4 z-loss", loss="z_loss"),
+        Variant("softcap_ce", "sigmoid logit soft-cap 30*sigmoid(x/7.5)", loss="softcap_ce"),
+        Variant("poly_ls_z", "label smoothing + PolyLoss-1 + z-loss (submission)", loss="poly_ls_z"),
+        Variant("tanh_cap_ls_z", "tanh logit cap + label smoothing 0.1 + z-loss (training only)", loss="tanh_cap_ls_z"),
     ]
 }
 

@@ -29,8 +29,17 @@ def variant_config(variant: str, base: ModelConfig = SMALL, **model_overrides) -
 
 
 def twin_models(model_cfg: ModelConfig, seed: int = 0, device: str = "cpu") -> tuple[GPT, torch.nn.Module]:
-    """A JAX model and a torch_ref model holding the same (JAX-initialised) fp32 weights."""
+    """A JAX model and a torch_ref model holding the same (JAX-initialised) fp32 weights.
+
+    All-zero matrices (e.g. the zero-init head of ve_lcr_cyclic_untied) are redrawn N(0, 0.02) first: with
+    them the gradients upstream vanish, and Adam's first steps act like sign(g), so rounding-level
+    differences would flip whole updates. The init itself is tested in tests/test_variants.py.
+    """
     jmodel = init_model(model_cfg, seed)
+    key = jax.random.key(seed)
+    for path, p in nnx.iter_graph(jmodel):
+        if isinstance(p, nnx.Param) and p.ndim >= 2 and not np.any(np.asarray(p[...])):
+            p[...] = 0.02 * jax.random.normal(jax.random.fold_in(key, len(path)), p.shape)
     tmodel = build_model(model_cfg).to(device)
     state = {k: torch.from_numpy(np.array(v)) for k, v in jax_to_torch(params_of(jmodel)).items()}
     tmodel.load_state_dict(state, strict=True)

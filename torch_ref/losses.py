@@ -1,17 +1,49 @@
-"""Loss axis in PyTorch (twin of jaxgpt.losses): fp32 logits [B, T, V], targets [B, T] -> scalar."""
+"""Loss axis in PyTorch (twin of jaxgpt.losses): logits [B, T, V], targets [B, T] -> fp32 scalar."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from jaxgpt.losses import Z_WEIGHT
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), label_smoothing=smoothing)
 
 
-LOSSES: dict[str, LossFn] = {"ce": cross_entropy}
+def z_penalty(logits: torch.Tensor) -> torch.Tensor:
+    return Z_WEIGHT * torch.logsumexp(logits.float(), dim=-1).square().mean()
 
-OUTPUT_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(logits, targets) + z_penalty(logits)
+
+
+def poly_ls_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    p_target = logits.float().softmax(-1).gather(-1, targets.unsqueeze(-1))
+    return cross_entropy(logits, targets, 0.05) + (1 - p_target).mean() + z_penalty(logits)
+
+
+def tanh_cap_ls_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    capped = 30 * torch.tanh(logits.float() / 30)
+    return cross_entropy(capped, targets, 0.1) + z_penalty(capped)
+
+
+def sigmoid_cap(logits: torch.Tensor) -> torch.Tensor:
+    return 30 * torch.sigmoid(logits.float() / 7.5)
+
+
+LOSSES: dict[str, LossFn] = {
+    "ce": cross_entropy,
+    "label_smoothing": partial(cross_entropy, smoothing=0.05),
+    "z_loss": z_loss,
+    "softcap_ce": cross_entropy,
+    "poly_ls_z": poly_ls_z,
+    "tanh_cap_ls_z": tanh_cap_ls_z,
+}
+
+OUTPUT_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"softcap_ce": sigmoid_cap}

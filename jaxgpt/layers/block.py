@@ -1,4 +1,12 @@
-"""Norm / block axis (the benchmark's `LayerNorm` and `Block`): how norms and residuals wrap mixer and MLP."""
+"""Norm / block axis (the benchmark's `LayerNorm` and `Block`): how norms and residuals wrap mixer and MLP.
+
+Effective init: norm gains one (biases zero); the scalar gates of `rmsnorm_parallel_gated` are raw
+parameters, 1/sqrt(2). MLP and mixer weights follow common.py.
+"""
+
+import math
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +16,19 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.layers.common import linear, proj_std
 from jaxgpt.layers.mixers import MIXERS
 
+NormFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
+
 
 def layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm (weight, optional bias, eps 1e-5) computed in fp32, as torch autocast does."""
     return nnx.LayerNorm(
         cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, use_fast_variance=False, rngs=rngs
     )
+
+
+def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    """RMSNorm (gain only, eps 1e-6) computed in fp32: x / sqrt(mean(x^2) + eps) * weight."""
+    return nnx.RMSNorm(cfg.n_embd, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -28,12 +43,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """`layernorm`: Pre-LN, x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))."""
+    """`layernorm` / `rmsnorm`: Pre-LN, x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
-        self.ln_1 = layer_norm(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, norm: NormFactory = layer_norm):
+        self.ln_1 = norm(cfg, rngs)
         self.attn = MIXERS[cfg.mixer](cfg, layer, rngs)
-        self.ln_2 = layer_norm(cfg, rngs)
+        self.ln_2 = norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,5 +56,49 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# Each entry: (block class, final-norm factory).
-BLOCKS: dict[str, tuple[type[nnx.Module], object]] = {"layernorm": (Block, layer_norm)}
+class ParallelBlock(nnx.Module):
+    """`rmsnorm_parallel`: one norm feeds both branches, h = ln_1(x); x = x + attn(h) + mlp(h)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.ln_1 = rms_norm(cfg, rngs)
+        self.attn = MIXERS[cfg.mixer](cfg, layer, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.ln_1(x)
+        return x + self.attn(h) + self.mlp(h)
+
+
+class SandwichBlock(Block):
+    """`rmsnorm_post`: x = x + ln_1_out(attn(ln_1(x))); x = x + ln_2_out(mlp(ln_2(x)))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        super().__init__(cfg, layer, rngs, norm=rms_norm)
+        self.ln_1_out = rms_norm(cfg, rngs)
+        self.ln_2_out = rms_norm(cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.ln_1_out(self.attn(self.ln_1(x)))
+        return x + self.ln_2_out(self.mlp(self.ln_2(x)))
+
+
+class GatedParallelBlock(Block):
+    """`rmsnorm_parallel_gated`: x = x + attn_gate*attn(ln_1(x)) + mlp_gate*mlp(ln_2(x)), gates init 1/sqrt(2)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        super().__init__(cfg, layer, rngs, norm=rms_norm)
+        self.attn_gate = nnx.Param(jnp.asarray(1 / math.sqrt(2), jnp.float32))
+        self.mlp_gate = nnx.Param(jnp.asarray(1 / math.sqrt(2), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.attn_gate[...] * self.attn(self.ln_1(x)) + self.mlp_gate[...] * self.mlp(self.ln_2(x))
+
+
+# Each entry: (block factory (cfg, layer, rngs), final-norm factory).
+BLOCKS: dict[str, tuple[Callable[..., nnx.Module], NormFactory]] = {
+    "layernorm": (Block, layer_norm),
+    "rmsnorm": (partial(Block, norm=rms_norm), rms_norm),
+    "rmsnorm_parallel": (ParallelBlock, rms_norm),
+    "rmsnorm_post": (SandwichBlock, rms_norm),
+    "rmsnorm_parallel_gated": (GatedParallelBlock, rms_norm),
+}

@@ -3,7 +3,14 @@
 Interface of every embedding: `__call__(idx [B, T]) -> x [B, T, C]` (fp32), `lm_head_weight() -> [V, C]`,
 `num_pos_params() -> int`, `value_embed(layer, idx) -> [B, T, C] | None` (added to the residual stream
 just before block `layer`).
+
+Effective init (DESIGN §1; torch_ref.embedding declares the same module types): every table that is an
+nn.Embedding / nn.Linear in the harness is N(0, 0.02) whatever the variant declares; raw parameters
+(scalars, the zero head of `ve_lcr_cyclic_untied`) keep their declared init.
 """
+
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +20,15 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.layers.common import embed
 from jaxgpt.variants import LINEAR_MIXERS
 
+HASH_CUR, HASH_PREV = 36313, 27191  # bigram hash multipliers
+NUM_TABLES = 5  # extra tables (in units of vocab_size) of bigram_hash and the value embeddings
+
 
 class TokenEmbedding(nnx.Module):
-    """`default`: wte + learned absolute wpe (dropped for linear mixers), head tied to wte."""
+    """`default`: wte + learned absolute wpe (dropped for linear mixers), head tied to wte.
+
+    Init: wte, wpe N(0, 0.02) (nn.Embedding).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.wte = embed(cfg.vocab_size, cfg.n_embd, rngs)
@@ -37,4 +50,93 @@ class TokenEmbedding(nnx.Module):
         return None
 
 
-EMBEDDINGS: dict[str, type[nnx.Module]] = {"default": TokenEmbedding}
+class UntiedEmbedding(TokenEmbedding):
+    """`untied`: as `default` with a separate head `lm_head` [V, C] (an nn.Linear in torch: N(0, 0.02))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.lm_head = embed(cfg.vocab_size, cfg.n_embd, rngs)
+
+    def lm_head_weight(self) -> jax.Array:
+        return self.lm_head.embedding[...]
+
+
+def bigram_hash(idx: jax.Array, num_buckets: int) -> jax.Array:
+    """[B, T] tokens -> [B, T] bucket ((36313*cur) XOR (27191*prev)) mod (B-1) in wrapping int32; t=0 -> B-1."""
+    cur = idx.astype(jnp.int32)
+    prev = jnp.pad(cur[:, :-1], ((0, 0), (1, 0)))
+    h = ((HASH_CUR * cur) ^ (HASH_PREV * prev)) % (num_buckets - 1)
+    return h.at[:, 0].set(num_buckets - 1)
+
+
+class BigramHashEmbedding(TokenEmbedding):
+    """`bigram_hash`: `default` + a hashed-bigram table added before every block, scaled per layer.
+
+    Init: `bigram` [5V, C] is an nn.Embedding declared zero, effective N(0, 0.02); `bigram_lambda` [L]
+    is a raw parameter, 0.1.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.bigram = embed(NUM_TABLES * cfg.vocab_size, cfg.n_embd, rngs)
+        self.bigram_lambda = nnx.Param(jnp.full((cfg.n_layer,), 0.1, jnp.float32))
+
+    def value_embed(self, layer: int, idx: jax.Array) -> jax.Array:
+        return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings))
+
+
+def value_embed_layers(n_layer: int, cyclic: bool) -> dict[int, tuple[int, ...]]:
+    """block index -> the value tables added before it.
+
+    Plain: tables 0..4 at layers [1, 2, L-3, L-2, L-1] (for L < 6 coinciding layers add several tables and
+    layers outside 0..L-1 are skipped). Cyclic: layer i in 1..L-1 uses table (i-1) mod 5.
+    """
+    if cyclic:
+        return {i: ((i - 1) % NUM_TABLES,) for i in range(1, n_layer)}
+    layers = [1, 2, n_layer - 3, n_layer - 2, n_layer - 1]
+    return {i: tuple(j for j, l in enumerate(layers) if l == i) for i in sorted(set(layers)) if 0 <= i < n_layer}
+
+
+class ValueEmbedding(TokenEmbedding):
+    """`value_embed`, `ve_lcr`, `ve_lcr_cyclic_untied`: `default` + per-layer token tables (value embeddings).
+
+    Table j is rows j*V..(j+1)*V of the joint table `value_embeds` [5V, C]; before its layer it adds
+    `ve_lambda[j] * ve_j(idx)` (+ `ve_beta[j] * shift(ve_j(idx))` with `local_residual`, shift = one step
+    right with zeros at t=0). Layer placement: see `value_embed_layers`.
+    Init: `value_embeds` is an nn.Embedding declared N(0, 0.01), effective N(0, 0.02); raw parameters
+    `ve_lambda` [5] 0.5, `ve_beta` [5] 0.1; with `zero_head` a raw untied head `lm_head` [V, C] of zeros.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, local_residual: bool = False, cyclic: bool = False,
+                 zero_head: bool = False):
+        super().__init__(cfg, rngs)
+        self.vocab_size = cfg.vocab_size
+        self.tables = value_embed_layers(cfg.n_layer, cyclic)
+        self.value_embeds = embed(NUM_TABLES * cfg.vocab_size, cfg.n_embd, rngs)
+        self.ve_lambda = nnx.Param(jnp.full((NUM_TABLES,), 0.5, jnp.float32))
+        self.ve_beta = nnx.Param(jnp.full((NUM_TABLES,), 0.1, jnp.float32)) if local_residual else None
+        self.lm_head = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.n_embd), jnp.float32)) if zero_head else None
+
+    def lm_head_weight(self) -> jax.Array:
+        return super().lm_head_weight() if self.lm_head is None else self.lm_head[...]
+
+    def value_embed(self, layer: int, idx: jax.Array) -> jax.Array | None:
+        if layer not in self.tables:
+            return None
+        out = 0.0
+        for j in self.tables[layer]:
+            ve = self.value_embeds(idx + j * self.vocab_size)
+            out = out + self.ve_lambda[j] * ve
+            if self.ve_beta is not None:
+                out = out + self.ve_beta[j] * jnp.pad(ve[:, :-1], ((0, 0), (1, 0), (0, 0)))
+        return out
+
+
+EMBEDDINGS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
+    "default": TokenEmbedding,
+    "untied": UntiedEmbedding,
+    "bigram_hash": BigramHashEmbedding,
+    "value_embed": ValueEmbedding,
+    "ve_lcr": partial(ValueEmbedding, local_residual=True),
+    "ve_lcr_cyclic_untied": partial(ValueEmbedding, local_residual=True, cyclic=True, zero_head=True),
+}

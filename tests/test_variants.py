@@ -1,0 +1,251 @@
+"""Variant axes (DESIGN §2): losses vs NumPy formulas, effective init on both sides, the bigram hash,
+value-embedding placement, the registry and its CLI. Model-level parity lives in parity_tests/."""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jaxgpt.losses as jl
+import torch_ref.losses as tl
+from jaxgpt import variants
+from jaxgpt.config import Config, ModelConfig
+from jaxgpt.errors import UserError
+from jaxgpt.layers import block as jblock
+from jaxgpt.layers import embedding as jemb
+from jaxgpt.layers import mixers as jmix
+from jaxgpt.model import init_model
+from torch_ref import block as tblock
+from torch_ref import embedding as temb
+from torch_ref import mixers as tmix
+from torch_ref.model import build_model
+
+TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dtype="float32")
+
+
+# --- losses -----------------------------------------------------------------------------------------------
+
+
+def _np_log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_lse(z: np.ndarray) -> np.ndarray:
+    m = z.max(-1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def _np_smoothed_ce(z: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """CE against the smoothed target distribution q = (1-eps)*onehot + eps/V."""
+    q = np.full(z.shape, eps / z.shape[-1])
+    np.put_along_axis(q, y[..., None], q[..., :1] + (1 - eps), axis=-1)
+    return float(-(q * _np_log_softmax(z)).sum(-1).mean())
+
+
+def _np_p_target(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.exp(_np_log_softmax(z))
+    return np.take_along_axis(p, y[..., None], -1)[..., 0]
+
+
+def _np_tanh_cap_ls_z(z: np.ndarray, y: np.ndarray) -> float:
+    capped = 30 * np.tanh(z / 30)
+    return _np_smoothed_ce(capped, y, 0.1) + 1e-4 * float((_np_lse(capped) ** 2).mean())
+
+
+NP_LOSSES = {
+    "ce": lambda z, y: _np_smoothed_ce(z, y, 0.0),
+    "label_smoothing": lambda z, y: _np_smoothed_ce(z, y, 0.05),
+    "z_loss": lambda z, y: _np_smoothed_ce(z, y, 0.0) + 1e-4 * float((_np_lse(z) ** 2).mean()),
+    "softcap_ce": lambda z, y: _np_smoothed_ce(z, y, 0.0),  # the cap is in the model output
+    "poly_ls_z": lambda z, y: _np_smoothed_ce(z, y, 0.05)
+    + float((1 - _np_p_target(z, y)).mean())
+    + 1e-4 * float((_np_lse(z) ** 2).mean()),
+    "tanh_cap_ls_z": _np_tanh_cap_ls_z,
+}
+
+
+@pytest.mark.parametrize("name", list(variants.AXES["loss"]))
+def test_loss_matches_numpy_formula(name):
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 20, size=(2, 5, 13))  # large logits: the caps matter
+    y = rng.integers(0, 13, size=(2, 5))
+    want = NP_LOSSES[name](z, y)
+    got_jax = float(jl.LOSSES[name](jnp.asarray(z, jnp.float32), jnp.asarray(y)))
+    got_torch = tl.LOSSES[name](torch.tensor(z, dtype=torch.float32), torch.tensor(y)).item()
+    assert got_jax == pytest.approx(want, rel=1e-5)
+    assert got_torch == pytest.approx(want, rel=1e-5)
+
+
+def test_softcap_output_transform():
+    z = np.linspace(-200, 200, 41)
+    want = 30 / (1 + np.exp(-z / 7.5))
+    np.testing.assert_allclose(np.asarray(jl.OUTPUT_TRANSFORMS["softcap_ce"](jnp.asarray(z, jnp.float32))), want,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tl.OUTPUT_TRANSFORMS["softcap_ce"](torch.tensor(z)).numpy(), want, rtol=1e-5, atol=1e-6)
+    assert set(jl.OUTPUT_TRANSFORMS) == set(tl.OUTPUT_TRANSFORMS) == {"softcap_ce"}
+
+
+@pytest.mark.parametrize("loss", ["softcap_ce", "tanh_cap_ls_z"])
+def test_eval_is_plain_ce_of_model_logits(loss):
+    model = init_model(dataclasses.replace(TINY, loss=loss), seed=0)
+    idx = np.arange(2 * TINY.block_size, dtype=np.int32).reshape(2, -1)
+    targets = (idx + 1) % 97
+    logits = np.asarray(model(idx), np.float64)
+    if loss == "softcap_ce":
+        assert 0 < logits.min() and logits.max() < 30
+    assert float(model.loss(idx, targets, train=False)) == pytest.approx(NP_LOSSES["ce"](logits, targets), rel=1e-5)
+    assert float(model.loss(idx, targets)) == pytest.approx(NP_LOSSES[loss](logits, targets), rel=1e-5)
+
+
+# --- effective init ---------------------------------------------------------------------------------------
+
+CONSTANT_INIT = {
+    "embedding.bigram_lambda": 0.1,
+    "embedding.ve_lambda": 0.5,
+    "embedding.ve_beta": 0.1,
+    "embedding.lm_head": 0.0,  # ve_lcr_cyclic_untied's raw zero head (`untied` has embedding.lm_head.weight)
+    "attn_gate": 1 / math.sqrt(2),
+    "mlp_gate": 1 / math.sqrt(2),
+}
+
+
+def expected_init(name: str, shape: tuple, n_layer: int) -> tuple[str, float]:
+    """The harness's effective init of a parameter (DESIGN §1): ("const", value) or ("normal", std)."""
+    for suffix, value in CONSTANT_INIT.items():
+        if name == suffix or name.endswith("." + suffix):
+            return "const", value
+    if name.endswith("bias"):
+        return "const", 0.0
+    if len(shape) == 1:  # norm gains
+        return "const", 1.0
+    return "normal", 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
+
+
+STRUCTURAL = [v for v in variants.PRESETS.values() if v.loss == "ce"]  # losses add no parameters
+
+
+@pytest.mark.parametrize("variant", STRUCTURAL, ids=lambda v: v.name)
+def test_effective_init_on_both_sides(variant):
+    cfg = dataclasses.replace(TINY, **variant.axes)
+    from jaxgpt.convert import jax_to_torch
+
+    sides = {
+        "jax": jax_to_torch(nnx.to_pure_dict(nnx.state(init_model(cfg, seed=0), nnx.Param))),
+        "torch": {n: p.detach().numpy() for n, p in build_model(cfg, seed=0).named_parameters()},
+    }
+    assert sides["jax"].keys() == sides["torch"].keys()
+    for side, params in sides.items():
+        for name, a in params.items():
+            kind, value = expected_init(name, a.shape, cfg.n_layer)
+            if kind == "const":
+                np.testing.assert_allclose(a, value, rtol=1e-6, err_msg=f"{side} {name}")
+            else:
+                assert abs(a.std() / value - 1) < 0.1 and abs(a.mean()) < 5 * value / math.sqrt(a.size), (side, name)
+
+
+# --- bigram hash and value embeddings ---------------------------------------------------------------------
+
+
+def np_bigram_hash(idx: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Reference: products wrapped to int32 by hand (two's complement), Python modulo, t=0 -> last bucket."""
+
+    def wrap32(x: np.ndarray) -> np.ndarray:
+        return (x + 2**31) % 2**32 - 2**31
+
+    cur = idx.astype(np.int64)
+    prev = np.concatenate([np.zeros_like(cur[:, :1]), cur[:, :-1]], axis=1)
+    h = np.mod(wrap32(36313 * cur) ^ wrap32(27191 * prev), num_buckets - 1)
+    h[:, 0] = num_buckets - 1
+    return h
+
+
+def test_bigram_hash_matches_numpy_with_int32_overflow():
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([rng.integers(0, 50304, size=(2, 64)), rng.integers(0, 2**31 - 1, size=(2, 64))])
+    assert (36313 * idx.astype(np.int64) > 2**31 - 1).any()  # the wraparound path is exercised
+    buckets = 5 * 50304
+    want = np_bigram_hash(idx, buckets)
+    assert want.min() >= 0 and want.max() == buckets - 1
+    np.testing.assert_array_equal(np.asarray(jemb.bigram_hash(jnp.asarray(idx, jnp.int32), buckets)), want)
+    np.testing.assert_array_equal(temb.bigram_hash(torch.from_numpy(idx), buckets).numpy(), want)
+
+
+def test_value_embed_layers():
+    assert jemb.value_embed_layers(12, cyclic=False) == {1: (0,), 2: (1,), 9: (2,), 10: (3,), 11: (4,)}
+    assert jemb.value_embed_layers(4, cyclic=False) == {1: (0, 2), 2: (1, 3), 3: (4,)}
+    assert jemb.value_embed_layers(8, cyclic=True) == {i: ((i - 1) % 5,) for i in range(1, 8)}
+
+
+@pytest.mark.parametrize("name", ["bigram_hash", "ve_lcr"])
+def test_value_embed_formula(name):
+    """value_embed(layer) against the DESIGN formula on a module with random scalars."""
+    cfg = dataclasses.replace(TINY, n_layer=12, embedding=name)
+    emb = jemb.EMBEDDINGS[name](cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, cfg.vocab_size, size=(2, 8))
+    V = cfg.vocab_size
+    if name == "bigram_hash":
+        emb.bigram_lambda[...] = jnp.asarray(rng.normal(size=12), jnp.float32)
+        lam, table = np.asarray(emb.bigram_lambda[...]), np.asarray(emb.bigram.embedding[...])
+        want = {l: lam[l] * table[np_bigram_hash(idx, 5 * V)] for l in range(12)}
+    else:
+        emb.ve_lambda[...] = jnp.asarray(rng.normal(size=5), jnp.float32)
+        emb.ve_beta[...] = jnp.asarray(rng.normal(size=5), jnp.float32)
+        lam, beta, table = (np.asarray(a) for a in (emb.ve_lambda[...], emb.ve_beta[...], emb.value_embeds.embedding[...]))
+        want = {}
+        for j, layer in enumerate([1, 2, 9, 10, 11]):
+            ve = table[idx + j * V]
+            shifted = np.concatenate([np.zeros_like(ve[:, :1]), ve[:, :-1]], axis=1)
+            want[layer] = lam[j] * ve + beta[j] * shifted
+    for layer in range(12):
+        got = emb.value_embed(layer, jnp.asarray(idx, jnp.int32))
+        if layer not in want:
+            assert got is None
+        else:
+            np.testing.assert_allclose(np.asarray(got), want[layer], rtol=1e-6, atol=1e-7)
+
+
+# --- registry ---------------------------------------------------------------------------------------------
+
+
+def test_every_axis_choice_has_jax_and_torch_implementations():
+    impls = {
+        "embedding": (jemb.EMBEDDINGS, temb.EMBEDDINGS),
+        "norm": (jblock.BLOCKS, tblock.BLOCKS),
+        "loss": (jl.LOSSES, tl.LOSSES),
+        "mixer": (jmix.MIXERS, tmix.MIXERS),
+    }
+    assert impls.keys() == variants.AXES.keys()
+    for axis, (jax_impl, torch_impl) in impls.items():
+        assert set(jax_impl) == set(torch_impl) == set(variants.AXES[axis]), axis
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(UserError, match="valid: baseline, untied"):
+        variants.apply_variant(Config(), "nope")
+    with pytest.raises(UserError, match="unknown embedding 'nope'.*bigram_hash"):
+        variants.apply_variant(Config(), "baseline", embedding="nope")
+    with pytest.raises(UserError, match="unknown norm 'nope'.*rmsnorm_parallel_gated"):
+        variants.Variant("x", "x", norm="nope")
+    with pytest.raises(UserError, match="CONFIG_OVERRIDES may only set"):
+        variants.Variant("x", "x", overrides={"n_layer": 2})
+
+
+def test_axes_compose_and_name_the_run():
+    cfg = variants.apply_variant(Config(), "ve_lcr", norm="rmsnorm_parallel_gated", loss="poly_ls_z")
+    assert cfg.variant == "ve_lcr+norm=rmsnorm_parallel_gated+loss=poly_ls_z"
+    assert (cfg.model.embedding, cfg.model.norm, cfg.model.loss) == ("ve_lcr", "rmsnorm_parallel_gated", "poly_ls_z")
+
+
+def test_variants_cli_prints_a_row_per_preset(capsys):
+    variants.main(["--model-size", "tiny"])
+    lines = capsys.readouterr().out.splitlines()
+    for name, v in variants.PRESETS.items():
+        row = next(line for line in lines if line.split()[:1] == [name])
+        assert row.split()[1:5] == [v.embedding, v.norm, v.loss, v.mixer]
+        assert row.split()[5].endswith("M")

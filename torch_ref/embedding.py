@@ -1,0 +1,112 @@
+"""Embedding axis in PyTorch (twin of jaxgpt.layers.embedding), same names, shapes and effective init.
+
+Module types decide the effective init (DESIGN §1): nn.Embedding / nn.Linear tables are re-drawn
+N(0, 0.02) by GPT._init_weights whatever they declare; raw nn.Parameters keep their own init.
+"""
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.layers.embedding import HASH_CUR, HASH_PREV, NUM_TABLES, value_embed_layers
+from jaxgpt.variants import LINEAR_MIXERS
+
+
+class TokenEmbedding(nn.Module):
+    """`default`: wte + wpe (dropped for linear mixers), head tied to wte."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.mixer not in LINEAR_MIXERS else None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        return x
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.wte.weight
+
+    def num_pos_params(self) -> int:
+        return 0 if self.wpe is None else self.wpe.weight.numel()
+
+    def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class UntiedEmbedding(TokenEmbedding):
+    """`untied`: separate head, an nn.Linear(C, V) (weight [V, C], effective N(0, 0.02))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+
+def bigram_hash(idx: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """[B, T] -> [B, T] bucket ((36313*cur) XOR (27191*prev)) mod (B-1) in wrapping int32; t=0 -> B-1."""
+    cur = idx.to(torch.int32)
+    prev = F.pad(cur[:, :-1], (1, 0))
+    h = ((HASH_CUR * cur) ^ (HASH_PREV * prev)) % (num_buckets - 1)
+    h[:, 0] = num_buckets - 1
+    return h
+
+
+class BigramHashEmbedding(TokenEmbedding):
+    """`bigram_hash`: nn.Embedding `bigram` [5V, C] (declared zero, effective N(0, 0.02)), `bigram_lambda` [L] 0.1."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.bigram = nn.Embedding(NUM_TABLES * cfg.vocab_size, cfg.n_embd)
+        self.bigram_lambda = nn.Parameter(torch.full((cfg.n_layer,), 0.1))
+
+    def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings))
+
+
+class ValueEmbedding(TokenEmbedding):
+    """`value_embed`, `ve_lcr`, `ve_lcr_cyclic_untied` (see jaxgpt.layers.embedding.ValueEmbedding).
+
+    `value_embeds` nn.Embedding [5V, C] (declared N(0, 0.01), effective N(0, 0.02)); raw `ve_lambda` [5] 0.5,
+    `ve_beta` [5] 0.1, and with `zero_head` a raw zero head `lm_head` [V, C].
+    """
+
+    def __init__(self, cfg: ModelConfig, local_residual: bool = False, cyclic: bool = False, zero_head: bool = False):
+        super().__init__(cfg)
+        self.vocab_size = cfg.vocab_size
+        self.tables = value_embed_layers(cfg.n_layer, cyclic)
+        self.value_embeds = nn.Embedding(NUM_TABLES * cfg.vocab_size, cfg.n_embd)
+        self.ve_lambda = nn.Parameter(torch.full((NUM_TABLES,), 0.5))
+        self.ve_beta = nn.Parameter(torch.full((NUM_TABLES,), 0.1)) if local_residual else None
+        self.lm_head = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.n_embd)) if zero_head else None
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return super().lm_head_weight() if self.lm_head is None else self.lm_head
+
+    def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor | None:
+        if layer not in self.tables:
+            return None
+        out = 0.0
+        for j in self.tables[layer]:
+            ve = self.value_embeds(idx + j * self.vocab_size)
+            out = out + self.ve_lambda[j] * ve
+            if self.ve_beta is not None:
+                out = out + self.ve_beta[j] * F.pad(ve[:, :-1], (0, 0, 1, 0))
+        return out
+
+
+EMBEDDINGS = {
+    "default": TokenEmbedding,
+    "untied": UntiedEmbedding,
+    "bigram_hash": BigramHashEmbedding,
+    "value_embed": ValueEmbedding,
+    "ve_lcr": partial(ValueEmbedding, local_residual=True),
+    "ve_lcr_cyclic_untied": partial(ValueEmbedding, local_residual=True, cyclic=True, zero_head=True),
+}
