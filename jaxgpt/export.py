@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.import_:
         out = import_folder(args.src, args.out, force=args.force)
-        print(f"imported {args.src} into {out}/checkpoints; continue with `python -m jaxgpt.train --out {out} --resume`")
+        print(f"imported {args.src} into {out}/checkpoints; "
+              f"continue with `python -m jaxgpt.train --out {out} --resume`")
     else:
         out = export(args.src, args.out, step=args.step, fmt=args.format, force=args.force)
         print(f"exported {args.src} to {out} ({json.loads((out / META_FILE).read_text())['format']})")

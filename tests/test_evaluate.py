@@ -69,12 +69,13 @@ def test_evaluate_prints_final_metrics(run, tmp_path, default_corpus, capsys, mo
     monkeypatch.setattr("jaxgpt.evaluate.ensure_default_corpus", lambda: default_corpus)
     metrics = evaluate(out, tasks="mlsbench", limit=LIMIT, val_loss=2.5, tasks_dir=tmp_path / "tasks", device="cpu")
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"Final metrics \(tiny\): val_loss_tiny=2\.5000, wikitext2_ppl_tiny=[\d.]+, lambada_ppl_tiny=[\d.]+", line)
+    expected_line = r"Final metrics \(tiny\): val_loss_tiny=2\.5000, wikitext2_ppl_tiny=[\d.]+, lambada_ppl_tiny=[\d.]+"
+    assert re.fullmatch(expected_line, line)
     expected = jax_word_perplexity(run, first_docs(tmp_path / "tasks", LIMIT))
     assert metrics["wikitext2_ppl"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_evaluate_cli_bad_folder(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(tmp_path / "nope")], capture_output=True, text=True,
-                       env=subprocess_env(tmp_path), cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "jaxgpt.evaluate", str(tmp_path / "nope")],
+                       capture_output=True, text=True, env=subprocess_env(tmp_path), cwd=ROOT)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not an exported model folder" in r.stderr

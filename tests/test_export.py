@@ -14,6 +14,7 @@ from flax import nnx
 from jaxgpt.checkpoint import Checkpointer, TrainState
 from jaxgpt.config import Config, ModelConfig
 from jaxgpt.export import export, import_folder, load_checkpoint
+from jaxgpt.metrics import MetricsLog
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
 from jaxgpt.variants import PRESETS, apply_variant
@@ -34,7 +35,8 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:
     """Environment of a fresh process: offline, this checkout importable, HF caches in tmp_path."""
-    return os.environ | OFFLINE | {"PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf_home"), "JAX_PLATFORMS": "cpu"}
+    paths = {"PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf_home"), "JAX_PLATFORMS": "cpu"}
+    return os.environ | OFFLINE | paths
 
 
 def make_run(run: Path, bias: bool, step: int = 7, variant: str = "baseline") -> Config:
@@ -48,9 +50,11 @@ def make_run(run: Path, bias: bool, step: int = 7, variant: str = "baseline") ->
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     ckpt = Checkpointer(run / "checkpoints")
-    ckpt.save(TrainState(params, make_optimizer(cfg).init(params), {"step": step, "config": cfg.to_dict(), "variant": cfg.variant}))
+    meta = {"step": step, "config": cfg.to_dict(), "variant": cfg.variant}
+    ckpt.save(TrainState(params, make_optimizer(cfg).init(params), meta))
     ckpt.wait()
     ckpt.close()
+    MetricsLog(run / "metrics.jsonl").write(kind="eval", step=step, train_loss=3.5, val_loss=3.25)
     return cfg
 
 
@@ -92,6 +96,7 @@ def test_gpt2_export_matches_jax(run, tmp_path):
     path, cfg = run
     out = export(path, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    assert json.loads((out / "jaxgpt.json").read_text())["val_loss"] == 3.25  # the run's logged val loss
     model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     idx = tokens(cfg)
     with torch.no_grad():
