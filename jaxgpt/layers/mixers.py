@@ -7,6 +7,15 @@ from flax import nnx
 from jaxgpt.config import ModelConfig
 from jaxgpt.layers.common import linear, proj_std
 
+
+def attention_implementation(dtype: jnp.dtype) -> str:
+    """cuDNN's fused flash attention on GPU for 16-bit inputs; XLA's reference path otherwise.
+
+    `jax.nn.dot_product_attention(implementation=None)` always picks XLA, which materialises the [T, T] scores.
+    """
+    return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
 class CausalSelfAttention(nnx.Module):
     """`softmax`: causal multi-head attention, fused qkv projection `c_attn`, output `c_proj`."""
 
@@ -18,8 +27,8 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, C = x.shape
         q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head) for t in jnp.split(self.c_attn(x), 3, axis=-1))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, H, D]; cuDNN flash on GPU
-        return self.c_proj(y.reshape(B, T, C))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
+        return self.c_proj(y.reshape(B, T, C))  # y: [B, T, H, D]
 
 
 MIXERS: dict[str, type[nnx.Module]] = {"softmax": CausalSelfAttention}
