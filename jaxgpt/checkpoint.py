@@ -2,11 +2,13 @@
 
 Each checkpoint is one Orbax step directory written to a temporary path and renamed when complete, so a
 process killed during a save leaves no directory that restores as a valid checkpoint. The manager keeps the
-last `keep` checkpoints.
+last `keep` checkpoints; an old one is first renamed into `<run>/checkpoints/.deleted/` (atomic) and only then
+removed, so a kill during that removal leaves no half-deleted step directory that still counts as a checkpoint.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxgpt.errors import UserError
+
+TRASH = ".deleted"  # subdirectory that old checkpoints are renamed into before they are removed
 
 
 @dataclass
@@ -35,7 +39,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 3):
         self.directory = Path(directory).resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True, todelete_subdir=TRASH
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         # Orbax removes the temporary directories of interrupted saves in a background thread. Finish that here:
         # a process that stops right after (a user error such as --resume without a checkpoint) would otherwise
@@ -43,6 +49,7 @@ class Checkpointer:
         await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
         if await_cleanup is not None:
             await_cleanup()
+        self._empty_trash()  # what a killed process was removing
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -52,6 +59,7 @@ class Checkpointer:
 
     def save(self, state: TrainState) -> None:
         """Save asynchronously; the checkpoint appears only once fully written."""
+        self.wait()  # the previous save is committed and the steps it rotated out are removed
         args = ocp.args.Composite(
             state=ocp.args.StandardSave({"params": state.params, "opt_state": state.opt_state}),
             meta=ocp.args.JsonSave(state.meta),
@@ -74,9 +82,15 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+        self._empty_trash()
 
     def close(self) -> None:
         self._manager.close()
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        """Remove the checkpoints that the manager rotated out (call only while no save is in flight)."""
+        shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
     def _resolve(self, step: int | None) -> int:
         steps = self.steps()
