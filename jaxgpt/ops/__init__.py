@@ -1,0 +1,15 @@
+"""Linear-attention ops in JAX, mirroring flash-linear-attention's `fla.ops` (layout [B, T, H, D])."""
+
+from jaxgpt.ops.conv import short_conv
+from jaxgpt.ops.delta_rule import chunk_delta_rule, naive_recurrent_delta_rule
+from jaxgpt.ops.gla import chunk_gla, naive_recurrent_gla
+from jaxgpt.ops.l2norm import l2norm
+
+__all__ = [
+    "chunk_delta_rule",
+    "chunk_gla",
+    "l2norm",
+    "naive_recurrent_delta_rule",
+    "naive_recurrent_gla",
+    "short_conv",
+]

@@ -1,0 +1,31 @@
+"""Helpers shared by the chunked ops: padding the time axis and splitting it into chunks."""
+
+import jax
+import jax.numpy as jnp
+
+
+def pad_time(x: jax.Array, multiple: int) -> jax.Array:
+    """Zero-pad axis 1 (time) of `x` [B, T, ...] up to a multiple of `multiple`."""
+    pad = -x.shape[1] % multiple
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """[B, T, H, D] (T a multiple of chunk_size) -> [B, H, N, C, D] with N = T / C chunks of C steps."""
+    B, T, H, D = x.shape
+    return x.reshape(B, T // chunk_size, chunk_size, H, D).transpose(0, 3, 1, 2, 4)
+
+
+def from_chunks(x: jax.Array, T: int) -> jax.Array:
+    """[B, H, N, C, D] -> [B, T, H, D], dropping the padded steps beyond T."""
+    B, H, N, C, D = x.shape
+    return x.transpose(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]
+
+
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """fp32 for fp32 and narrower inputs; fp64 inputs stay fp64 (used to check the math)."""
+    return jnp.promote_types(dtype, jnp.float32)
