@@ -5,7 +5,7 @@ with bf16 logits the bf16 rounding alone puts PyTorch's own autocast output abou
 above FLA's layer-level thresholds (4e-3 forward, 8e-3 gradients). So the test asks for:
   - jaxgpt bf16 as close to the fp32 reference as torch_ref bf16 is (within 25%), and
   - jaxgpt vs torch_ref bf16 within FLA's threshold or 1.5x PyTorch's own bf16 error, whichever is larger,
-for logits, loss and every parameter gradient. Run on the device: `pytest -m gpu parity_tests`.
+for logits, loss and every parameter gradient (scalar parameters pooled, see pool_scalars). Run on the device: `pytest -m gpu parity_tests`.
 """
 
 import json
@@ -23,6 +23,19 @@ GRAD_TOL = 8e-3  # FLA's gradient threshold
 NOISE_FACTOR = 1.5  # allowed jax-vs-torch distance, in units of PyTorch's own bf16-vs-fp32 error
 ACCURACY_FACTOR = 1.25  # allowed jax-vs-fp32 error, in units of PyTorch's bf16-vs-fp32 error
 GPU_BASE = ModelConfig(n_layer=2, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16")
+
+
+def pool_scalars(grads: dict[str, np.ndarray], max_size: int = 64) -> dict[str, np.ndarray]:
+    """Gradients of scalar parameters (gates, per-layer/per-table lambdas) pooled into one vector `<scalars>`.
+
+    Each such gradient is one ill-conditioned sum over B*T*C terms, so its bf16 error is a single noisy draw;
+    pooled, the PyTorch-noise comparison means something.
+    """
+    small = sorted(n for n, g in grads.items() if g.size <= max_size)
+    out = {n: g for n, g in grads.items() if n not in small}
+    if small:
+        out["<scalars>"] = np.concatenate([grads[n].ravel() for n in small])
+    return out
 
 
 def torch_outputs(model, idx, targets, autocast: bool):
@@ -49,6 +62,7 @@ def test_bf16_parity_with_torch_ref(variant):
     t_logits, t_loss, t_grads = torch_outputs(tmodel, t_idx, t_tgt, autocast=True)
     j_logits = np.asarray(jmodel(idx), np.float32)
     j_loss, j_grads = jax_grads(jmodel, idx, targets)
+    ref_grads, t_grads, j_grads = (pool_scalars(g) for g in (ref_grads, t_grads, j_grads))
 
     report = {
         "variant": variant,
