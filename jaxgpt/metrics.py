@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from jaxgpt.config import ModelConfig
 
 
 class MetricsLog:
-    """Append-only JSONL log; each record gets a wall-clock `time`."""
+    """Append-only JSONL log (strict JSON: non-finite numbers are written as null); records get a `time`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -19,8 +20,9 @@ class MetricsLog:
 
     def write(self, **record: Any) -> None:
         record = {"time": round(time.time(), 3), **record}
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

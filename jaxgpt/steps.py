@@ -51,7 +51,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) ->
         grad_sum, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (x, y))
         grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))

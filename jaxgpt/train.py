@@ -69,6 +69,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
     train_data = BatchSampler(data_dir, "train", T, seed=cfg.seed)
+    if resume and not (out / "checkpoints").is_dir():
+        raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
     if ckpt.steps() and not resume:
         raise UserError(f"{out} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue it or --out NEW_DIR")
@@ -92,6 +94,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
         params, opt_state, start = state.params, state.opt_state, state.step
         log.truncate_after(start)
         print(f"resumed from {ckpt.directory} at step {start}")
+        changed = [f"{k} ({v} -> {getattr(cfg, k)})" for k, v in saved.to_dict().items()
+                   if k != "model" and getattr(cfg, k) != v]
+        if changed:
+            print(f"note: the recipe differs from the checkpoint's in {', '.join(changed)}; "
+                  "the run continues with the new values (the lr schedule too)")
     else:
         out.mkdir(parents=True, exist_ok=True)
         log.path.unlink(missing_ok=True)
