@@ -38,11 +38,40 @@ AXES: dict[str, dict[str, str]] = {
         "poly_ls_z": "CE (smoothing 0.05) + mean(1 - p_target) + 1e-4 z-loss",
         "tanh_cap_ls_z": "30*tanh(logits/30) in training: CE (smoothing 0.1) + 1e-4 z-loss; eval on raw logits",
     },
-    "mixer": {"softmax": "causal multi-head softmax attention"},
+    "mixer": {
+        "softmax": "causal multi-head softmax attention",
+        "gla": "Gated Linear Attention (FLA GatedLinearAttention, expand_k 0.5, swish output gate)",
+        "gla_conv": "gla + short convolutions (conv_size 4) on q, k, v",
+        "gla_deltanet": "DeltaNet (short conv, beta, L2 qk norm) in even layers, gla in odd layers",
+        "gla_depth": "gla_conv with expand_k growing from 0.5 (first layer) to 1.0 (last), in steps of 1/8",
+        "deltanet": "DeltaNet in every layer",
+    },
 }
 
 # Mixers that encode position themselves: the model drops the learned position embedding.
-LINEAR_MIXERS: frozenset[str] = frozenset()
+LINEAR_MIXERS: frozenset[str] = frozenset({"gla", "gla_conv", "gla_deltanet", "gla_depth", "deltanet"})
+
+
+def gla_depth_expand_k(layer: int, n_layer: int) -> float:
+    """`gla_depth`: expand_k(l) = round((0.5 + 0.5 * l / (L - 1)) * 8) / 8; 0.5 for a one-layer model."""
+    depth = layer / (n_layer - 1) if n_layer > 1 else 0.0
+    return round((0.5 + 0.5 * depth) * 8) / 8
+
+
+def linear_mixer_layer(mixer: str, layer: int, n_layer: int) -> tuple[str, dict[str, Any]]:
+    """The FLA layer ('gla' or 'deltanet') and its options that a linear mixer puts at `layer` (0-based).
+
+    One definition for jaxgpt and torch_ref, so both stack the same layers.
+    """
+    if mixer == "deltanet" or (mixer == "gla_deltanet" and layer % 2 == 0):
+        return "deltanet", {}
+    if mixer == "gla_conv":
+        return "gla", {"use_short_conv": True}
+    if mixer == "gla_depth":
+        return "gla", {"use_short_conv": True, "expand_k": gla_depth_expand_k(layer, n_layer)}
+    if mixer in ("gla", "gla_deltanet"):
+        return "gla", {}
+    raise ValueError(f"{mixer!r} is not a linear mixer; linear mixers: {', '.join(sorted(LINEAR_MIXERS))}")
 
 
 def check_choice(axis: str, name: str) -> None:
@@ -94,6 +123,11 @@ PRESETS: dict[str, Variant] = {
         Variant("softcap_ce", "sigmoid logit soft-cap 30*sigmoid(x/7.5)", loss="softcap_ce"),
         Variant("poly_ls_z", "label smoothing + PolyLoss-1 + z-loss (submission)", loss="poly_ls_z"),
         Variant("tanh_cap_ls_z", "tanh logit cap + label smoothing 0.1 + z-loss (training only)", loss="tanh_cap_ls_z"),
+        Variant("gla", "Gated Linear Attention, no position embedding", mixer="gla"),
+        Variant("gla_conv", "GLA + short convolutions (submission)", mixer="gla_conv"),
+        Variant("gla_deltanet", "DeltaNet / GLA hybrid (DeltaNet in even layers)", mixer="gla_deltanet"),
+        Variant("gla_depth", "GLA + short conv, key dim growing with depth", mixer="gla_depth"),
+        Variant("deltanet", "DeltaNet in every layer", mixer="deltanet"),
     ]
 }
 

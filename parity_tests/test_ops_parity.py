@@ -1,13 +1,11 @@
 """CPU fp32 parity of the linear-attention ops: JAX chunk vs JAX naive vs FLA's naive PyTorch ops.
 
-FLA's naive references are loaded straight from their files: importing `fla.ops` pulls in Triton, which a CPU
-machine lacks. Every comparison covers outputs, final states and the gradients w.r.t. all inputs
-(including the initial state) for a random output/state cotangent.
+FLA's naive references are loaded straight from their files (torch_ref.fla_naive): importing `fla.ops` pulls
+in Triton, which a CPU machine lacks. Every comparison covers outputs, final states and the gradients w.r.t.
+all inputs (including the initial state) for a random output/state cotangent.
 """
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,21 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from jaxgpt.ops import chunk_delta_rule, chunk_gla, naive_recurrent_delta_rule, naive_recurrent_gla, short_conv
+from torch_ref.fla_naive import FLA_DELTA, FLA_GATED_DELTA, FLA_GLA, l2norm
 
 TOL = 1e-5
-FLA_DIR = pathlib.Path(importlib.util.find_spec("fla").submodule_search_locations[0])
-
-
-def load_fla_file(relpath: str):
-    spec = importlib.util.spec_from_file_location(f"fla_naive_{relpath.replace('/', '_')}", FLA_DIR / relpath)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FLA_GLA = load_fla_file("ops/gla/naive.py")
-FLA_DELTA = load_fla_file("ops/delta_rule/naive.py")
-FLA_GATED_DELTA = load_fla_file("ops/gated_delta_rule/naive.py")
 
 
 def rel_err(a, b) -> float:
@@ -152,11 +138,6 @@ def test_gla_chunk_extreme_gates_stay_finite():
     assert_close({"chunk_vs_naive": chunk}, naive, ["q", "k", "v", "gk", "h0"])
 
 
-def l2norm_torch(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """FLA's l2norm convention: x / sqrt(sum(x^2) + eps)."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
-
-
 @pytest.mark.parametrize(
     "shape,with_h0,qk_l2norm",
     [pytest.param(*c.values, True, id=c.id + "-l2_in_kernel") for c in CASES]
@@ -174,7 +155,7 @@ def test_delta_rule_parity(shape, with_h0, qk_l2norm):
         inputs, names = inputs + [h0], names + ["h0"]
 
     def normed(q, k):
-        return (l2norm_torch(q), l2norm_torch(k)) if qk_l2norm else (q, k)
+        return (l2norm(q), l2norm(k)) if qk_l2norm else (q, k)
 
     def fla_delta(q, k, v, beta, h0=None):  # head-first [B, H, T, D]
         q, k = normed(q, k)

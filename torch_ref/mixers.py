@@ -1,10 +1,18 @@
-"""Mixer axis in PyTorch (twin of jaxgpt.layers.mixers): [B, T, C] -> [B, T, C]."""
+"""Mixer axis in PyTorch (twin of jaxgpt.layers.mixers): [B, T, C] -> [B, T, C].
+
+The linear mixers stack FLA's layers (torch_ref.linear_attn) as jaxgpt.variants.linear_mixer_layer says.
+"""
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.variants import LINEAR_MIXERS, linear_mixer_layer
+from torch_ref.linear_attn import delta_net, gated_linear_attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,4 +31,15 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-MIXERS = {"softmax": CausalSelfAttention}
+LINEAR_LAYERS: dict[str, Callable[..., nn.Module]] = {"gla": gated_linear_attention, "deltanet": delta_net}
+
+
+def linear_mixer(mixer: str, cfg: ModelConfig, layer: int) -> nn.Module:
+    kind, options = linear_mixer_layer(mixer, layer, cfg.n_layer)
+    return LINEAR_LAYERS[kind](cfg, **options)
+
+
+MIXERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "softmax": CausalSelfAttention,
+    **{name: partial(linear_mixer, name) for name in sorted(LINEAR_MIXERS)},
+}

@@ -28,12 +28,15 @@ def proj_std(cfg: ModelConfig) -> float:
     return INIT_STD / math.sqrt(2 * cfg.n_layer)
 
 
-def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = INIT_STD) -> nnx.Linear:
-    """nn.Linear twin: kernel [d_in, d_out] ~ N(0, std), optional zero bias, fp32 params, compute dtype."""
+def linear(
+    cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float = INIT_STD, bias: bool | None = None
+) -> nnx.Linear:
+    """nn.Linear twin: kernel [d_in, d_out] ~ N(0, std), zero bias (if `bias`, default cfg.bias), fp32 params,
+    compute dtype."""
     return nnx.Linear(
         d_in,
         d_out,
-        use_bias=cfg.bias,
+        use_bias=cfg.bias if bias is None else bias,
         dtype=compute_dtype(cfg),
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(std),

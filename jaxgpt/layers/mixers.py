@@ -1,4 +1,10 @@
-"""Mixer axis (the benchmark's `CausalSelfAttention`): token mixing across time, [B, T, C] -> [B, T, C]."""
+"""Mixer axis (the benchmark's `CausalSelfAttention`): token mixing across time, [B, T, C] -> [B, T, C].
+
+The linear mixers stack FLA's layers (jaxgpt.layers.gla / deltanet) as jaxgpt.variants.linear_mixer_layer says.
+"""
+
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +12,9 @@ from flax import nnx
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.layers.common import linear, proj_std
+from jaxgpt.layers.deltanet import DeltaNet
+from jaxgpt.layers.gla import GatedLinearAttention
+from jaxgpt.variants import LINEAR_MIXERS, linear_mixer_layer
 
 
 def attention_implementation(dtype: jnp.dtype) -> str:
@@ -31,4 +40,15 @@ class CausalSelfAttention(nnx.Module):
         return self.c_proj(y.reshape(B, T, C))  # y: [B, T, H, D]
 
 
-MIXERS: dict[str, type[nnx.Module]] = {"softmax": CausalSelfAttention}
+LINEAR_LAYERS: dict[str, Callable[..., nnx.Module]] = {"gla": GatedLinearAttention, "deltanet": DeltaNet}
+
+
+def linear_mixer(mixer: str, cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> nnx.Module:
+    kind, options = linear_mixer_layer(mixer, layer, cfg.n_layer)
+    return LINEAR_LAYERS[kind](cfg, rngs, **options)
+
+
+MIXERS: dict[str, Callable[[ModelConfig, int, nnx.Rngs], nnx.Module]] = {
+    "softmax": CausalSelfAttention,
+    **{name: partial(linear_mixer, name) for name in sorted(LINEAR_MIXERS)},
+}

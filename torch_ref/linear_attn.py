@@ -1,0 +1,161 @@
+"""FLA's linear-attention layers for torch_ref: the real `fla.layers` modules on CUDA, a Triton-free twin on CPU.
+
+`GatedLinearAttention` and `DeltaNet` build `fla.layers.GatedLinearAttention` / `fla.layers.DeltaNet` (FLA 0.6.0)
+when CUDA is available; their forward returns the output only (FLA returns (o, attentions, cache)). Without
+CUDA, `fla.layers` cannot even be imported (Triton), so the layers are `NaiveGatedLinearAttention` /
+`NaiveDeltaNet`: the same module tree and parameter names as FLA's (state dicts load either way), computing with
+FLA's own naive PyTorch ops (torch_ref.fla_naive). Inputs on CPU always take that naive path.
+
+Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02), biases zero); ShortConvolution (a Conv1d)
+keeps PyTorch's kaiming-uniform default, norm weights are ones.
+"""
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jaxgpt.config import ModelConfig
+from torch_ref.fla_naive import naive_delta_rule_l2, naive_gla
+
+CONV_SIZE = 4
+
+
+class ShortConvolution(nn.Conv1d):
+    """Parameters of `fla.modules.ShortConvolution`: depthwise Conv1d weight [C, 1, W], optional bias."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
+        super().__init__(hidden_size, hidden_size, kernel_size, padding=kernel_size - 1, groups=hidden_size, bias=bias)
+        self.activation = activation
+
+
+class RMSNorm(nn.Module):
+    """Parameters of `fla.modules.RMSNorm` / `FusedRMSNormGated`: weight [D] (ones)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+
+def short_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise conv of a ShortConvolution (FLA's or ours) + its activation: [B, T, C] -> [B, T, C]."""
+    y = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=conv.groups)
+    y = y[..., : x.shape[1]].transpose(1, 2)
+    return F.silu(y) if conv.activation is not None else y
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """FLA's per-head RMSNorm in (at least) fp32, with the swish output gate g if given: [..., D] -> x's dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dtype)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.to(dtype)
+    if g is not None:
+        y = y * F.silu(g.to(dtype))
+    return y.to(x.dtype)
+
+
+def gla_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What fla.layers.GatedLinearAttention.forward computes (x [B, T, C]), with FLA's naive recurrent GLA."""
+    B, T, _ = x.shape
+    q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
+    if m.use_short_conv:
+        q, k, v = short_conv(m.q_conv1d, q), short_conv(m.k_conv1d, k), short_conv(m.v_conv1d, v)
+    q, k, v, gk, g = (t.view(B, T, m.num_heads, -1) for t in (q, k, v, m.gk_proj(x), m.g_proj(x)))  # [B, T, H, D]
+    gk = F.logsigmoid(gk) / m.gate_logit_normalizer
+    o = rms_norm(m.g_norm_swish_gate, naive_gla(q, k, v, gk), g)
+    return m.o_proj(o.reshape(B, T, -1))
+
+
+def deltanet_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What fla.layers.DeltaNet.forward computes (x [B, T, C]), with FLA's naive (gated, g=0) delta rule."""
+    B, T, _ = x.shape
+    q, k, v = (short_conv(conv, proj(x)) for conv, proj in ((m.q_conv1d, m.q_proj), (m.k_conv1d, m.k_proj),
+                                                             (m.v_conv1d, m.v_proj)))
+    q, k, v = (t.view(B, T, m.num_heads, -1) for t in (q, k, v))  # [B, T, H, D]
+    o = rms_norm(m.o_norm, naive_delta_rule_l2(q, k, v, m.b_proj(x).sigmoid()))
+    return m.o_proj(o.reshape(B, T, -1))
+
+
+class NaiveGatedLinearAttention(nn.Module):
+    """fla.layers.GatedLinearAttention's module tree for the options the variants use (swish-gated fused norm)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
+        super().__init__()
+        key_dim = round(hidden_size * expand_k)
+        self.num_heads, self.use_short_conv, self.gate_logit_normalizer = num_heads, use_short_conv, 16
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(key_dim, CONV_SIZE)
+            self.k_conv1d = ShortConvolution(key_dim, CONV_SIZE)
+            self.v_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, 16, bias=False), nn.Linear(16, key_dim, bias=True))
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.g_norm_swish_gate = RMSNorm(hidden_size // num_heads)
+
+    forward = gla_naive_forward
+
+
+class NaiveDeltaNet(nn.Module):
+    """fla.layers.DeltaNet's module tree for the options the variants use (beta, short conv, no output gate)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.q_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
+        self.k_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
+        self.v_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
+        self.o_norm = RMSNorm(hidden_size // num_heads)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    forward = deltanet_naive_forward
+
+
+@functools.cache
+def layer_classes() -> tuple[type[nn.Module], type[nn.Module]]:
+    """(GLA, DeltaNet) classes: FLA's own with CUDA (output only; the naive path for CPU inputs), else the twins.
+
+    Both take the constructor arguments of the twins and fix the variants' other FLA options (DESIGN §2).
+    """
+    if not torch.cuda.is_available():
+        return NaiveGatedLinearAttention, NaiveDeltaNet
+    import fla.layers
+
+    class FLAGatedLinearAttention(fla.layers.GatedLinearAttention):
+        def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
+            super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, expand_k=expand_k,
+                             expand_v=1.0, use_output_gate=True, gate_fn="swish", use_short_conv=use_short_conv,
+                             conv_size=CONV_SIZE)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0] if x.is_cuda else gla_naive_forward(self, x)
+
+    class FLADeltaNet(fla.layers.DeltaNet):
+        def __init__(self, hidden_size: int, num_heads: int):
+            super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, use_beta=True,
+                             use_short_conv=True, conv_size=CONV_SIZE, qk_activation="silu", qk_norm="l2")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[0] if x.is_cuda else deltanet_naive_forward(self, x)
+
+    return FLAGatedLinearAttention, FLADeltaNet
+
+
+def gated_linear_attention(cfg: ModelConfig, expand_k: float = 0.5, use_short_conv: bool = False) -> nn.Module:
+    """fla.layers.GatedLinearAttention(mode='chunk', hidden_size=C, num_heads=H, expand_k, expand_v=1.0,
+    use_output_gate=True, gate_fn='swish', use_short_conv, conv_size=4): [B, T, C] -> [B, T, C]."""
+    return layer_classes()[0](cfg.n_embd, cfg.n_head, expand_k, use_short_conv)
+
+
+def delta_net(cfg: ModelConfig) -> nn.Module:
+    """fla.layers.DeltaNet(hidden_size=C, num_heads=H, use_beta=True, use_short_conv=True, conv_size=4,
+    qk_activation='silu', qk_norm='l2'): [B, T, C] -> [B, T, C]."""
+    return layer_classes()[1](cfg.n_embd, cfg.n_head)
