@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from jaxgpt.ops import chunk_delta_rule, chunk_gla, naive_recurrent_delta_rule, naive_recurrent_gla, short_conv
-from torch_ref.fla_naive import FLA_DELTA, FLA_GATED_DELTA, FLA_GLA, l2norm
+from torch_ref.fla_naive import l2norm, load_fla_file
 
 TOL = 1e-5
+FLA_GLA = load_fla_file("ops/gla/naive.py")
+FLA_DELTA = load_fla_file("ops/delta_rule/naive.py")
+FLA_GATED_DELTA = load_fla_file("ops/gated_delta_rule/naive.py")
 
 
 def rel_err(a, b) -> float:

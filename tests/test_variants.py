@@ -256,3 +256,21 @@ def test_variants_cli_prints_a_row_per_preset(capsys):
         row = next(line for line in lines if line.split()[:1] == [name])
         assert row.split()[1:5] == [v.embedding, v.norm, v.loss, v.mixer]
         assert row.split()[5].endswith("M")
+
+
+# --- linear mixers ----------------------------------------------------------------------------------------
+
+
+def test_linear_mixer_layer_stacks():
+    def layers(mixer: str, n_layer: int) -> list[tuple[str, dict]]:
+        return [variants.linear_mixer_layer(mixer, layer, n_layer) for layer in range(n_layer)]
+
+    assert [kind for kind, _ in layers("gla_deltanet", 4)] == ["deltanet", "gla", "deltanet", "gla"]
+    assert [o["expand_k"] for _, o in layers("gla_depth", 12)] == [
+        0.5, 0.5, 0.625, 0.625, 0.625, 0.75, 0.75, 0.875, 0.875, 0.875, 1.0, 1.0
+    ]
+    assert layers("gla_depth", 1) == [("gla", {"use_short_conv": True, "expand_k": 0.5})]
+    assert layers("gla_depth", 2)[1][1]["expand_k"] == 1.0
+    assert variants.LINEAR_MIXERS == set(variants.AXES["mixer"]) - {"softmax"}
+    with pytest.raises(ValueError, match="not a linear mixer"):
+        variants.linear_mixer_layer("softmax", 0, 1)

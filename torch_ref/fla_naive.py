@@ -1,29 +1,29 @@
 """FLA's pure-PyTorch reference ops, loaded without Triton (for CPU).
 
 Importing `fla.ops` (or `fla.layers`, `fla.modules`) pulls in Triton, which a CPU machine lacks, so the naive
-reference files are executed on their own. Used by torch_ref's CPU linear-attention layers and the parity tests.
+reference files are executed on their own, on first use (FLA is an optional dependency). Used by torch_ref's CPU
+linear-attention layers and the parity tests.
 """
 
+import functools
 import importlib.util
 import pathlib
 from types import ModuleType
 
 import torch
 
-FLA_DIR = pathlib.Path(importlib.util.find_spec("fla").submodule_search_locations[0])
 
-
+@functools.cache
 def load_fla_file(relpath: str) -> ModuleType:
     """Execute one file of the installed FLA package, e.g. 'ops/gla/naive.py', as a stand-alone module."""
-    spec = importlib.util.spec_from_file_location(f"fla_naive_{relpath.replace('/', '_')}", FLA_DIR / relpath)
+    fla = importlib.util.find_spec("fla")
+    if fla is None:
+        raise ImportError("torch_ref's linear-attention layers need FLA 0.6.0: pip install 'jaxgpt[fla]'")
+    path = pathlib.Path(fla.submodule_search_locations[0]) / relpath
+    spec = importlib.util.spec_from_file_location(f"fla_naive_{relpath.replace('/', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-FLA_GLA = load_fla_file("ops/gla/naive.py")
-FLA_DELTA = load_fla_file("ops/delta_rule/naive.py")
-FLA_GATED_DELTA = load_fla_file("ops/gated_delta_rule/naive.py")
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -33,11 +33,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def naive_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
     """FLA's naive_recurrent_gla: q, k, gk [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] (scale K^-0.5)."""
-    return FLA_GLA.naive_recurrent_gla(q, k, v, gk)[0]
+    return load_fla_file("ops/gla/naive.py").naive_recurrent_gla(q, k, v, gk)[0]
 
 
 def naive_delta_rule_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """The delta rule with FLA's in-kernel L2 norm of q and k (use_qk_l2norm_in_kernel=True), through FLA's naive
     gated delta rule with zero log-decay: q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> o [B, T, H, V]."""
-    o, _ = FLA_GATED_DELTA.naive_recurrent_gated_delta_rule(l2norm(q), l2norm(k), v, beta, torch.zeros_like(beta))
+    gated_delta_rule = load_fla_file("ops/gated_delta_rule/naive.py").naive_recurrent_gated_delta_rule
+    o, _ = gated_delta_rule(l2norm(q), l2norm(k), v, beta, torch.zeros_like(beta))
     return o.to(v.dtype)

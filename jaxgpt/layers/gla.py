@@ -28,7 +28,7 @@ CONV_SIZE = 4
 NORM_EPS = 1e-5
 
 
-def head_dims(cfg: ModelConfig, expand: float) -> int:
+def projection_dim(cfg: ModelConfig, expand: float) -> int:
     """C * expand as FLA checks it: an integer divisible by the number of heads."""
     dim = round(cfg.n_embd * expand)
     if not math.isclose(cfg.n_embd * expand, dim) or dim % cfg.n_head:
@@ -41,7 +41,7 @@ class GatedLinearAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, expand_k: float = 0.5, use_short_conv: bool = False):
         C, H = cfg.n_embd, cfg.n_head
-        key_dim, value_dim = head_dims(cfg, expand_k), head_dims(cfg, 1.0)
+        key_dim, value_dim = projection_dim(cfg, expand_k), projection_dim(cfg, 1.0)
         self.n_head = H
         self.q_proj = linear(cfg, C, key_dim, rngs, bias=False)
         self.k_proj = linear(cfg, C, key_dim, rngs, bias=False)
