@@ -59,7 +59,7 @@ def jax_layer_vjp(layer_id: str, cfg: ModelConfig = CFG):
     @jax.jit
     def run(params, x, dy):
         y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
-        return y, *vjp(dy)
+        return y, *vjp(dy.astype(y.dtype))  # y is in the compute dtype
 
     return run
 
