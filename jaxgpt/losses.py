@@ -14,12 +14,20 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Z_WEIGHT = 1e-4
 
 
+def _normalizer_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fp32 logsumexp(z) and z[target], [B, T] each (no [B, T, V] log-softmax: its gradient is slow on CPU)."""
+    z = logits.astype(jnp.float32)
+    z_target = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jax.nn.logsumexp(z, axis=-1), z_target
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """Mean token cross-entropy in fp32; with `smoothing` eps the target is (1-eps)*onehot + eps/V (torch's rule)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """Mean token cross-entropy in fp32; with `smoothing` eps the target is (1-eps)*onehot + eps/V (torch's rule):
+    loss = lse - (1-eps) z_target - eps mean_v(z)."""
+    lse, z_target = _normalizer_and_target(logits, targets)
+    nll = lse - z_target
     if smoothing:
-        nll = (1 - smoothing) * nll - smoothing * logp.mean(-1)
+        nll = nll - smoothing * (logits.astype(jnp.float32).mean(-1) - z_target)
     return nll.mean()
 
 
@@ -34,8 +42,8 @@ def z_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def poly_ls_z(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """CE with label smoothing 0.05 + PolyLoss-1 term mean(1 - p_target) + z-loss of the raw logits."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    p_target = jnp.exp(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+    lse, z_target = _normalizer_and_target(logits, targets)
+    p_target = jnp.exp(z_target - lse)
     return cross_entropy(logits, targets, 0.05) + (1 - p_target).mean() + z_penalty(logits)
 
 
