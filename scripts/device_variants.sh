@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call: bf16 GPU parity for the given pytest -k filter, then a same-seed comparison of the given
 # presets at gpt2-124m on the default corpus. Results come back as two tarballs in $OUT.
-#   bash scripts/device_variants.sh "PYTEST_K_EXPR" "variant1,variant2,..." [compare timeout s]
+#   bash scripts/device_variants.sh "PYTEST_K_EXPR" "variant1,variant2,..." [compare timeout s] [iters] [pytest timeout s]
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/jaxgpt-out}; mkdir -p "$OUT/parity" "$OUT/cmp"
@@ -10,11 +10,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 if [ -n "$1" ]; then
-  OUT="$OUT/parity" python3 -m pytest -q -m gpu parity_tests -k "$1" -p no:cacheprovider 2>&1 | tail -60 | tee "$OUT/parity.log"
+  OUT="$OUT/parity" timeout "${5:-400}" python3 -m pytest -q -m gpu parity_tests -k "$1" -p no:cacheprovider 2>&1 | tail -60 | tee "$OUT/parity.log"
 fi
 if [ -n "$2" ]; then
   timeout "${3:-420}" python3 scripts/compare_variants.py --variants "$2" --out "$OUT/cmp" --config gpt2-124m \
-    --data data/shakespeare --max-iters 600 --set batch_size=8 --set grad_accum=1 --set warmup_iters=100 \
+    --data data/shakespeare --max-iters "${4:-600}" --set batch_size=8 --set grad_accum=1 --set warmup_iters=100 \
     --set eval_interval=100 --set eval_iters=20 --set log_interval=50 --set ckpt_interval=600 2>&1 \
     | grep -v "^step" | tee "$OUT/compare.log"
 fi
