@@ -15,8 +15,13 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from jaxgpt import __version__
+from jaxgpt.config import Config
 from jaxgpt.errors import UserError
+from jaxgpt.model import init_model
+from jaxgpt.optim import make_optimizer
 
 TRASH = ".deleted"  # subdirectory that old checkpoints are renamed into before they are removed
 
@@ -71,9 +76,11 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, params_like: Any, opt_state_like: Any, step: int | None = None) -> TrainState:
-        """Restore onto the structure, dtypes and shardings of `params_like`/`opt_state_like`."""
+        """Restore onto the structure, dtypes and shardings of `params_like`/`opt_state_like` (arrays or
+        shape/dtype structures; one without a sharding lands on the first local device, whatever device
+        layout saved the checkpoint)."""
         step = self._resolve(step)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params_like, "opt_state": opt_state_like})
+        target = jax.tree.map(_restore_target, {"params": params_like, "opt_state": opt_state_like})
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
@@ -101,3 +108,52 @@ class Checkpointer:
         if step not in steps:
             raise UserError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
         return step
+
+
+def _restore_target(x: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def make_meta(cfg: Config, step: int, data_dir: str, **extra: Any) -> dict[str, Any]:
+    """The JSON record of a checkpoint: step, config, variant, data position and RNG seed."""
+    return {
+        "step": step,
+        "config": cfg.to_dict(),
+        "variant": cfg.variant,
+        "data": {"dir": str(data_dir), "seed": cfg.seed, "next_batch_index": step},
+        "rng": {"init_seed": cfg.seed},
+        "jaxgpt_version": __version__,
+        **extra,
+    }
+
+
+def abstract_params(cfg: Config) -> nnx.State:
+    """The run's parameters as shape/dtype structures (nothing allocated)."""
+    return nnx.state(nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed)), nnx.Param)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A run folder (holding checkpoints/) or a checkpoints folder -> the checkpoints folder."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory {path} does not exist")
+    return path
+
+
+def load_run(path: str | Path, step: int | None = None) -> tuple[Config, TrainState]:
+    """Restore a run's checkpoint (latest, or `step`) without building the model: -> (config, state)."""
+    ckpt = Checkpointer(checkpoint_dir(path))
+    try:
+        meta = ckpt.read_meta(step)
+        cfg = Config.from_dict(meta["config"])
+        try:
+            params = abstract_params(cfg)
+        except KeyError as e:
+            raise UserError(f"checkpoint variant {cfg.variant!r} needs {e}, unknown to this jaxgpt") from None
+        state = ckpt.restore(params, jax.eval_shape(make_optimizer(cfg).init, params), step=meta["step"])
+    finally:
+        ckpt.close()
+    return cfg, state

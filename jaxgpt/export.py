@@ -27,21 +27,19 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxgpt import __version__
-from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.checkpoint import Checkpointer, TrainState, abstract_params, checkpoint_dir, load_run, make_meta
 from jaxgpt.config import Config, ModelConfig
 from jaxgpt.convert import hf_gpt2_to_torch, jax_to_torch, torch_to_hf_gpt2, torch_to_jax
 from jaxgpt.data import _staging_dir
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.losses import OUTPUT_TRANSFORMS
 from jaxgpt.metrics import MetricsLog
-from jaxgpt.model import init_model
 from jaxgpt.optim import make_optimizer
 from jaxgpt.tokenizer import _ASSETS, EOT
 from jaxgpt.variants import PRESETS
@@ -60,41 +58,15 @@ from torch_ref.hf import JaxgptConfig, JaxgptForCausalLM  # noqa: F401
 # ---------------------------------------------------------------------------------------------------
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    """A run folder (holding checkpoints/) or a checkpoints folder -> the checkpoints folder."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    if not path.is_dir():
-        raise UserError(f"checkpoint directory {path} does not exist")
-    return path
-
-
-def abstract_state(cfg: Config) -> tuple[Any, Any]:
-    """(params, opt_state) as shape/dtype structures of the run's model and optimizer, nothing allocated."""
-    params = nnx.state(nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed)), nnx.Param)
-    return params, jax.eval_shape(make_optimizer(cfg).init, params)
-
-
 def load_checkpoint(path: str | Path, step: int | None = None) -> tuple[Config, dict, dict]:
     """-> (run config, checkpoint meta, params as a nested pure dict of numpy arrays)."""
-    ckpt = Checkpointer(checkpoint_dir(path))
-    try:
-        meta = ckpt.read_meta(step)
-        cfg = Config.from_dict(meta["config"])
-        try:
-            like = abstract_state(cfg)
-        except KeyError as e:
-            raise UserError(f"checkpoint variant {cfg.variant!r} needs {e}, unknown to this jaxgpt") from None
-        state = ckpt.restore(*like, step=meta["step"])
-    finally:
-        ckpt.close()
-    return cfg, meta, jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
+    cfg, state = load_run(path, step)
+    return cfg, state.meta, jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
 
 
 def save_checkpoint(run: Path, cfg: Config, params: dict, meta: dict) -> None:
     """Write params (pure dict) with a fresh optimizer state as RUN/checkpoints/<meta['step']>."""
-    model_params = nnx.state(nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed)), nnx.Param)
+    model_params = abstract_params(cfg)
     nnx.replace_by_pure_dict(model_params, jax.tree.map(jax.numpy.asarray, params))
     opt_state = make_optimizer(cfg).init(model_params)
     ckpt = Checkpointer(run / "checkpoints", keep=cfg.keep_checkpoints)
@@ -241,16 +213,12 @@ def import_folder(src: str | Path, run: str | Path, force: bool = False) -> Path
     if not src.is_dir():
         raise UserError(f"{src} does not exist or is not a folder")
     cfg, step, torch_sd = read_hf_folder(src)
-    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed)), nnx.Param))
+    template = nnx.to_pure_dict(abstract_params(cfg))
     try:
         params = torch_to_jax(torch_sd, template)
     except (KeyError, ValueError) as e:
         raise UserError(f"{src}: weights do not fit the model {cfg.model}: {e}") from None
-    meta = {
-        "step": step, "config": cfg.to_dict(), "variant": cfg.variant, "rng": {"init_seed": cfg.seed},
-        "data": {"dir": cfg.data, "seed": cfg.seed, "next_batch_index": step},
-        "imported_from": str(src.resolve()), "jaxgpt_version": __version__,
-    }
+    meta = make_meta(cfg, step, cfg.data, imported_from=str(src.resolve()))
     with _staging_dir(run, force) as tmp:
         save_checkpoint(tmp, cfg, params, meta)
     return run

@@ -1,7 +1,6 @@
 """GPT: the composition of the four variant axes (embedding, norm/block, mixer, loss) of DESIGN §2."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import ModelConfig

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.checkpoint import Checkpointer, TrainState, make_meta
 from jaxgpt.config import (
     MODEL_PRESETS,
     Config,
@@ -116,15 +116,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     def save(step: int) -> None:
         if not bool(all_finite(params)):
             raise TrainingDiverged(f"non-finite state at step {step}; not saved. {_last_good(ckpt)}")
-        meta = {
-            "step": step,
-            "config": cfg.to_dict(),
-            "variant": cfg.variant,
-            "data": {"dir": str(data_dir), "seed": cfg.seed, "next_batch_index": step},
-            "rng": {"init_seed": cfg.seed},
-            "jaxgpt_version": __import__("jaxgpt").__version__,
-        }
-        ckpt.save(TrainState(params, opt_state, meta))
+        ckpt.save(TrainState(params, opt_state, make_meta(cfg, step, data_dir)))
 
     def run_eval(step: int) -> dict:
         t0 = time.time()

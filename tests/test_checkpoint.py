@@ -19,13 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.checkpoint import Checkpointer, TrainState, load_run
 from jaxgpt.config import Config
 from jaxgpt.errors import UserError
-from jaxgpt.model import init_model
-from jaxgpt.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,15 +40,8 @@ CLEAN_STEPS = 10
 
 
 def restore(run_dir: Path, step: int | None = None):
-    """(meta, params, opt_state) of a run's checkpoint, restored onto a freshly built model/optimizer."""
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        meta = ckpt.read_meta(step)
-        cfg = Config.from_dict(meta["config"])
-        params = nnx.split(init_model(cfg.model, cfg.seed), nnx.Param)[1]
-        state = ckpt.restore(params, make_optimizer(cfg).init(params), step)
-    finally:
-        ckpt.close()
+    """(meta, params, opt_state) of a run's checkpoint."""
+    _, state = load_run(run_dir, step)
     return state.meta, state.params, state.opt_state
 
 

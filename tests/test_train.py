@@ -23,13 +23,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import Config, available_configs
+from jaxgpt.checkpoint import Checkpointer, load_run
+from jaxgpt.config import available_configs
 from jaxgpt.errors import UserError
-from jaxgpt.model import init_model
-from jaxgpt.optim import learning_rate, make_optimizer
+from jaxgpt.optim import learning_rate
 from jaxgpt.train import build_config, parser, train
 from jaxgpt.variants import AXES, PRESETS
 
@@ -106,15 +104,8 @@ def cli(tmp_path_factory):
 
 
 def restore(run_dir: Path, step: int | None = None):
-    """(meta, params, opt_state) of a run's checkpoint, restored onto a freshly built model/optimizer."""
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        meta = ckpt.read_meta(step)
-        cfg = Config.from_dict(meta["config"])
-        params = nnx.split(init_model(cfg.model, cfg.seed), nnx.Param)[1]
-        state = ckpt.restore(params, make_optimizer(cfg).init(params), step)
-    finally:
-        ckpt.close()
+    """(meta, params, opt_state) of a run's checkpoint."""
+    _, state = load_run(run_dir, step)
     return state.meta, state.params, state.opt_state
 
 
