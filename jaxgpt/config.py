@@ -35,6 +35,7 @@ class ModelConfig:
     loss: str = "ce"
     mixer: str = "softmax"
     dtype: str = "auto"  # compute dtype: auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32
+    linear_attn_backend: str = "auto"  # linear-attention ops: auto (pallas on GPU, xla elsewhere) | xla | pallas
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -48,6 +49,8 @@ class ModelConfig:
             raise UserError(f"vocab_size must hold the GPT-2 vocabulary (>= 50257), got {self.vocab_size}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise UserError(f"dtype must be one of auto, bfloat16, float32; got {self.dtype!r}")
+        if self.linear_attn_backend not in ("auto", "xla", "pallas"):
+            raise UserError(f"linear_attn_backend must be one of auto, xla, pallas; got {self.linear_attn_backend!r}")
         if self.dropout != 0.0:
             raise UserError("dropout is fixed at 0 by the benchmark recipe")
 

@@ -26,7 +26,7 @@ class DeltaNet(nnx.Module):
         C, H = cfg.n_embd, cfg.n_head
         if C % H:
             raise ValueError(f"n_embd {C} must be divisible by n_head {H}")
-        self.n_head = H
+        self.n_head, self.backend = H, cfg.linear_attn_backend
         self.q_proj = linear(cfg, C, C, rngs, bias=False)
         self.k_proj = linear(cfg, C, C, rngs, bias=False)
         self.v_proj = linear(cfg, C, C, rngs, bias=False)
@@ -42,5 +42,5 @@ class DeltaNet(nnx.Module):
         q, k, v = self.q_conv1d(self.q_proj(x)), self.k_conv1d(self.k_proj(x)), self.v_conv1d(self.v_proj(x))
         q, k, v = (t.reshape(B, T, self.n_head, -1) for t in (q, k, v))  # [B, T, H, K|V]
         beta = jax.nn.sigmoid(self.b_proj(x))  # [B, T, H]
-        o, _ = chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)  # [B, T, H, V]
+        o, _ = chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True, backend=self.backend)  # [B, T, H, V]
         return self.o_proj(self.o_norm(o).reshape(B, T, C))

@@ -42,7 +42,7 @@ class GatedLinearAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, expand_k: float = 0.5, use_short_conv: bool = False):
         C, H = cfg.n_embd, cfg.n_head
         key_dim, value_dim = projection_dim(cfg, expand_k), projection_dim(cfg, 1.0)
-        self.n_head = H
+        self.n_head, self.backend = H, cfg.linear_attn_backend
         self.q_proj = linear(cfg, C, key_dim, rngs, bias=False)
         self.k_proj = linear(cfg, C, key_dim, rngs, bias=False)
         self.v_proj = linear(cfg, C, value_dim, rngs, bias=False)
@@ -67,6 +67,6 @@ class GatedLinearAttention(nnx.Module):
         gk = self.gk_proj[1](self.gk_proj[0](x))
         q, k, v, gk, g = (t.reshape(B, T, self.n_head, -1) for t in (q, k, v, gk, self.g_proj(x)))  # [B, T, H, K|V]
         gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / GATE_LOGIT_NORMALIZER  # fp32: the kernel's cumsum input
-        o, _ = chunk_gla(q, k, v, gk)  # [B, T, H, V]
+        o, _ = chunk_gla(q, k, v, gk, backend=self.backend)  # [B, T, H, V]
         o = self.g_norm_swish_gate(o, g)
         return self.o_proj(o.reshape(B, T, -1))

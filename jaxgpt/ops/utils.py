@@ -1,4 +1,4 @@
-"""Helpers shared by the chunked ops: padding the time axis and splitting it into chunks."""
+"""Helpers shared by the chunked ops: backend dispatch, padding the time axis and splitting it into chunks."""
 
 import jax
 import jax.numpy as jnp
@@ -29,3 +29,18 @@ def from_chunks(x: jax.Array, T: int) -> jax.Array:
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """fp32 for fp32 and narrower inputs; fp64 inputs stay fp64 (used to check the math)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+BACKENDS = ("auto", "xla", "pallas")
+
+
+def resolve_backend(backend: str) -> str:
+    """The implementation an op runs: 'xla' (the chunked reference, any device) or 'pallas' (fused GPU kernels).
+
+    'auto' is 'pallas' on GPU and 'xla' elsewhere; an explicit name is honoured (pallas on CPU fails in the op).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return backend

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.ops.l2norm import l2norm
-from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, to_chunks
+from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
 
 
 def chunk_delta_rule(
@@ -25,6 +25,7 @@ def chunk_delta_rule(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Delta rule in chunked form; same math and API as `naive_recurrent_delta_rule` (and FLA's `chunk_delta_rule`).
 
@@ -37,10 +38,12 @@ def chunk_delta_rule(
         output_final_state: whether to return the final state.
         use_qk_l2norm_in_kernel: L2-normalise q and k first (FLA's flag; eps 1e-6 inside the sqrt).
         chunk_size: steps per chunk; any T works (padded internally with zero inputs and beta = 0).
+        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
+    resolve_backend(backend)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

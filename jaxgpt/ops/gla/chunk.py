@@ -13,7 +13,7 @@ within a sub-chunk it is formed pairwise per key dimension.
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, to_chunks
+from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
 
 
 def chunk_gla(
@@ -26,6 +26,7 @@ def chunk_gla(
     output_final_state: bool = False,
     chunk_size: int = 64,
     sub_chunk_size: int = 16,
+    backend: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA in chunked form; same math and API as `naive_recurrent_gla` (and FLA's `chunk_gla`).
 
@@ -38,10 +39,12 @@ def chunk_gla(
         output_final_state: whether to return the final state.
         chunk_size: steps per chunk; any T works (padded internally with zero inputs / zero log-gates).
         sub_chunk_size: sub-chunk length for the intra-chunk scores; must divide chunk_size.
+        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
+    resolve_backend(backend)
     if chunk_size % sub_chunk_size:
         raise ValueError(f"sub_chunk_size {sub_chunk_size} must divide chunk_size {chunk_size}")
     B, T, H, K = q.shape
