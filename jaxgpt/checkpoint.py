@@ -4,6 +4,10 @@ Each checkpoint is one Orbax step directory written to a temporary path and rena
 process killed during a save leaves no directory that restores as a valid checkpoint. The manager keeps the
 last `keep` checkpoints; an old one is first renamed into `<run>/checkpoints/.deleted/` (atomic) and only then
 removed, so a kill during that removal leaves no half-deleted step directory that still counts as a checkpoint.
+
+Restores read onto the shardings of their targets, so a checkpoint saved from any device mesh (N devices,
+data parallel or FSDP) restores onto any other (M devices): `load_run(path, mesh=...)` or, in train.py,
+targets built with `sharding.state_shardings`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxgpt import __version__
 from jaxgpt.config import Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
 from jaxgpt.optim import make_optimizer
+from jaxgpt.sharding import abstract_with_shardings, state_shardings
 
 TRASH = ".deleted"  # subdirectory that old checkpoints are renamed into before they are removed
 
@@ -143,8 +149,11 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def load_run(path: str | Path, step: int | None = None) -> tuple[Config, TrainState]:
-    """Restore a run's checkpoint (latest, or `step`) without building the model: -> (config, state)."""
+def load_run(path: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, TrainState]:
+    """Restore a run's checkpoint (latest, or `step`) without building the model: -> (config, state).
+
+    Without `mesh` every array lands on the first local device; with one, on that mesh with the training
+    layout (sharding.state_shardings: replicated, or FSDP-sharded when the mesh has an fsdp axis > 1)."""
     ckpt = Checkpointer(checkpoint_dir(path))
     try:
         meta = ckpt.read_meta(step)
@@ -153,7 +162,10 @@ def load_run(path: str | Path, step: int | None = None) -> tuple[Config, TrainSt
             params = abstract_params(cfg)
         except KeyError as e:
             raise UserError(f"checkpoint variant {cfg.variant!r} needs {e}, unknown to this jaxgpt") from None
-        state = ckpt.restore(params, jax.eval_shape(make_optimizer(cfg).init, params), step=meta["step"])
+        opt_state = jax.eval_shape(make_optimizer(cfg).init, params)
+        if mesh is not None:
+            params, opt_state = (abstract_with_shardings(t, state_shardings(t, mesh)) for t in (params, opt_state))
+        state = ckpt.restore(params, opt_state, step=meta["step"])
     finally:
         ckpt.close()
     return cfg, state

@@ -102,6 +102,9 @@ class Config:
     ckpt_interval: int = 0  # 0 means eval_interval
     keep_checkpoints: int = 3
     seed: int = 1337
+    # devices: a (data, fsdp) mesh such as "data=2,fsdp=2" (empty: all devices on data); see jaxgpt/sharding.py
+    mesh: str = ""
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
     data: str = ""  # empty: the embedded default corpus
     out: str = ""  # empty: runs/<variant>-<model_size>
 

@@ -1,8 +1,11 @@
-"""Jitted train and eval steps, data-parallel over all devices with jax.sharding.
+"""Jitted train and eval steps over a (data, fsdp) device mesh with jax.sharding (layouts: sharding.py).
 
-The batch axis is sharded over a 1-D `data` mesh; params and optimizer state are replicated, and XLA
-inserts the gradient all-reduce. The whole step, gradient accumulation included (lax.scan over
-micro-batches), is one compiled function with donated state buffers.
+The batch axis is sharded over all devices. Without shardings (or with replicated ones) params and optimizer
+state are replicated and XLA inserts the gradient all-reduce: data parallelism. With FSDP shardings the step
+all-gathers the parameters for each micro-batch's forward/backward pass and constrains the gradients to the
+parameter shards, so XLA reduce-scatters them; the optimizer update then runs on the shards only (ZeRO-3).
+The whole step, gradient accumulation included (lax.scan over micro-batches), is one compiled function with
+donated state buffers.
 """
 
 from __future__ import annotations
@@ -12,56 +15,96 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxgpt.errors import UserError
+from jaxgpt.sharding import batch_sharding, make_mesh, replicate, shard_batch
 
-
-def make_mesh(batch_size: int) -> Mesh:
-    devices = jax.devices()
-    if batch_size % len(devices):
-        raise UserError(f"batch_size {batch_size} must be divisible by the number of devices ({len(devices)})")
-    return Mesh(np.array(devices), ("data",))
+__all__ = ["all_finite", "make_eval_step", "make_mesh", "make_train_step", "merge_model", "replicate", "shard_batch"]
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+class _Remat(nnx.Module):
+    """A block whose activations are recomputed in the backward pass instead of being stored."""
+
+    def __init__(self, block: nnx.Module):
+        self.block = block
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.remat(lambda block, x: block(x))(self.block, x)
 
 
-def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Host batch [..., B, T] -> device array sharded over B."""
-    spec = P(*([None] * (batch.ndim - 2)), "data", None)
-    return jax.device_put(batch, NamedSharding(mesh, spec))
+def merge_model(graphdef: nnx.GraphDef, params: Any, remat: bool = False) -> nnx.Module:
+    """The model from its graph and params; with `remat`, each block is rematerialised in the backward pass
+    (the parameter tree is unchanged, so checkpoints do not depend on it)."""
+    model = nnx.merge(graphdef, params)
+    if remat:
+        model.h = nnx.List([_Remat(block) for block in model.h])
+    return model
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-    """(params, opt_state, x [A, B, T], y [A, B, T]) -> (params, opt_state, metrics); donates the state."""
+def _is_sharded(shardings: Any) -> bool:
+    return shardings is not None and not all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
+def _gathered(params: Any, shardings: Any) -> Any:
+    """All-gather FSDP-sharded params (a no-op for replicated ones)."""
+    if not _is_sharded(shardings):
+        return params
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    return jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    param_shardings: Any = None,
+    opt_shardings: Any = None,
+    remat: bool = False,
+) -> Callable:
+    """(params, opt_state, x [A, B, T], y [A, B, T]) -> (params, opt_state, metrics); donates the state.
+
+    Without shardings the layout follows the arguments (replicated params, batch sharded over B: data
+    parallel). With `param_shardings`/`opt_shardings` (pytrees of NamedSharding, see
+    sharding.state_shardings) the state keeps those layouts, the batch is sharded over the mesh's data and
+    fsdp axes, and sharded params are gathered per micro-batch while their gradients are reduce-scattered.
+    """
 
     def loss_fn(params, x, y):
-        return nnx.merge(graphdef, params).loss(x, y, train=True)
+        return merge_model(graphdef, _gathered(params, param_shardings), remat).loss(x, y, train=True)
 
     def step(params, opt_state, x, y):
         def micro(grad_sum, xy):
             loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+            if _is_sharded(param_shardings):
+                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-        grad_sum, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (x, y))
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, losses = jax.lax.scan(micro, zeros, (x, y))
         grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
         updates, opt_state = tx.update(grads, opt_state, params)
         metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if param_shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    batch = batch_sharding(mesh, 3)
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings, opt_shardings, batch, batch),
+        out_shardings=(param_shardings, opt_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0, 1),
+    )
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any = None) -> Callable:
     """(params, x [B, T], y [B, T]) -> plain cross-entropy of the model's logits."""
 
     def step(params, x, y):
-        return nnx.merge(graphdef, params).loss(x, y, train=False)
+        return nnx.merge(graphdef, _gathered(params, param_shardings)).loss(x, y, train=False)
 
     return jax.jit(step)
 

@@ -4,6 +4,10 @@ With no arguments: the `tiny` preset on the embedded default corpus (prepared on
 minutes. Prints progress lines, the benchmark's `TRAIN_METRICS:` lines at every evaluation and its
 `Final metrics (...)` line at the end; writes config.json, metrics.jsonl, loss.png and Orbax checkpoints
 into the run folder.
+
+Scales over the GPUs of one host: `--mesh` lays the devices out as a (data, fsdp) mesh (default: all on `data`,
+plain data parallelism; `--mesh fsdp=4` or `data=2,fsdp=2` shards parameters and optimizer state, see
+sharding.py). A background thread samples and copies the next batches to the devices while a step runs.
 """
 
 from __future__ import annotations
@@ -11,8 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,7 +40,15 @@ from jaxgpt.errors import UserError, cli_main
 from jaxgpt.metrics import MetricsLog, flops_per_token, model_label, plot_losses
 from jaxgpt.model import init_model, num_params
 from jaxgpt.optim import learning_rate, make_optimizer
-from jaxgpt.steps import all_finite, make_eval_step, make_mesh, make_train_step, replicate, shard_batch
+from jaxgpt.sharding import (
+    abstract_with_shardings,
+    batch_sharding,
+    format_mesh,
+    make_mesh,
+    shard_batch,
+    state_shardings,
+)
+from jaxgpt.steps import all_finite, make_eval_step, make_train_step
 from jaxgpt.variants import AXES, PRESETS, apply_variant
 
 
@@ -42,6 +58,48 @@ class TrainingDiverged(UserError):
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.out or f"runs/{cfg.variant}-{cfg.model_size}")
+
+
+class Prefetcher:
+    """Iterates (i, fetch(i)) for i in `indices`, in order, computed up to `depth` items ahead by a background
+    thread: sampling a batch and its host-to-device copy overlap the step that runs on the devices."""
+
+    _END = object()
+
+    def __init__(self, fetch: Callable[[int], Any], indices: Iterable[int], depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(fetch, indices), daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _work(self, fetch: Callable[[int], Any], indices: Iterable[int]) -> None:
+        try:
+            for i in indices:
+                if not self._put((i, fetch(i))):
+                    return
+        except BaseException as e:  # re-raised in the consumer
+            self._put(e)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Evaluator:
@@ -77,20 +135,21 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if resume and not ckpt.steps():
         raise UserError(f"nothing to resume: no checkpoint in {ckpt.directory}")
 
-    mesh = make_mesh(B)
-    model = init_model(cfg.model, cfg.seed)
-    n_params = num_params(model)
-    graphdef, params = nnx.split(model, nnx.Param)
+    mesh = make_mesh(B, cfg.mesh)
+    abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed))
+    n_params = num_params(abstract_model)
+    graphdef, abstract = nnx.split(abstract_model, nnx.Param)
     tx = make_optimizer(cfg)
-    params = replicate(params, mesh)
-    opt_state = replicate(tx.init(params), mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    param_sh, opt_sh = state_shardings(abstract, mesh), state_shardings(abstract_opt, mesh)
     log = MetricsLog(out / "metrics.jsonl")
     start = 0
     if resume:
         saved = Config.from_dict(ckpt.read_meta()["config"])
         if saved.model != cfg.model:
             raise UserError(f"--resume: the checkpoint's model {saved.model} differs from the requested {cfg.model}")
-        state = ckpt.restore(params, opt_state)
+        # restored straight onto this run's layout, whatever mesh saved it
+        state = ckpt.restore(abstract_with_shardings(abstract, param_sh), abstract_with_shardings(abstract_opt, opt_sh))
         params, opt_state, start = state.params, state.opt_state, state.step
         log.truncate_after(start)
         print(f"resumed from {ckpt.directory} at step {start}")
@@ -100,15 +159,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
             print(f"note: the recipe differs from the checkpoint's in {', '.join(changed)}; "
                   "the run continues with the new values (the lr schedule too)")
     else:
+        params = jax.device_put(nnx.state(init_model(cfg.model, cfg.seed), nnx.Param), param_sh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         out.mkdir(parents=True, exist_ok=True)
         log.path.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    train_step = make_train_step(graphdef, tx)
-    evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef), mesh)
+    train_step = make_train_step(graphdef, tx, param_shardings=param_sh, opt_shardings=opt_sh, remat=cfg.remat)
+    evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef, param_sh), mesh)
     print(
         f"{cfg.variant} ({', '.join(f'{a}={getattr(cfg.model, a)}' for a in AXES)}) | {cfg.model_size} "
-        f"{n_params / 1e6:.2f}M params | {len(mesh.devices.flat)}x {jax.devices()[0].platform} | "
+        f"{n_params / 1e6:.2f}M params | {mesh.devices.size}x {jax.devices()[0].platform} "
+        f"(mesh {format_mesh(dict(mesh.shape))}){' remat' if cfg.remat else ''} | "
         f"{cfg.tokens_per_iter:,} tokens/iter (batch {B} x accum {A} x {T}) | data {data_dir} "
         f"({train_data.n_tokens:,} train tokens) | run {out}"
     )
@@ -128,10 +190,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
     final = run_eval(start) if start == 0 else None
     flops = flops_per_token(cfg.model, n_params)
     t_last, step_last, completed = time.time(), start, start
+    in_sharding = batch_sharding(mesh, 3)
+
+    def fetch(step: int) -> tuple[jax.Array, jax.Array]:
+        x, y = train_data.get(step, B * A)
+        return jax.device_put(x.reshape(A, B, T), in_sharding), jax.device_put(y.reshape(A, B, T), in_sharding)
+
+    batches = Prefetcher(fetch, range(start, cfg.max_iters))
     try:
-        for step in range(start, cfg.max_iters):
-            x, y = train_data.get(step, B * A)
-            x, y = (shard_batch(a.reshape(A, B, T), mesh) for a in (x, y))
+        for step, (x, y) in batches:
             params, opt_state, metrics = train_step(params, opt_state, x, y)
             completed = done = step + 1
             if done % cfg.log_interval == 0 or done == cfg.max_iters or step == start:
@@ -164,6 +231,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             print(f"\ninterrupted: saved step {completed} to {ckpt.directory}; continue with --resume")
         raise
     finally:
+        batches.close()
         ckpt.wait()
         ckpt.close()
 
@@ -188,7 +256,7 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg = apply_overrides(cfg, load_config_file(args.config), source=f"config {args.config}")
     cfg = apply_variant(cfg, args.variant, **{axis: getattr(args, axis) for axis in AXES})
     cfg = apply_overrides(cfg, parse_set_args(args.set), source="--set")
-    direct = {"data": args.data, "out": args.out, "max_iters": args.max_iters}
+    direct = {"data": args.data, "out": args.out, "max_iters": args.max_iters, "mesh": args.mesh}
     return apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option")
 
 
@@ -204,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="token-shard folder (default: the embedded Shakespeare corpus)")
     p.add_argument("--out", help="run folder (default: runs/<variant>-<model_size>)")
     p.add_argument("--max-iters", type=int, help="number of optimizer steps")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2 or fsdp=-1 (axes data, fsdp; -1: the remaining "
+                   "devices; sizes multiply to the visible device count); default: all devices on data")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override any recipe key or model.<key>; model_size in {', '.join(MODEL_PRESETS)}")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
