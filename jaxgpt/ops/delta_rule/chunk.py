@@ -11,6 +11,7 @@ so with the UT transform T = (I + L)^{-1} (one unit-lower-triangular solve per c
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.ops.delta_rule.pallas import chunk_delta_rule_pallas
 from jaxgpt.ops.l2norm import l2norm
 from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
 
@@ -38,15 +39,20 @@ def chunk_delta_rule(
         output_final_state: whether to return the final state.
         use_qk_l2norm_in_kernel: L2-normalise q and k first (FLA's flag; eps 1e-6 inside the sqrt).
         chunk_size: steps per chunk; any T works (padded internally with zero inputs and beta = 0).
-        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend).
+        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'xla' is the code below (fp32,
+            autodiff through the scan); 'pallas' is `pallas.chunk_delta_rule_pallas` (operands in the inputs' dtype,
+            a hand-written backward, Pallas recurrences; interpreted off GPU).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
-    resolve_backend(backend)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
+    if resolve_backend(backend) == "pallas":
+        return chunk_delta_rule_pallas(
+            q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, chunk_size
+        )
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
