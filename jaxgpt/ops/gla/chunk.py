@@ -13,6 +13,7 @@ within a sub-chunk it is formed pairwise per key dimension.
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.ops.gla import pallas
 from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
 
 
@@ -39,12 +40,19 @@ def chunk_gla(
         output_final_state: whether to return the final state.
         chunk_size: steps per chunk; any T works (padded internally with zero inputs / zero log-gates).
         sub_chunk_size: sub-chunk length for the intra-chunk scores; must divide chunk_size.
-        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend).
+        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'pallas' runs the fused GPU
+            kernels of jaxgpt.ops.gla.pallas (head dims powers of two in [16, 256]; 'auto' falls back to 'xla'
+            for other dims); 'xla' is this module's chunked form, differentiated by JAX.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
-    resolve_backend(backend)
+    if resolve_backend(backend) == "pallas":
+        if (chunk_size, sub_chunk_size) != (pallas.CHUNK, pallas.SUB):
+            raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, sub_chunk_size={pallas.SUB}")
+        if backend == "auto" and not pallas.supported(q.shape[-1], v.shape[-1]):
+            return chunk_gla(q, k, v, gk, scale, initial_state, output_final_state, chunk_size, sub_chunk_size, "xla")
+        return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state)
     if chunk_size % sub_chunk_size:
         raise ValueError(f"sub_chunk_size {sub_chunk_size} must divide chunk_size {chunk_size}")
     B, T, H, K = q.shape

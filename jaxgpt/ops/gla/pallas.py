@@ -1,0 +1,276 @@
+"""Gated Linear Attention with Pallas (Triton backend) kernels and a hand-written backward (`jax.custom_vjp`).
+
+Same math and API as `jaxgpt.ops.gla.chunk.chunk_gla` (FLA layout [B, T, H, D], chunk-local gate cumsum, 64-step
+chunks, exact pairwise gating inside 16-step sub-chunks). Four kernels, none materialises a [..., S, S, K] tensor
+in memory:
+
+forward
+    _state_fwd   grid (B*H, K/BK, V/BV), sequential over chunks n:   S_{n+1} = diag(e^{G_C}) S_n + (k e^{G_C - G})^T v
+                 writes S_n (the state entering chunk n, fp32) and the final state.
+    _output_fwd  grid (N, B*H), parallel over chunks. Inside a chunk it walks the 16-step sub-chunks a with a local
+                 state H_a (H_0 = S_n), so every exponent stays <= 0 (no overflow for any gate strength):
+                     c = cumsum of gk inside the sub-chunk, s = its sum
+                     o_a = scale * [ (q_a e^{c}) H_a + A_aa v_a ],  A_aa[t, j] = sum_k q_tk k_jk e^{c_tk - c_jk} (j <= t)
+                     H_{a+1} = diag(e^{s}) H_a + (k_a e^{s - c})^T v_a
+backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state))
+    _state_bwd   grid (B*H, K/BK, V/BV), reverse over chunks:        dS_n = diag(e^{G_C}) dS_{n+1} + scale (q e^{G})^T do
+    _grad_bwd    grid (N, B*H). A forward walk over sub-chunks gives dq (from H_a), a reverse walk gives dk, dv (from
+                 D_a, the gradient w.r.t. H_{a+1}, D_{M-1} = dS_{n+1}):
+                     dq_a = scale [ e^{c} (do_a H_a^T) + sum_j dA_tj k_j e^{c_t - c_j} ],   dA = do_a v_a^T (j <= t)
+                     dk_a = e^{s - c} (v_a D_a^T) + sum_t dA_tj q_t e^{c_t - c_j}
+                     dv_a = (k_a e^{s - c}) D_a + A_aa^T do_a
+                     D_{a-1} = diag(e^{s}) D_a + scale (q_a e^{c})^T do_a
+                 and the gate gradient from the identity (per key dimension, u inside chunk n)
+                     dgk_u = sum_{s >= u in the chunk} (q_s dq_s - k_s dk_s) + sum_v S_{n+1} * dS_{n+1},
+                 a reverse cumsum carried across the sub-chunks, starting from the last term (S_{n+1} = H_M).
+
+Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32; the A v / A^T do products take
+A in v's dtype (bf16 operands, fp32 accumulation); the other products take fp32 operands (TF32 on the GPU for
+bf16 / fp16 inputs, full fp32 for fp32 inputs).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxgpt.ops.utils import pad_time
+
+CHUNK = 64  # steps per chunk (one state stored per chunk)
+SUB = 16  # steps per sub-chunk (pairwise gating inside)
+f32 = jnp.float32
+
+
+def supported(K: int, V: int) -> bool:
+    """Whether the kernels take these head dims (Triton tiles: powers of two from 16 to 256)."""
+    return all(d >= 16 and d <= 256 and d & (d - 1) == 0 for d in (K, V))
+
+
+def _dot(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """a @ b (optionally transposed operands) with fp32 accumulation."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
+
+
+def _pairwise_gates(c: jax.Array) -> jax.Array:
+    """E[t, j, k] = exp(c_tk - c_jk) for j <= t, else 0.   c: [S, K] cumulative log-gates -> [S, S, K]."""
+    S = c.shape[0]
+    causal = jax.lax.broadcasted_iota(jnp.int32, (S, S, 1), 0) >= jax.lax.broadcasted_iota(jnp.int32, (S, S, 1), 1)
+    return jnp.where(causal, jnp.exp(jnp.minimum(c[:, None, :] - c[None, :, :], 0.0)), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, BK, BV, precision):
+    """states[b, n, h] = S_n (fp32 [BK, BV] tile), ht = S_N."""
+    bh, ik, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+
+    def step(n, state):
+        states_ref[b, n, h, ks, vs] = state
+        t = pl.ds(n * CHUNK, CHUNK)
+        gk = g_ref[b, t, h, ks].astype(f32)  # [C, BK]
+        g, g_last = jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last[None, :] - g)
+        return state * jnp.exp(g_last)[:, None] + _dot(k, v_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
+
+    ht_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, h0_ref[b, h, ks, vs])
+
+
+def _output_fwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, H, scale, precision):
+    """o for chunk n = program_id(0), head program_id(1), by a walk over its sub-chunks (module docstring)."""
+    n, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // H, bh % H
+    state = states_ref[b, n, h, :, :]  # H_0 = S_n: [K, V] fp32
+    for a in range(CHUNK // SUB):
+        t = pl.ds(n * CHUNK + a * SUB, SUB)
+        q = q_ref[b, t, h, :].astype(f32) * scale  # [S, K]
+        k = k_ref[b, t, h, :].astype(f32)
+        v = v_ref[b, t, h, :]  # [S, V]
+        gk = g_ref[b, t, h, :].astype(f32)
+        c, s = jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+        scores = jnp.sum(q[:, None, :] * k[None, :, :] * _pairwise_gates(c), axis=2)  # A_aa: [S, S]
+        o = _dot(q * jnp.exp(c), state, precision) + _dot(scores.astype(v.dtype), v, None)
+        o_ref[b, t, h, :] = o.astype(o_ref.dtype)
+        if a < CHUNK // SUB - 1:
+            k_decay = k * jnp.exp(s[None, :] - c)
+            state = state * jnp.exp(s)[:, None] + _dot(k_decay, v.astype(f32), precision, trans_a=True)
+
+
+def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H, N, BK, BV, scale, precision):
+    """dstates[b, n, h] = dS_{n+1} (gradient w.r.t. the state after chunk n), dh0 = dS_0."""
+    bh, ik, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
+
+    def step(i, dstate):
+        n = N - 1 - i
+        dstates_ref[b, n, h, ks, vs] = dstate
+        t = pl.ds(n * CHUNK, CHUNK)
+        gk = g_ref[b, t, h, ks].astype(f32)
+        g, g_last = jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+        q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp(g))
+        return dstate * jnp.exp(g_last)[:, None] + _dot(q, do_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
+
+    dh0_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, dht_ref[b, h, ks, vs])
+
+
+def _grad_bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref, dg_ref, *,
+                     H, scale, precision):
+    """dq, dk, dv, dgk for chunk n = program_id(0), head program_id(1) (module docstring)."""
+    n, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // H, bh % H
+    M = CHUNK // SUB
+
+    def load(a):
+        t = pl.ds(n * CHUNK + a * SUB, SUB)
+        gk = g_ref[b, t, h, :].astype(f32)
+        return (t, q_ref[b, t, h, :].astype(f32) * scale, k_ref[b, t, h, :].astype(f32), v_ref[b, t, h, :],
+                do_ref[b, t, h, :], jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0))
+
+    # Forward walk: dq from H_a; keep q * dq for the gate gradient.
+    state = states_ref[b, n, h, :, :]
+    q_dq = []
+    for a in range(M):
+        t, q, k, v, do, c, s = load(a)
+        dscores = _dot(do, v, None, trans_b=True)  # dA: [S, S] (masked through the gates below)
+        dq = jnp.exp(c) * _dot(do.astype(f32), state, precision, trans_b=True)
+        dq = dq + jnp.sum(dscores[:, :, None] * k[None, :, :] * _pairwise_gates(c), axis=1)  # [S, K] = d(q*scale)
+        dq_ref[b, t, h, :] = (dq * scale).astype(dq_ref.dtype)
+        q_dq.append(q * dq)
+        k_decay = k * jnp.exp(s[None, :] - c)
+        state = state * jnp.exp(s)[:, None] + _dot(k_decay, v.astype(f32), precision, trans_a=True)
+
+    # Reverse walk: dk, dv from D_a; the gate gradient's reverse cumsum starts from sum_v S_{n+1} * dS_{n+1}.
+    dstate = dstates_ref[b, n, h, :, :]  # D_{M-1} = dS_{n+1}
+    carry = jnp.sum(state * dstate, axis=1)  # state is now H_M = S_{n+1}
+    for a in reversed(range(M)):
+        t, q, k, v, do, c, s = load(a)
+        gates = _pairwise_gates(c)
+        scores = jnp.sum(q[:, None, :] * k[None, :, :] * gates, axis=2)  # A_aa
+        dscores = _dot(do, v, None, trans_b=True)
+        k_gate = jnp.exp(s[None, :] - c)
+        dk = k_gate * _dot(v.astype(f32), dstate, precision, trans_b=True)
+        dk = dk + jnp.sum(dscores[:, :, None] * q[:, None, :] * gates, axis=0)
+        dv = _dot(k * k_gate, dstate, precision) + _dot(scores.astype(do.dtype), do, None, trans_a=True)
+        dg = q_dq[a] - k * dk
+        total = jnp.sum(dg, axis=0)
+        dg_ref[b, t, h, :] = (carry + total)[None, :] - jnp.cumsum(dg, axis=0) + dg  # sum over steps >= u
+        carry = carry + total
+        dk_ref[b, t, h, :] = dk.astype(dk_ref.dtype)
+        dv_ref[b, t, h, :] = dv.astype(dv_ref.dtype)
+        if a > 0:
+            dstate = dstate * jnp.exp(s)[:, None] + _dot(q * jnp.exp(c), do.astype(f32), precision, trans_a=True)
+
+
+# ---------------------------------------------------------------------------------------------------- launchers
+
+
+def _params(interpret: bool, num_warps: int, num_stages: int = 1) -> dict:
+    if interpret:
+        return {"interpret": True}
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
+def _tiles(K: int, V: int) -> tuple[int, int]:
+    return min(K, 64), min(V, 64)
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    """Full fp32 products for fp32 (and wider) inputs, TF32 for bf16 / fp16 inputs (as FLA's Triton)."""
+    return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else jax.lax.Precision.DEFAULT
+
+
+def _warps(K: int, V: int) -> int:
+    return 8 if K * V >= 128 * 128 else 4
+
+
+def _forward(q, k, v, gk, h0, scale, interpret):
+    """Padded inputs [B, Tp, H, D] -> (o [B, Tp, H, V], states [B, N, H, K, V], final state [B, H, K, V])."""
+    B, Tp, H, K = q.shape
+    V, N = v.shape[-1], Tp // CHUNK
+    BK, BV = _tiles(K, V)
+    prec = _precision(q.dtype)
+    states, ht = pl.pallas_call(
+        functools.partial(_state_fwd_kernel, H=H, N=N, BK=BK, BV=BV, precision=prec),
+        out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
+        grid=(B * H, K // BK, V // BV), **_params(interpret, 4, 2),
+    )(k, v, gk, h0)
+    o = pl.pallas_call(
+        functools.partial(_output_fwd_kernel, H=H, scale=scale, precision=prec),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
+        grid=(N, B * H), **_params(interpret, _warps(K, V)),
+    )(q, k, v, gk, states)
+    return o, states, ht
+
+
+def _backward(q, k, v, gk, do, states, dht, scale, interpret):
+    """Padded inputs -> (dq, dk, dv, dgk, dh0)."""
+    B, Tp, H, K = q.shape
+    V, N = v.shape[-1], Tp // CHUNK
+    BK, BV = _tiles(K, V)
+    prec = _precision(q.dtype)
+    dstates, dh0 = pl.pallas_call(
+        functools.partial(_state_bwd_kernel, H=H, N=N, BK=BK, BV=BV, scale=scale, precision=prec),
+        out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
+        grid=(B * H, K // BK, V // BV), **_params(interpret, 4, 2),
+    )(q, gk, do, dht)
+    dq, dk, dv, dg = pl.pallas_call(
+        functools.partial(_grad_bwd_kernel, H=H, scale=scale, precision=prec),
+        out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+        + (jax.ShapeDtypeStruct(gk.shape, f32),),
+        grid=(N, B * H), **_params(interpret, _warps(K, V)),
+    )(q, k, v, gk, do, states, dstates)
+    return dq, dk, dv, dg, dh0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gla(q, k, v, gk, h0, scale, interpret):
+    o, _, ht = _forward(q, k, v, gk, h0, scale, interpret)
+    return o, ht
+
+
+def _gla_fwd(q, k, v, gk, h0, scale, interpret):
+    o, states, ht = _forward(q, k, v, gk, h0, scale, interpret)
+    return (o, ht), (q, k, v, gk, states)
+
+
+def _gla_bwd(scale, interpret, residuals, cotangents):
+    q, k, v, gk, states = residuals
+    do, dht = cotangents
+    dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, do.astype(q.dtype), states, dht.astype(f32), scale, interpret)
+    return dq, dk, dv, dg.astype(gk.dtype), dh0
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+def chunk_gla_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gk: jax.Array,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """GLA with the Pallas kernels; arguments and results as `chunk_gla` (q, k, gk: [B, T, H, K], v: [B, T, H, V],
+    initial_state [B, H, K, V]; returns o [B, T, H, V] in q's dtype and the fp32 final state or None).
+
+    `interpret=True` runs the kernels in Pallas interpret mode (any device; used by the CPU tests).
+    Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the state).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if not supported(K, V):
+        raise ValueError(f"pallas chunk_gla needs head dims that are powers of two in [16, 256], got K={K}, V={V}")
+    scale = K**-0.5 if scale is None else float(scale)
+    h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    o, ht = _gla(*(pad_time(x, CHUNK) for x in (q, k, v, gk)), h0, scale, interpret)
+    return o[:, :T], (ht if output_final_state else None)

@@ -1,0 +1,343 @@
+"""Linear attention fwd+bwd: jaxgpt (JAX, backend xla / pallas) against FLA 0.6.0's Triton kernels, on one GPU.
+
+    python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
+                                             [--impl xla,pallas] [--out results.json]
+
+Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
+JAX side's achieved TFLOP/s and GB/s under the model below. Every measurement runs twice (columns run 1 / run 2)
+to show the noise; each is the median over `--reps` samples of `--inner` back-to-back fwd+bwd calls (device events
+for PyTorch, a host clock around a blocked JAX dispatch for JAX), after warm-up, rotating over 3 sets of random
+inputs drawn fresh for every shape. Failures (e.g. a backend that is not there yet) print 'n/a' with the error.
+
+Ops (bf16 q, k, v, do; fp32 log-gates / bf16 beta; no initial state):
+    chunk_gla         jaxgpt.ops.chunk_gla(q, k, v, gk, backend=impl)      vs fla.ops.gla.chunk_gla
+    chunk_delta_rule  jaxgpt.ops.chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True, backend=impl)
+                      vs fla.ops.delta_rule.chunk_delta_rule (same flag)
+Layers (x [B, T, C], fp32 parameters, bf16 compute / FLA under bf16 autocast; gradients w.r.t. x and all params):
+    gla, gla_conv, deltanet: jaxgpt.layers (config linear_attn_backend=impl) vs torch_ref.linear_attn (the real
+    fla.layers modules with the variants' options); random weights of the same shapes (the harness init).
+
+FLOP model (fwd + bwd = 3 x fwd, per batch and head, chunk C = 64, head dims K and V):
+    op fwd = T * (4 K V + C (K + V))         states (2KV) + inter-chunk output (2KV) + causal intra-chunk scores
+                                              (C K: half of 2CK) and their product with v (C V)
+    layer fwd = op fwd * B * H + 2 B T (C_in * (2 Kd + 2 Vd + r + r Kd) + Vd * C_in)   (projections; r = 16 for
+                                              GLA's low-rank gate; DeltaNet: q, k, v, o of C x C plus b_proj)
+Byte model (the least HBM traffic, each tensor once): op fwd reads q, k, v, gate and writes o; bwd reads q, k, v,
+gate, do and writes dq, dk, dv, dgate. Layer: x, y, dy, dx in bf16 plus every parameter read and its gradient
+written in fp32, plus the op's bytes.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+CHUNK = 64
+OP_SHAPES = {  # name -> (B, T, H, D)
+    "op1": (8, 1024, 12, 64),
+    "op2": (2, 4096, 16, 64),
+    "op3": (1, 16384, 16, 128),
+}
+LAYER_SHAPES = {  # name -> (B, T, C, H)
+    "layer1024": (8, 1024, 768, 12),
+    "layer4096": (2, 4096, 768, 12),
+    "layer16384": (1, 16384, 768, 12),
+}
+OPS = ("chunk_gla", "chunk_delta_rule", "gla", "gla_conv", "deltanet")
+LAYER_OPTIONS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "deltanet": ("deltanet", {})}
+
+
+def op_flops(B, T, H, K, V):
+    return 3 * B * H * T * (4 * K * V + CHUNK * (K + V))
+
+
+def op_bytes(B, T, H, K, V, gate_elems, gate_bytes=4, elt=2):
+    fwd = B * T * H * (elt * (2 * K + 2 * V)) + B * T * H * gate_elems * gate_bytes
+    bwd = B * T * H * (elt * (2 * K + 2 * V) + elt * (2 * K + V)) + 2 * B * T * H * gate_elems * gate_bytes
+    return fwd + bwd
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def time_jax(fn, inputs_sets, reps, inner):
+    import jax
+
+    for inputs in inputs_sets:  # compile + warm-up
+        jax.block_until_ready(fn(*inputs))
+    samples = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(inner):
+            out = fn(*inputs_sets[(r * inner + i) % len(inputs_sets)])
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(samples)
+
+
+def time_torch(fn, inputs_sets, reps, inner):
+    import torch
+
+    for inputs in inputs_sets:
+        fn(*inputs)
+    torch.cuda.synchronize()
+    samples = []
+    for r in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(inner):
+            fn(*inputs_sets[(r * inner + i) % len(inputs_sets)])
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / inner)
+    return statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------------- ops
+
+
+def op_inputs(op, B, T, H, D, rng, n_sets=3):
+    sets = []
+    for _ in range(n_sets):
+        q, k, v, do = (rng.standard_normal((B, T, H, D), np.float32) for _ in range(4))
+        if op == "chunk_gla":  # the layer's gates: logsigmoid(N(0, 1)) / 16
+            gate = np.log(1 / (1 + np.exp(-rng.standard_normal((B, T, H, D))))).astype(np.float32) / 16
+        else:
+            gate = 1 / (1 + np.exp(-rng.standard_normal((B, T, H)).astype(np.float32)))
+        sets.append((q, k, v, gate, do))
+    return sets
+
+
+def jax_op(op, impl, sets):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgpt import ops
+
+    if op == "chunk_gla":
+        def f(q, k, v, g):
+            return ops.chunk_gla(q, k, v, g, backend=impl)[0]
+    else:
+        def f(q, k, v, g):
+            return ops.chunk_delta_rule(q, k, v, g, use_qk_l2norm_in_kernel=True, backend=impl)[0]
+
+    @jax.jit
+    def step(q, k, v, g, do):
+        o, vjp = jax.vjp(f, q, k, v, g)
+        return o, vjp(do)
+
+    bf = jnp.bfloat16
+    dev = [(jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf),
+            jnp.asarray(g, jnp.float32 if op == "chunk_gla" else bf), jnp.asarray(do, bf)) for q, k, v, g, do in sets]
+    return step, dev
+
+
+def fla_op(op, sets):
+    import torch
+
+    if op == "chunk_gla":
+        from fla.ops.gla import chunk_gla as f
+
+        def call(q, k, v, g):
+            return f(q, k, v, g)[0]
+    else:
+        from fla.ops.delta_rule import chunk_delta_rule as f
+
+        def call(q, k, v, g):
+            return f(q, k, v, g, use_qk_l2norm_in_kernel=True)[0]
+
+    def step(q, k, v, g, do):
+        for t in (q, k, v, g):
+            t.grad = None
+        call(q, k, v, g).backward(do)
+
+    bf = torch.bfloat16
+    dev = []
+    for q, k, v, g, do in sets:
+        ts = [torch.tensor(x, device="cuda", dtype=bf) for x in (q, k, v)]
+        tg = torch.tensor(g, device="cuda", dtype=torch.float32 if op == "chunk_gla" else bf)
+        dev.append(tuple(t.requires_grad_() for t in ts + [tg]) + (torch.tensor(do, device="cuda", dtype=bf),))
+    return step, dev
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def layer_flops(op, B, T, C, H):
+    if op == "deltanet":
+        K = V = C // H
+        proj = C * (3 * C + H) + C * C
+    else:
+        Kd, Vd = C // 2, C
+        K, V = Kd // H, Vd // H
+        proj = C * (2 * Kd + 2 * Vd + 16) + 16 * Kd + Vd * C
+    return op_flops(B, T, H, K, V) + 3 * 2 * B * T * proj
+
+
+def layer_bytes(op, B, T, C, H, n_params):
+    if op == "deltanet":
+        K = V = C // H
+        extra = op_bytes(B, T, H, K, V, 1 / K, 2)
+    else:
+        K, V = C // 2 // H, C // H
+        extra = op_bytes(B, T, H, K, V, K)
+    return 4 * B * T * C * 2 + 8 * n_params + extra
+
+
+def jax_layer(op, impl, B, T, C, H, rng):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.layers.mixers import LINEAR_LAYERS
+
+    kind, options = LAYER_OPTIONS[op]
+    cfg = ModelConfig(n_layer=12, n_head=H, n_embd=C, block_size=T, dtype="bfloat16", linear_attn_backend=impl)
+    layer = LINEAR_LAYERS[kind](cfg, nnx.Rngs(int(rng.integers(1 << 30))), **options)
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    @jax.jit
+    def step(params, x, dy):
+        y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+        return y, vjp(dy.astype(y.dtype))
+
+    sets = [(params, jnp.asarray(rng.standard_normal((B, T, C), np.float32)),
+             jnp.asarray(rng.standard_normal((B, T, C), np.float32))) for _ in range(3)]
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return step, sets, layer, n_params
+
+
+def fla_layer(op, B, T, C, H, jlayer, rng):
+    import torch
+    from flax import nnx
+
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.convert import jax_to_torch
+    from torch_ref.mixers import LINEAR_LAYERS
+
+    kind, options = LAYER_OPTIONS[op]
+    cfg = ModelConfig(n_layer=12, n_head=H, n_embd=C, block_size=T, dtype="bfloat16")
+    tlayer = LINEAR_LAYERS[kind](cfg, **options).cuda()
+    params = nnx.to_pure_dict(nnx.state(jlayer, nnx.Param))
+    tlayer.load_state_dict({n: torch.from_numpy(np.array(w)) for n, w in jax_to_torch(params).items()}, strict=True)
+
+    def step(x, dy):
+        tlayer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = tlayer(x)
+        y.backward(dy)
+
+    sets = [(torch.tensor(rng.standard_normal((B, T, C), np.float32), device="cuda", requires_grad=True),
+             torch.tensor(rng.standard_normal((B, T, C), np.float32), device="cuda", dtype=torch.bfloat16))
+            for _ in range(3)]
+    return step, sets
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def measure_pair(jax_fn, jax_sets, args):
+    return [time_jax(jax_fn, jax_sets, args.reps, args.inner) for _ in range(2)]
+
+
+def run(args):
+    rows = []
+    rng = np.random.default_rng(0)
+    ops = args.ops.split(",")
+    for shape in args.shapes.split(","):
+        for op in ops:
+            is_op = op in ("chunk_gla", "chunk_delta_rule")
+            if is_op != (shape in OP_SHAPES):
+                continue
+            fla_ms, fla_err = None, None
+            if is_op:
+                B, T, H, D = OP_SHAPES[shape]
+                sets = op_inputs(op, B, T, H, D, rng)
+                flops = op_flops(B, T, H, D, D)
+                nbytes = op_bytes(B, T, H, D, D, D if op == "chunk_gla" else 1, 4 if op == "chunk_gla" else 2)
+                label = f"B{B} T{T} H{H} D{D}"
+                try:
+                    fstep, fsets = fla_op(op, sets)
+                    fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
+                    del fsets
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    fla_err = f"{type(e).__name__}: {e}"
+            else:
+                B, T, C, H = LAYER_SHAPES[shape]
+                label = f"B{B} T{T} C{C} H{H}"
+                flops = layer_flops(op, B, T, C, H)
+            for impl in args.impl.split(","):
+                row = {"shape": label, "op": op, "impl": impl}
+                try:
+                    if is_op:
+                        jstep, jsets = jax_op(op, impl, sets)
+                    else:
+                        jstep, jsets, jlayer, n_params = jax_layer(op, impl, B, T, C, H, rng)
+                        nbytes = layer_bytes(op, B, T, C, H, n_params)
+                        if fla_ms is None and fla_err is None:
+                            try:
+                                fstep, fsets = fla_layer(op, B, T, C, H, jlayer, rng)
+                                fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
+                                del fsets
+                            except Exception as e:  # noqa: BLE001
+                                fla_err = f"{type(e).__name__}: {e}"
+                    jax_ms = measure_pair(jstep, jsets, args)
+                    del jsets
+                    best = min(jax_ms)
+                    row |= {"jax_ms": jax_ms, "tflops": flops / best / 1e9, "gbs": nbytes / best / 1e6}
+                except Exception as e:  # noqa: BLE001
+                    row["jax_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc(limit=3)
+                row["fla_ms"], row["fla_error"] = fla_ms, fla_err
+                if fla_ms and "jax_ms" in row:
+                    row["ratio"] = min(fla_ms) / min(row["jax_ms"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "w") as f:
+                        json.dump(rows, f, indent=1)
+    return rows
+
+
+def fmt(ms):
+    return "n/a" if not ms else " / ".join(f"{m:.3f}" for m in ms)
+
+
+def print_table(rows):
+    head = f"{'shape':<22}{'op':<18}{'impl':<8}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}{'GB/s':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "n/a"
+        tf = f"{r['tflops']:.1f}" if "tflops" in r else "n/a"
+        gb = f"{r['gbs']:.0f}" if "gbs" in r else "n/a"
+        print(f"{r['shape']:<22}{r['op']:<18}{r['impl']:<8}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
+              f"{ratio:>7}{tf:>9}{gb:>8}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--shapes", default="op1,op2,op3,layer1024,layer4096")
+    p.add_argument("--impl", default="xla,pallas")
+    p.add_argument("--out", default=None, help="write the rows as JSON")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--inner", type=int, default=5)
+    args = p.parse_args(argv)
+    bad = [o for o in args.ops.split(",") if o not in OPS]
+    bad += [s for s in args.shapes.split(",") if s not in OP_SHAPES and s not in LAYER_SHAPES]
+    if bad:
+        sys.exit(f"unknown ops/shapes {bad}; ops: {OPS}; shapes: {list(OP_SHAPES) + list(LAYER_SHAPES)}")
+    rows = run(args)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
