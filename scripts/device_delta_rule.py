@@ -2,7 +2,7 @@
 backends vs FLA 0.6.0's Triton `chunk_delta_rule` vs an fp32 JAX reference) and fwd+bwd timings of the op and of the
 DeltaNet layer, JAX beside FLA in one process. Results go to $OUT/delta_rule.json; a short table is printed last.
 
-    python3 scripts/device_delta_rule.py [--budget SECONDS] [--skip-layer-parity]
+    python3 scripts/device_delta_rule.py [--budget SECONDS] [--steps PREFIX,...]
 """
 
 import argparse
@@ -106,7 +106,7 @@ def fla_op_fwd_bwd(q, k, v, beta, do, h0=None, dht=None):
 
     o, ht, grads = run()
     outs = [o] + list(grads[:4]) + (list(grads[4:]) + [ht] if extra else [])
-    return run, [x.float().cpu().numpy() for x in outs]
+    return run, [x.detach().float().cpu().numpy() for x in outs]
 
 
 def op_parity(shape, results, with_h0=False):
@@ -203,10 +203,21 @@ def layer_timing(results):
     results["layer_ms"]["B8T1024C768H12"] = row
 
 
+def layer_parity(results):
+    """parity_tests/test_gpu_mixers.py's DeltaNet case at T=1024 (the layer on linear_attn_backend='auto')."""
+    from parity_tests.test_gpu_mixers import test_bf16_layer_parity_with_fla
+
+    try:
+        test_bf16_layer_parity_with_fla("deltanet", 1024)
+        results["layer_parity_T1024"] = "passed"
+    except AssertionError:
+        results["layer_parity_T1024"] = traceback.format_exc()[-1500:]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=200.0, help="seconds; later steps are skipped past it")
-    ap.add_argument("--skip-layer-parity", action="store_true")
+    ap.add_argument("--steps", default="", help="comma-separated prefixes of the step names to run (default: all)")
     args = ap.parse_args()
     start = time.time()
     out = os.environ.get("OUT", "/tmp")
@@ -214,11 +225,17 @@ def main():
                        "gpu": torch.cuda.get_device_name(0)},
                "op_ms": {}, "layer_ms": {}, "parity": {}, "errors": [], "skipped": []}
     print(results["env"], flush=True)
-    steps = [("layer_timing", layer_timing, ())]
-    steps += [(f"op_timing {s}", op_timing, (s, (32, 64))) for s in TIMING_SHAPES]
-    steps += [(f"op_parity {s}", op_parity, (s,)) for s in TIMING_SHAPES[:2] + RAGGED_SHAPES]
-    steps += [("op_parity h0", op_parity, (RAGGED_SHAPES[0], True)), ("op_parity big", op_parity, (TIMING_SHAPES[2],))]
+    small, mid, big = TIMING_SHAPES
+    steps = [("layer_timing", layer_timing, ()), ("parity small", op_parity, (small,)),
+             ("timing small", op_timing, (small, (32, 64)))]
+    steps += [(f"parity ragged {s}", op_parity, (s,)) for s in RAGGED_SHAPES]
+    steps += [("parity h0", op_parity, (RAGGED_SHAPES[0], True)), ("layer_parity", layer_parity, ()),
+              ("timing mid", op_timing, (mid, (32, 64))), ("timing big", op_timing, (big, (32, 64))),
+              ("parity mid", op_parity, (mid,)), ("parity big", op_parity, (big,))]
+    prefixes = [p for p in args.steps.split(",") if p]
     for name, fn, a in steps:
+        if prefixes and not any(name.startswith(p) for p in prefixes):
+            continue
         if time.time() - start > args.budget:
             results["skipped"].append(name)
             continue
@@ -231,14 +248,6 @@ def main():
         print(f"[{time.time() - start:6.1f}s] {name} done in {time.time() - t:.1f}s", flush=True)
         with open(os.path.join(out, "delta_rule.json"), "w") as f:
             json.dump(results, f, indent=1)
-    if not args.skip_layer_parity and time.time() - start < args.budget:
-        from parity_tests.test_gpu_mixers import test_bf16_layer_parity_with_fla
-
-        try:
-            test_bf16_layer_parity_with_fla("deltanet", 1024)
-            results["layer_parity_T1024"] = "passed"
-        except Exception:
-            results["layer_parity_T1024"] = traceback.format_exc()[-1500:]
     with open(os.path.join(out, "delta_rule.json"), "w") as f:
         json.dump(results, f, indent=1)
 
