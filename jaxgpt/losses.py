@@ -14,43 +14,80 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Z_WEIGHT = 1e-4
 
 
-def _normalizer_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fp32 logsumexp(z) and z[target], [B, T] each (no [B, T, V] log-softmax: its gradient is slow on CPU)."""
+@jax.custom_vjp
+def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """lse = logsumexp(z) and z_target = z[target], fp32 [B, T] each, from logits z [B, T, V] of any dtype.
+
+    Every loss is built from these two (plus mean(z) for label smoothing). The custom VJP keeps the [B, T, V]
+    work to fused passes over the logits in their own dtype: fp32 reductions forward, and backward
+    dz = g_lse * softmax(z) + g_target * onehot(target), written straight in the logits' dtype. Plain autodiff
+    would materialise the fp32 logits and their fp32 softmax.
+    """
+    return _logit_stats(logits, targets)[:2]
+
+
+def _logit_stats(logits, targets):
     z = logits.astype(jnp.float32)
     z_target = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jax.nn.logsumexp(z, axis=-1), z_target
+    z_max = z.max(-1, keepdims=True)
+    sum_exp = jnp.exp(z - z_max).sum(-1, keepdims=True)
+    return (z_max + jnp.log(sum_exp))[..., 0], z_target, z_max, sum_exp
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """Mean token cross-entropy in fp32; with `smoothing` eps the target is (1-eps)*onehot + eps/V (torch's rule):
-    loss = lse - (1-eps) z_target - eps mean_v(z)."""
-    lse, z_target = _normalizer_and_target(logits, targets)
+def _logit_stats_fwd(logits, targets):
+    lse, z_target, z_max, sum_exp = _logit_stats(logits, targets)
+    return (lse, z_target), (logits, targets, z_max, sum_exp)
+
+
+def _logit_stats_bwd(residuals, cotangents):
+    logits, targets, z_max, sum_exp = residuals
+    g_lse, g_target = cotangents
+    # softmax as exp(z - max) / sum, not exp(z - lse): lse's rounding (~|lse| ulp) would scale whole rows
+    softmax = jnp.exp(logits.astype(jnp.float32) - z_max) / sum_exp
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    dz = g_lse[..., None] * softmax + jnp.where(onehot, g_target[..., None], 0.0)
+    return dz.astype(logits.dtype), None
+
+
+logit_stats.defvjp(_logit_stats_fwd, _logit_stats_bwd)
+
+
+def _smoothed_nll(logits: jax.Array, lse: jax.Array, z_target: jax.Array, smoothing: float) -> jax.Array:
+    """Per-token CE against (1-eps)*onehot + eps/V (torch's rule): lse - (1-eps) z_target - eps mean_v(z)."""
     nll = lse - z_target
     if smoothing:
         nll = nll - smoothing * (logits.astype(jnp.float32).mean(-1) - z_target)
-    return nll.mean()
+    return nll
 
 
-def z_penalty(logits: jax.Array) -> jax.Array:
-    """1e-4 * mean(logsumexp(logits)^2) in fp32."""
-    return Z_WEIGHT * jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)).mean()
+def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Mean token cross-entropy in fp32, optionally label-smoothed by `smoothing` (eps)."""
+    lse, z_target = logit_stats(logits, targets)
+    return _smoothed_nll(logits, lse, z_target, smoothing).mean()
+
+
+def z_penalty(lse: jax.Array) -> jax.Array:
+    """1e-4 * mean(lse^2), lse = logsumexp(logits) [B, T] in fp32."""
+    return Z_WEIGHT * jnp.square(lse).mean()
 
 
 def z_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return cross_entropy(logits, targets) + z_penalty(logits)
+    lse, z_target = logit_stats(logits, targets)
+    return (lse - z_target).mean() + z_penalty(lse)
 
 
 def poly_ls_z(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """CE with label smoothing 0.05 + PolyLoss-1 term mean(1 - p_target) + z-loss of the raw logits."""
-    lse, z_target = _normalizer_and_target(logits, targets)
+    lse, z_target = logit_stats(logits, targets)
     p_target = jnp.exp(z_target - lse)
-    return cross_entropy(logits, targets, 0.05) + (1 - p_target).mean() + z_penalty(logits)
+    return _smoothed_nll(logits, lse, z_target, 0.05).mean() + (1 - p_target).mean() + z_penalty(lse)
 
 
 def tanh_cap_ls_z(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """capped = 30*tanh(logits/30); CE with label smoothing 0.1 + z-loss, both of the capped logits."""
     capped = 30 * jnp.tanh(logits.astype(jnp.float32) / 30)
-    return cross_entropy(capped, targets, 0.1) + z_penalty(capped)
+    lse, z_target = logit_stats(capped, targets)
+    return _smoothed_nll(capped, lse, z_target, 0.1).mean() + z_penalty(lse)
 
 
 def sigmoid_cap(logits: jax.Array) -> jax.Array:

@@ -81,6 +81,24 @@ def test_loss_matches_numpy_formula(name):
     assert got_torch == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(variants.AXES["loss"]))
+def test_loss_gradient_matches_torch_autograd(name, dtype):
+    """The custom VJP of jaxgpt.losses.logit_stats vs PyTorch autograd of the same loss, in fp64 from the same
+    (bf16-rounded) logits; the bf16 gradient is rounded once, to bf16."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    z = jnp.asarray(rng.normal(0, 5, size=(3, 7, 61)), dtype)
+    y = rng.integers(0, 61, size=(3, 7))
+    got = np.asarray(jax.grad(jl.LOSSES[name])(z, jnp.asarray(y)).astype(jnp.float32), np.float64)
+    zt = torch.tensor(np.asarray(z.astype(jnp.float32)), dtype=torch.float64, requires_grad=True)
+    tl.LOSSES[name](zt, torch.tensor(y)).backward()
+    want = zt.grad.numpy()
+    tol = 1e-5 if dtype == "float32" else 8e-3  # bf16: one rounding of each element (2^-8 relative)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
 def test_softcap_output_transform():
     z = np.linspace(-200, 200, 41)
     want = 30 / (1 + np.exp(-z / 7.5))

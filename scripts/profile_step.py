@@ -1,0 +1,127 @@
+"""Where the time of a JAX train step goes: GPU kernel time by kind, from a jax.profiler trace.
+
+    python scripts/profile_step.py --variant baseline --model gpt2-124m --batch 12 [--steps 5] [--out DIR]
+
+Traces a few steady-state steps (after compile and warm-up) with `jax.profiler.trace(create_perfetto_trace=True)`,
+reads the Chrome-format trace it writes, and sums the GPU kernels' durations per step into kinds (matmuls,
+attention, fusions, reductions, copies, ...), then prints the 25 costliest kernels. Random tokens, pre-placed
+on the device, so the loader is not in the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxgpt.config import Config, apply_overrides
+from jaxgpt.model import init_model
+from jaxgpt.optim import make_optimizer
+from jaxgpt.steps import make_mesh, make_train_step, replicate, shard_batch
+from jaxgpt.variants import apply_variant
+
+# First match wins; applied to the lower-cased kernel name.
+KINDS = [
+    ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa"),
+    ("matmul", r"gemm|xmma|cutlass|cublas|sm90_|wgmma|matmul|dot"),
+    ("pallas/triton kernel", r"pallas|triton"),
+    ("reduction fusion", r"reduce|reduction"),
+    ("scatter/gather", r"scatter|gather|dynamic"),
+    ("transpose/copy", r"transpose|copy|memcpy|memset|concatenate|pad|slice"),
+    ("elementwise fusion", r"fusion|loop|input|convert|multiply|add|select"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, low)), "other")
+
+
+def gpu_kernels(trace_dir: Path) -> list[tuple[str, float]]:
+    """(kernel name, duration in us) of every event on a GPU stream of the perfetto trace under trace_dir."""
+    path = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime, default=None) or max(
+        trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime
+    )
+    events = json.loads(gzip.open(path).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {(e["pid"], e.get("tid")): str(e["args"].get("name")) for e in events
+             if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    gpu_pids = {pid for (pid, tid), name in names.items() if tid is None and re.search(r"GPU|device:", name)
+                and "host" not in name.lower()}
+    # Kernels sit on the device's "Stream #n" lines; other lines (XLA ops/modules) would count them twice.
+    streams = {key for key, name in names.items() if key[0] in gpu_pids and key[1] is not None and "Stream" in name}
+    print("trace lines used:", sorted(names[k] for k in streams) or sorted(names[(p, None)] for p in gpu_pids))
+    return [(e["name"], float(e["dur"])) for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids
+            and (not streams or (e["pid"], e.get("tid")) in streams)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="baseline")
+    p.add_argument("--model", default="gpt2-124m")
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe/model overrides")
+    p.add_argument("--out", default="/tmp/jaxgpt-profile")
+    args = p.parse_args()
+
+    cfg = apply_variant(apply_overrides(Config(), {"model_size": args.model}), args.variant)
+    cfg = apply_overrides(cfg, {"batch_size": args.batch, "grad_accum": args.accum,
+                                **dict(s.split("=", 1) for s in args.set)})
+    T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
+    mesh = make_mesh(B)
+    graphdef, params = nnx.split(init_model(cfg.model, cfg.seed), nnx.Param)
+    tx = make_optimizer(cfg)
+    params = replicate(params, mesh)
+    opt_state = replicate(tx.init(params), mesh)
+    step = make_train_step(graphdef, tx)
+    rng = np.random.default_rng(0)
+    batches = [shard_batch(rng.integers(0, 50257, (A, B, T), dtype=np.int32), mesh) for _ in range(4)]
+
+    for i in range(3):  # compile + warm-up
+        params, opt_state, metrics = step(params, opt_state, batches[i % 4], batches[(i + 1) % 4])
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        params, opt_state, metrics = step(params, opt_state, batches[i % 4], batches[(i + 1) % 4])
+    jax.block_until_ready(metrics)
+    wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+
+    out = Path(args.out)
+    with jax.profiler.trace(str(out), create_perfetto_trace=True):
+        for i in range(args.steps):
+            params, opt_state, metrics = step(params, opt_state, batches[i % 4], batches[(i + 1) % 4])
+        jax.block_until_ready(metrics)
+
+    kernels = gpu_kernels(out)
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for name, dur in kernels:
+        by_kind[kind_of(name)] += dur / args.steps
+        by_name[name][0] += dur / args.steps
+        by_name[name][1] += 1
+    busy = sum(by_kind.values()) / 1e3
+    print(f"\n{args.variant} {args.model} batch {B}x{A}x{T}: {wall_ms:.2f} ms/step wall (untraced), "
+          f"{busy:.2f} ms GPU kernel time/step, {len(kernels) // args.steps} kernels/step")
+    print("| kind | ms/step | share |\n| --- | ---: | ---: |")
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {us / 1e3:.2f} | {us / 1e3 / busy:.0%} |")
+    print("\n| kernel | kind | ms/step | calls/step |\n| --- | --- | ---: | ---: |")
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"| {name[:90]} | {kind_of(name)} | {us / 1e3:.3f} | {n / args.steps:.0f} |")
+    summary = {"variant": args.variant, "model": args.model, "batch": B, "accum": A, "wall_ms": wall_ms,
+               "gpu_ms": busy, "by_kind_ms": {k: v / 1e3 for k, v in by_kind.items()},
+               "top": [(n, us / 1e3, c / args.steps) for n, (us, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:60]]}
+    (out / f"profile_{args.variant}_{args.model}_b{B}.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
