@@ -99,6 +99,22 @@ def test_loss_gradient_matches_torch_autograd(name, dtype):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 3e-3)])
+def test_gelu_and_its_custom_vjp_match_torch(dtype, tol):
+    """jaxgpt's exact GELU (fp32 math, recompute backward) vs torch's in fp64 on the same inputs."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    x, dy = (jnp.asarray(rng.normal(0, 3, 4096), dtype) for _ in range(2))
+    y, vjp = jax.vjp(jblock.gelu, x)
+    xt = torch.tensor(np.asarray(x.astype(jnp.float32)), dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.gelu(xt)
+    yt.backward(torch.tensor(np.asarray(dy.astype(jnp.float32)), dtype=torch.float64))
+    for got, want in ((y, yt.detach().numpy()), (vjp(dy)[0], xt.grad.numpy())):
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
 def test_softcap_output_transform():
     z = np.linspace(-200, 200, 41)
     want = 30 / (1 + np.exp(-z / 7.5))

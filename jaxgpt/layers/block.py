@@ -31,6 +31,30 @@ def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
     return nnx.RMSNorm(cfg.n_embd, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
 
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), computed in fp32 and returned in x's dtype (as torch does for bf16 tensors).
+
+    The custom VJP keeps only x for the backward, dx = dy * (Phi(x) + x * phi(x)), so the forward writes one
+    tensor instead of also storing fp32-derived intermediates.
+    """
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1 + jax.lax.erf(xf * (1 / math.sqrt(2))))
+    pdf = jnp.exp(-0.5 * xf * xf) * (1 / math.sqrt(2 * math.pi))
+    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class MLP(nnx.Module):
     """4x MLP with exact GELU: c_fc -> gelu -> c_proj."""
 
@@ -39,7 +63,7 @@ class MLP(nnx.Module):
         self.c_proj = linear(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs, std=proj_std(cfg))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=False))
+        return self.c_proj(gelu(self.c_fc(x)))
 
 
 class Block(nnx.Module):
