@@ -1,21 +1,24 @@
 """Training-step throughput, side by side in one process: jaxgpt (JAX) against torch_ref (PyTorch, nanoGPT's recipe).
 
     python scripts/bench_train.py --runs gpt2-124m:12,gpt2-124m:32,gpt2-345m:16 --breakdown --out bench.json
-    python scripts/bench_train.py --runs gpt2-124m:8 --variant gla_conv          # torch: FLA's Triton layers, eager
+    python scripts/bench_train.py --runs gpt2-124m:8 --variant gla,gla_conv     # torch: FLA's Triton layers, eager
     python scripts/bench_train.py --runs tiny:2 --steps 2 --warmup 1 --torch-mode eager   # CPU smoke test
 
-A run is `preset:batch[:T]` (preset: a config in configs/ or a model size; T defaults to the block size). For
-each run and side the same model (same variant, batch, sequence length, grad_accum) trains on random tokens
-(uniform in [0, 50257)), several batches rotated and placed on the device beforehand, so the loader is not timed:
+A run is `preset:batch[:T]` (preset: a config in configs/ or a model size; T defaults to the block size), done
+for each preset of `--variant` (comma-separated, jaxgpt.variants). For each run and side the same model (same
+variant, batch, sequence length, grad_accum) trains on random tokens (uniform in [0, 50257)), several batches
+rotated and placed on the device beforehand, so the loader is not timed:
 - jax: `jaxgpt.steps.make_train_step` with `jaxgpt.optim.make_optimizer`, replicated params (bf16 compute on GPU);
 - torch-compile / torch-eager: `torch_ref.train_step.TorchTrainStep` (bf16 autocast, fused AdamW, clip 1.0,
   TF32 allowed), the loss `torch.compile`d or not. `--torch-mode auto` compiles softmax models and runs the
   linear mixers (FLA's Triton layers) eagerly.
 Timing: warm-up steps (compilation) first, then `--steps` steps each synchronised on its own (median, p10-p90),
 then the same number back to back with one synchronisation at the end ("pipelined", mean); all of that
-`--repeats` times, the sides alternating, so the spread between repeats shows the noise. `--breakdown` also
-times the forward loss and forward+backward of each side. MFU uses 6N + 12LHDT FLOPs per token
-(`jaxgpt.metrics.flops_per_token`) over a bf16 matmul peak measured in the same process (`--peak-tflops` to set).
+`--repeats` times, the sides alternating, so the spread between repeats shows the noise. The pipelined time is
+what the training loop (which synchronises only to log) sees; a synchronised median well above it is host
+overhead per step. `--breakdown` also times the forward loss and forward+backward of each side. MFU uses
+6N + 12LHDT FLOPs per token (`jaxgpt.metrics.flops_per_token`) over a bf16 matmul peak measured in the same
+process (`--peak-tflops` to set). `--out` is rewritten after every run, so a run cut off keeps what it measured.
 
 On a multi-GPU host, set CUDA_VISIBLE_DEVICES to one GPU (the JAX step shards the batch over every device).
 """
@@ -48,7 +51,7 @@ from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import GPT, init_model, num_params
 from jaxgpt.optim import make_optimizer
 from jaxgpt.steps import make_mesh, make_train_step, replicate, shard_batch
-from jaxgpt.variants import LINEAR_MIXERS, PRESETS, apply_variant
+from jaxgpt.variants import LINEAR_MIXERS, apply_variant
 
 GPT2_VOCAB = 50257  # random tokens are drawn from the real vocabulary, not the padded one
 PHASES = ("fwd", "fwd+bwd", "step")
@@ -301,12 +304,13 @@ def torch_modes(mode: str, cfg: Config) -> list[bool]:
     return {"compile": [True], "eager": [False], "both": [True, False]}[mode]
 
 
-def bench_run(spec: RunSpec, args: argparse.Namespace, overrides: dict[str, str]) -> tuple[Config, int, list[SideResult]]:
-    """Warm up and time every side of one run, alternating sides over the repeats."""
-    cfg = build_config(spec, args.variant, args.accum, overrides)
+def bench_run(spec: RunSpec, variant: str, args: argparse.Namespace,
+              overrides: dict[str, str]) -> tuple[Config, int, list[SideResult]]:
+    """Warm up and time every side of one run of `variant`, alternating sides over the repeats."""
+    cfg = build_config(spec, variant, args.accum, overrides)
     n_params = num_params(nnx.eval_shape(lambda: GPT(cfg.model, nnx.Rngs(0))))
     x, y = random_batches(cfg, args.batches, args.seed)
-    tag = f"[{spec.label} {args.variant}]"
+    tag = f"[{spec.label} {variant}]"
     results: list[SideResult] = []
     sides: list[tuple[Side, SideResult]] = []
 
@@ -354,7 +358,7 @@ def bench_run(spec: RunSpec, args: argparse.Namespace, overrides: dict[str, str]
                       f"pipelined {timing.pipelined_ms:.2f} ms", flush=True)
 
     if args.profile and sides and isinstance(sides[0][0], JaxSide) and not sides[0][1].error:
-        directory = Path(args.profile) / f"{spec.label.replace(':', '_')}_{args.variant}"
+        directory = Path(args.profile) / f"{spec.label.replace(':', '_')}_{variant}"
         attempt(sides[0][1], "profile", lambda: sides[0][0].profile(directory, 3))
         print(f"{tag} jax trace and HLO in {directory}", flush=True)
     for side, _ in sides:
@@ -442,7 +446,7 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python scripts/bench_train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="gpt2-124m:12", help="comma-separated preset:batch[:T] (default gpt2-124m:12)")
-    p.add_argument("--variant", default="baseline", choices=list(PRESETS))
+    p.add_argument("--variant", default="baseline", help="comma-separated presets of jaxgpt.variants (default baseline)")
     p.add_argument("--sides", default="jax,torch", help="comma-separated subset of jax,torch")
     p.add_argument("--torch-mode", default="auto", choices=["auto", "compile", "eager", "both"],
                    help="auto: compile softmax models, eager for linear mixers (FLA's Triton layers)")
@@ -470,9 +474,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if min(args.steps, args.warmup, args.repeats, args.batches, args.accum) < 1:
         raise UserError("--steps, --warmup, --repeats, --batches and --accum must be >= 1")
     specs = parse_runs(args.runs)
+    variants = [v.strip() for v in args.variant.split(",") if v.strip()]
     overrides = parse_set_args(args.set)
-    for spec in specs:  # fail on a bad run before any compile
-        build_config(spec, args.variant, args.accum, overrides)
+    for spec in specs:  # fail on a bad run or variant before any compile
+        for variant in variants:
+            build_config(spec, variant, args.accum, overrides)
 
     env = environment()
     print(f"environment: {env}", flush=True)
@@ -482,15 +488,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak = measure_peak_tflops(args.peak_size)
     print(f"peak: {peak['tflops']:.1f} TFLOP/s ({peak['source']})", flush=True)
 
-    rows: list[dict[str, Any]] = []
-    for spec in specs:
-        cfg, n_params, results = bench_run(spec, args, overrides)
-        rows += make_rows(spec, cfg, n_params, results, args.variant, peak["tflops"])
     report = {"argv": argv, "args": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
-              "environment": env, "peak": peak, "rows": rows}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+              "environment": env, "peak": peak, "rows": []}
+    for spec in specs:
+        for variant in variants:
+            cfg, n_params, results = bench_run(spec, variant, args, overrides)
+            report["rows"] += make_rows(spec, cfg, n_params, results, variant, peak["tflops"])
+            if args.out:  # after every run, so a call cut off by its time limit keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    rows = report["rows"]
     if args.breakdown:
         print("\nwhere the time goes (medians):\n" + format_breakdown(rows))
     print(f"\npeak {peak['tflops']:.1f} TFLOP/s ({peak['source']}); repeats and pipelined: per repeat, "
