@@ -339,6 +339,8 @@ def bench_run(spec: RunSpec, variant: str, args: argparse.Namespace,
             continue
         first = attempt(result, "warm-up", lambda: warm_up(side, args.warmup))
         if first is None:
+            if isinstance(side, TorchSide):
+                side.close()  # give its memory back to the other sides
             continue
         result.first_step_s = first
         print(f"{tag} {name}: first step {first:.1f} s (compile included)", flush=True)
