@@ -218,7 +218,7 @@ def available_configs() -> list[str]:
 def load_config_file(name_or_path: str) -> dict[str, Any]:
     """Read a TOML config (a name in configs/ or a path) into flat overrides (`[model]` -> `model.<key>`)."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if path.suffix != ".toml" and not path.exists():  # a name, possibly with a dot (gpt2-1.5b)
         path = CONFIG_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         raise UserError(f"config {name_or_path!r} not found; available: {', '.join(available_configs())} (or a .toml path)")

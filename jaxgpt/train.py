@@ -126,6 +126,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     out = run_dir(cfg)
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
+    mesh = make_mesh(B, cfg.mesh)
     train_data = BatchSampler(data_dir, "train", T, seed=cfg.seed)
     if resume and not (out / "checkpoints").is_dir():
         raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
@@ -135,7 +136,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if resume and not ckpt.steps():
         raise UserError(f"nothing to resume: no checkpoint in {ckpt.directory}")
 
-    mesh = make_mesh(B, cfg.mesh)
     abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed))
     n_params = num_params(abstract_model)
     graphdef, abstract = nnx.split(abstract_model, nnx.Param)

@@ -124,6 +124,14 @@ def test_direct_options_override_config_and_set():
     assert (cfg.max_iters, cfg.out, cfg.data) == (3, "x", "d")
 
 
+def test_mesh_and_remat_keys():
+    assert (Config().mesh, Config().remat) == ("", False)  # all devices on data, no remat
+    cfg = cfg_from("--config", "gpt2-1.5b", "--set", "remat=true")
+    assert (cfg.mesh, cfg.remat, cfg.model.n_layer) == ("fsdp=-1", True, 48)
+    assert cfg_from("--set", "mesh=fsdp=4").mesh == "fsdp=4"
+    assert cfg_from("--config", "gpt2-1.5b", "--set", "mesh=fsdp=4", "--mesh", "data=2,fsdp=2").mesh == "data=2,fsdp=2"
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
