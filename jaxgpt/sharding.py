@@ -122,6 +122,11 @@ def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.device_put(batch, batch_sharding(mesh, batch.ndim))
 
 
+def state_bytes_per_device(tree: Any) -> int:
+    """Bytes of a pytree of arrays held by one device (the first): its shard of each array."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """Shape/dtype structures of `tree` that carry `shardings` (targets for a sharded restore or init)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

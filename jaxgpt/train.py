@@ -46,6 +46,7 @@ from jaxgpt.sharding import (
     format_mesh,
     make_mesh,
     shard_batch,
+    state_bytes_per_device,
     state_shardings,
 )
 from jaxgpt.steps import all_finite, make_eval_step, make_train_step
@@ -170,7 +171,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     print(
         f"{cfg.variant} ({', '.join(f'{a}={getattr(cfg.model, a)}' for a in AXES)}) | {cfg.model_size} "
         f"{n_params / 1e6:.2f}M params | {mesh.devices.size}x {jax.devices()[0].platform} "
-        f"(mesh {format_mesh(dict(mesh.shape))}){' remat' if cfg.remat else ''} | "
+        f"(mesh {format_mesh(dict(mesh.shape))}){' remat' if cfg.remat else ''}, params + optimizer state "
+        f"{state_bytes_per_device((params, opt_state)) / 2**20:,.1f} MiB/device | "
         f"{cfg.tokens_per_iter:,} tokens/iter (batch {B} x accum {A} x {T}) | data {data_dir} "
         f"({train_data.n_tokens:,} train tokens) | run {out}"
     )

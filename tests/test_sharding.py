@@ -15,6 +15,7 @@ doubled gradient reduction or a restore onto the wrong shard changes them by ord
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,13 @@ def test_fsdp_layout_of_gpt2_124m():
 # ---------------------------------------------------------------------------------------------------
 
 
+def state_mib(stdout: str, devices: str) -> float:
+    """The per-device state size in a run's header line, which must describe `devices`."""
+    header = next(ln for ln in stdout.splitlines() if " params | " in ln)
+    assert f"| {devices}" in header, header
+    return float(re.search(r"params \+ optimizer state ([\d,.]+) MiB/device", header)[1].replace(",", ""))
+
+
 def assert_losses_close(got, ref, steps):
     assert sorted(got) == sorted(steps), (sorted(got), steps)
     for step in steps:
@@ -134,8 +142,10 @@ def fsdp_run(cli, default_corpus, tmp_path_factory, request):  # noqa: F811
 
 
 def test_fsdp_matches_single_device(fsdp_run, reference):  # noqa: F811
-    assert "| 4x cpu (mesh data=2,fsdp=2) |" in fsdp_run.stdout.splitlines()[0]
-    assert "| 1x cpu (mesh data=1,fsdp=1) |" in reference.stdout.splitlines()[0]
+    # the state really is sharded: each device holds half of the embedding and its Adam moments
+    fsdp_mib, ref_mib = state_mib(fsdp_run.stdout, "4x cpu (mesh data=2,fsdp=2)"), state_mib(reference.stdout, "1x cpu")
+    wte_mib = 3 * 50304 * 32 * 4 / 2**20
+    assert fsdp_mib == pytest.approx(ref_mib - wte_mib / 2, abs=0.1), (fsdp_mib, ref_mib)
     assert_losses_close(fsdp_run.losses(), reference.losses(), [1, 2, 3, 4])
     ref_grad = {r["step"]: r["grad_norm"] for r in reference.records("train")}
     for r in fsdp_run.records("train"):
@@ -169,8 +179,7 @@ def test_fsdp_checkpoint_resumes_on_fewer_devices(cli, fsdp_run, default_corpus,
         _, params, opt_state = restore(run.out, 4)
         assert_trees_equal(params, params_4, rtol=STATE_RTOL)
         assert_trees_equal(opt_state, opt_4, rtol=STATE_RTOL)
-    assert "| 2x cpu (mesh data=1,fsdp=2) |" in runs["fsdp=2"].stdout
-    assert "| 1x cpu (mesh data=1,fsdp=1) |" in runs["1 device"].stdout
+    assert state_mib(runs["fsdp=2"].stdout, "2x cpu (mesh data=1,fsdp=2)") < state_mib(runs["1 device"].stdout, "1x cpu")
 
 
 RESTORE_ON_MESH = """
