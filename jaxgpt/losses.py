@@ -27,8 +27,8 @@ def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def _logit_stats(logits, targets):
-    z = logits.astype(jnp.float32)
-    z_target = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    z = logits.astype(jnp.float32)  # only read by fused reductions: the gather below takes the raw logits
+    z_target = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0].astype(jnp.float32)
     z_max = z.max(-1, keepdims=True)
     sum_exp = jnp.exp(z - z_max).sum(-1, keepdims=True)
     return (z_max + jnp.log(sum_exp))[..., 0], z_target, z_max, sum_exp
