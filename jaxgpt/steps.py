@@ -1,9 +1,10 @@
 """Jitted train and eval steps over a (data, fsdp) device mesh with jax.sharding (layouts: sharding.py).
 
 The batch axis is sharded over all devices. Without shardings (or with replicated ones) params and optimizer
-state are replicated and XLA inserts the gradient all-reduce: data parallelism. With FSDP shardings the step
-all-gathers the parameters for each micro-batch's forward/backward pass and constrains the gradients to the
-parameter shards, so XLA reduce-scatters them; the optimizer update then runs on the shards only (ZeRO-3).
+state are replicated and XLA inserts the gradient all-reduce: data parallelism. With FSDP shardings each
+micro-batch's gradient is computed per device (shard_map, explicit collectives): the device all-gathers the
+parameter shards over `fsdp`, differentiates on its slice of the batch, and the gradient is reduce-scattered
+back onto the shards (then summed over `data`); the optimizer update runs on the shards only (ZeRO-3).
 The whole step, gradient accumulation included (lax.scan over micro-batches), is one compiled function with
 donated state buffers.
 """
@@ -47,6 +48,37 @@ def _is_sharded(shardings: Any) -> bool:
     return shardings is not None and not all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
 
 
+def _fsdp_dim(spec: P) -> int | None:
+    return next((d for d, axis in enumerate(spec) if axis == "fsdp"), None)
+
+
+def _fsdp_value_and_grad(loss_fn: Callable, param_shardings: Any) -> Callable:
+    """(param shards, x [B, T], y [B, T]) -> (mean loss, mean gradient on the param shards), ZeRO-3 style.
+
+    Per device: all-gather the fsdp-sharded params, loss and gradient of the local rows, then reduce-scatter
+    each sharded gradient over fsdp (psum for replicated ones) and sum over data; dividing by the device count
+    turns the sum of per-device means into the mean over the whole batch (all devices hold equal rows)."""
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    specs = jax.tree.map(lambda s: s.spec, param_shardings)
+    batch = P(("data", "fsdp"), None)
+
+    def gather(p, spec):
+        dim = _fsdp_dim(spec)
+        return p if dim is None else jax.lax.all_gather(p, "fsdp", axis=dim, tiled=True)
+
+    def reduce(g, spec):
+        dim = _fsdp_dim(spec)
+        g = jax.lax.psum(g, "fsdp") if dim is None else jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
+        return jax.lax.psum(g, "data") / mesh.size
+
+    def local(params, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(gather, params, specs), x, y)
+        return jax.lax.pmean(loss, ("data", "fsdp")), jax.tree.map(reduce, grads, specs)
+
+    # check_vma=False: the gradient above is the device's own (no implicit psum); the reductions are explicit
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=(P(), specs), check_vma=False)
+
+
 def _gathered(params: Any, shardings: Any) -> Any:
     """All-gather FSDP-sharded params (a no-op for replicated ones)."""
     if not _is_sharded(shardings):
@@ -66,19 +98,22 @@ def make_train_step(
     """(params, opt_state, x [A, B, T], y [A, B, T]) -> (params, opt_state, metrics); donates the state.
 
     Without shardings the layout follows the arguments (replicated params, batch sharded over B: data
-    parallel). With `param_shardings`/`opt_shardings` (pytrees of NamedSharding, see
-    sharding.state_shardings) the state keeps those layouts, the batch is sharded over the mesh's data and
-    fsdp axes, and sharded params are gathered per micro-batch while their gradients are reduce-scattered.
+    parallel). With `param_shardings` and `opt_shardings` (pytrees of NamedSharding, see
+    sharding.state_shardings) the state keeps those layouts and the batch is sharded over the mesh's data and
+    fsdp axes; sharded params are gathered per micro-batch and their gradients reduce-scattered.
     """
 
     def loss_fn(params, x, y):
-        return merge_model(graphdef, _gathered(params, param_shardings), remat).loss(x, y, train=True)
+        return merge_model(graphdef, params, remat).loss(x, y, train=True)
+
+    if _is_sharded(param_shardings):
+        value_and_grad = _fsdp_value_and_grad(loss_fn, param_shardings)
+    else:
+        value_and_grad = jax.value_and_grad(loss_fn)
 
     def step(params, opt_state, x, y):
         def micro(grad_sum, xy):
-            loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
-            if _is_sharded(param_shardings):
-                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+            loss, grads = value_and_grad(params, *xy)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
