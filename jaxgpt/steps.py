@@ -57,7 +57,8 @@ def _fsdp_value_and_grad(loss_fn: Callable, param_shardings: Any) -> Callable:
 
     Per device: all-gather the fsdp-sharded params, loss and gradient of the local rows, then reduce-scatter
     each sharded gradient over fsdp (psum for replicated ones) and sum over data; dividing by the device count
-    turns the sum of per-device means into the mean over the whole batch (all devices hold equal rows)."""
+    turns the sum of per-device means into the mean over the whole batch (all devices hold equal rows, and
+    every training loss is a mean over tokens)."""
     mesh = jax.tree.leaves(param_shardings)[0].mesh
     specs = jax.tree.map(lambda s: s.spec, param_shardings)
     batch = P(("data", "fsdp"), None)
