@@ -41,17 +41,16 @@ def chunk_gla(
         chunk_size: steps per chunk; any T works (padded internally with zero inputs / zero log-gates).
         sub_chunk_size: sub-chunk length for the intra-chunk scores; must divide chunk_size.
         backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'pallas' runs the fused GPU
-            kernels of jaxgpt.ops.gla.pallas (head dims powers of two in [16, 256]; 'auto' falls back to 'xla'
-            for other dims); 'xla' is this module's chunked form, differentiated by JAX.
+            kernels of jaxgpt.ops.gla.pallas (head dims powers of two in [16, 256]); 'xla' is this module's
+            chunked form, differentiated by JAX; 'auto' is 'xla' for now (pallas not yet verified on a GPU).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
-    if resolve_backend(backend) == "pallas":
+    # 'auto' stays on xla until the pallas kernels have passed parity and beaten FLA on the device (docs/kernels.md).
+    if resolve_backend(backend) == "pallas" and backend != "auto":
         if (chunk_size, sub_chunk_size) != (pallas.CHUNK, pallas.SUB):
             raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, sub_chunk_size={pallas.SUB}")
-        if backend == "auto" and not pallas.supported(q.shape[-1], v.shape[-1]):
-            return chunk_gla(q, k, v, gk, scale, initial_state, output_final_state, chunk_size, sub_chunk_size, "xla")
         return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state)
     if chunk_size % sub_chunk_size:
         raise ValueError(f"sub_chunk_size {sub_chunk_size} must divide chunk_size {chunk_size}")
