@@ -54,13 +54,13 @@ def chunk_delta_rule_pallas(
 ) -> tuple[jax.Array, jax.Array | None]:
     """`chunk_delta_rule` on the fast path; arguments as there (q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H]).
 
-    block_v: state columns per recurrence program (a power of 2 dividing V); None picks one from the shape.
+    block_v: state columns per recurrence program (a power of 2 dividing V); None: min(V, 32).
     Off GPU the kernels run in Pallas's interpreter (slow; for tests).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if block_v is None:  # enough programs to cover the GPU's 132 multiprocessors where V allows
-        block_v = 64 if V % 64 == 0 and B * H * (V // 64) >= 132 else min(V, 32)
+    if block_v is None:  # 32 measured as fast as or faster than 64 at every benchmark shape (docs/kernels-deltanet.md)
+        block_v = min(V, 32)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q, k, v, beta = (to_chunks(pad_time(x, chunk_size), chunk_size) for x in (q, k, v, beta[..., None]))
