@@ -48,7 +48,7 @@ def chunk_gla(
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
     # 'auto' stays on xla until the pallas kernels have passed parity and beaten FLA on the device (docs/kernels.md).
-    if resolve_backend(backend) == "pallas" and backend != "auto":
+    if resolve_backend(backend, gpu_default="xla") == "pallas":
         if (chunk_size, sub_chunk_size) != (pallas.CHUNK, pallas.SUB):
             raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, sub_chunk_size={pallas.SUB}")
         return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state)

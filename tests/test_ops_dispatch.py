@@ -1,0 +1,73 @@
+"""Which implementation the linear-attention ops run: explicit backends, 'auto' per device, config -> layer -> op."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgpt.ops.delta_rule.chunk as delta_chunk
+import jaxgpt.ops.gla.chunk as gla_chunk
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import UserError
+from jaxgpt.model import init_model
+from jaxgpt.ops import utils
+
+
+def test_resolve_backend(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert utils.resolve_backend("auto") == "xla"
+    assert utils.resolve_backend("xla") == "xla" and utils.resolve_backend("pallas") == "pallas"
+    with pytest.raises(ValueError, match="auto"):
+        utils.resolve_backend("triton")
+    monkeypatch.setattr(utils.jax, "default_backend", lambda: "gpu")
+    assert utils.resolve_backend("auto") == "pallas"
+    assert utils.resolve_backend("auto", gpu_default="xla") == "xla"
+    assert utils.resolve_backend("xla") == "xla"
+
+
+class Called(Exception):
+    pass
+
+
+def _spy(monkeypatch, module, name):
+    def fail(*args, **kwargs):
+        raise Called(name)
+
+    monkeypatch.setattr(module, name, fail)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_ops_dispatch(monkeypatch, gpu):
+    """On CPU 'auto' runs xla; on GPU it runs the delta rule's pallas path and (until verified) GLA's xla path;
+    an explicit 'pallas' always reaches the kernels."""
+    if gpu:
+        monkeypatch.setattr(utils.jax, "default_backend", lambda: "gpu")
+    _spy(monkeypatch, delta_chunk, "chunk_delta_rule_pallas")
+    _spy(monkeypatch, gla_chunk.pallas, "chunk_gla_pallas")
+    x = jnp.ones((1, 8, 2, 16), jnp.float32)
+    beta = jnp.full((1, 8, 2), 0.5)
+    if gpu:
+        with pytest.raises(Called):
+            delta_chunk.chunk_delta_rule(x, x, x, beta)
+    else:
+        delta_chunk.chunk_delta_rule(x, x, x, beta)
+    gla_chunk.chunk_gla(x, x, x, -x)  # xla on both
+    for call in (lambda: delta_chunk.chunk_delta_rule(x, x, x, beta, backend="pallas"),
+                 lambda: gla_chunk.chunk_gla(x, x, x, -x, backend="pallas")):
+        with pytest.raises(Called):
+            call()
+
+
+@pytest.mark.parametrize("mixer", ["gla_conv", "deltanet"])
+def test_model_config_reaches_the_op(monkeypatch, mixer):
+    _spy(monkeypatch, delta_chunk, "chunk_delta_rule_pallas")
+    _spy(monkeypatch, gla_chunk.pallas, "chunk_gla_pallas")
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, mixer=mixer, dtype="float32")
+    idx = np.zeros((1, 8), np.int32)
+    init_model(cfg)(idx)  # auto on CPU: xla
+    with pytest.raises(Called):
+        init_model(dataclasses.replace(cfg, linear_attn_backend="pallas"))(idx)
+    with pytest.raises(UserError, match="linear_attn_backend"):
+        dataclasses.replace(cfg, linear_attn_backend="cuda")
