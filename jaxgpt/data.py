@@ -16,6 +16,7 @@ every document is written as EOT followed by its tokens.
 
 import argparse
 import glob
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -24,9 +25,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -194,28 +196,30 @@ def encode_doc(text: str) -> np.ndarray:
     return np.array([EOT, *get_tokenizer().encode_ordinary(text)], np.uint16)
 
 
+def _encode_docs(texts: list[str]) -> list[np.ndarray]:
+    return [encode_doc(t) for t in texts]
+
+
 def tokenize_docs(texts: Iterable[str], workers: int = 1, chunksize: int = 16) -> Iterator[np.ndarray]:
     """`encode_doc` of each text, in order. With workers > 1 a pool of spawned processes (safe even after
-    JAX started its threads) does the work; at most 4 * workers * chunksize texts are in flight, so an
-    endless stream is tokenized in bounded memory."""
+    JAX started its threads) encodes chunks of `chunksize` texts; at most 4 * workers chunks are in flight, so
+    an endless stream is tokenized in bounded memory. Closing the iterator early cancels what is queued."""
     if workers <= 1:
         yield from map(encode_doc, texts)
         return
-    max_in_flight = 4 * workers * chunksize
-    in_flight = threading.Semaphore(max_in_flight)
-
-    def throttled() -> Iterator[str]:  # consumed by the pool's feeder thread
-        for text in texts:
-            in_flight.acquire()
-            yield text
-
-    with mp.get_context("spawn").Pool(workers) as pool:
+    stream = iter(texts)
+    chunks = iter(lambda: list(itertools.islice(stream, chunksize)), [])
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        pending: deque[Future] = deque()
         try:
-            for tokens in pool.imap(encode_doc, throttled(), chunksize):
-                in_flight.release()
-                yield tokens
+            for chunk in chunks:
+                pending.append(pool.submit(_encode_docs, chunk))
+                if len(pending) >= 4 * workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
         finally:
-            in_flight.release(max_in_flight)  # unblock the feeder so that the pool can shut down
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardWriter:
