@@ -4,8 +4,8 @@ Every run uses a 2-D mesh with axes `data` and `fsdp` (either may have size 1). 
 sharded over both axes together; parameters and the optimizer state are replicated over `data` and sharded
 over `fsdp`: each large array is split on its largest dimension that the fsdp size divides, small or
 indivisible ones (biases, norm gains, scalars) are replicated. With fsdp = 1 everything is replicated and the
-step is plain data parallelism. The step gathers the parameters for the forward/backward pass and XLA turns
-the gradient reduction into a reduce-scatter onto the shards (see steps.py).
+step is plain data parallelism. Under FSDP the step all-gathers the parameters for each micro-batch's
+forward/backward pass and reduce-scatters the gradients back onto the shards (explicit collectives, steps.py).
 """
 
 from __future__ import annotations
