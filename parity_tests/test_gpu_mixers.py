@@ -1,6 +1,7 @@
 """bf16 GPU parity of the linear-attention layers: jaxgpt (bf16 compute, fp32 params) vs the real FLA 0.6.0 Triton
 layers (`fla.layers.GatedLinearAttention` / `DeltaNet`, fp32 params under bf16 autocast), B=8, C=768, H=12,
-T=1024 and 4096, forward output and the gradients w.r.t. the input and every parameter.
+T=1024 and 4096, forward output and the gradients w.r.t. the input and every parameter, for both op backends
+(`xla`, the chunked reference, and `pallas`, the fused kernels).
 
 Errors are relative RMS (||a-b|| / ||b||), thresholds as in parity_tests/test_gpu_parity.py: jaxgpt vs FLA bf16
 within FLA's own thresholds (4e-3 forward, 8e-3 gradients) or, where bf16 rounding alone puts FLA's bf16 result
@@ -10,6 +11,7 @@ tokens per entry, lands at 1.28x FLA's own error at T=4096). FLA's fp32 referenc
 kernels (its chunk_delta_rule refuses fp32). On the device: `pytest -m gpu parity_tests/test_gpu_mixers.py`.
 """
 
+import dataclasses
 import json
 import os
 
@@ -45,11 +47,13 @@ def fla_outputs(layer: torch.nn.Module, x: np.ndarray, dy: np.ndarray, autocast:
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1024, 4096])
 @pytest.mark.parametrize("layer_id", ["gla", "gla_conv", "deltanet"])
-def test_bf16_layer_parity_with_fla(layer_id, T):
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_bf16_layer_parity_with_fla(layer_id, T, backend):
     import fla.layers
 
     kind, options = LAYERS[layer_id]
-    jlayer = JAX_LAYERS[kind](CFG, nnx.Rngs(0), **options)  # the harness's effective init
+    cfg = dataclasses.replace(CFG, linear_attn_backend=backend)
+    jlayer = JAX_LAYERS[kind](cfg, nnx.Rngs(0), **options)  # the harness's effective init
     params = nnx.to_pure_dict(nnx.state(jlayer, nnx.Param))
     tlayer = TORCH_LAYERS[kind](CFG, **options).cuda()
     assert isinstance(tlayer, (fla.layers.GatedLinearAttention, fla.layers.DeltaNet))
@@ -64,19 +68,19 @@ def test_bf16_layer_parity_with_fla(layer_id, T):
     ref_y, ref_grads = fla_outputs(tlayer, x, dy, autocast=False)
     tlayer.mode = "chunk"
     t_y, t_grads = fla_outputs(tlayer, x, dy, autocast=True)
-    y, dparams, dx = jax_layer_vjp(layer_id, CFG)(params, jnp.asarray(x), jnp.asarray(dy))
+    y, dparams, dx = jax_layer_vjp(layer_id, cfg)(params, jnp.asarray(x), jnp.asarray(dy))
     j_y = np.asarray(y, np.float32)
     j_grads = {n: np.asarray(g, np.float32) for n, g in ({"x": dx} | jax_to_torch(dparams)).items()}
 
     report = {
-        "layer": layer_id, "T": T,
+        "layer": layer_id, "T": T, "backend": backend,
         "y": {"jax_vs_fla": rel_err(j_y, t_y), "jax_vs_fp32": rel_err(j_y, ref_y), "fla_vs_fp32": rel_err(t_y, ref_y)},
         "grads": {n: {"jax_vs_fla": rel_err(j_grads[n], t_grads[n]), "jax_vs_fp32": rel_err(j_grads[n], ref_grads[n]),
                       "fla_vs_fp32": rel_err(t_grads[n], ref_grads[n])} for n in t_grads},
     }
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, f"gpu_mixer_parity_{layer_id}_T{T}.json"), "w") as f:
+        with open(os.path.join(out, f"gpu_mixer_parity_{layer_id}_{backend}_T{T}.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
     for name, e, tol in [("y", report["y"], FWD_TOL)] + [(n, e, GRAD_TOL) for n, e in report["grads"].items()]:
