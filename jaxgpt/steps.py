@@ -1,7 +1,9 @@
 """Jitted train and eval steps over a (data, fsdp) device mesh with jax.sharding (layouts: sharding.py).
 
-The batch axis is sharded over all devices. Without shardings (or with replicated ones) params and optimizer
-state are replicated and XLA inserts the gradient all-reduce: data parallelism. With FSDP shardings each
+The batch axis is sharded over all devices. With replicated params and optimizer state (data parallelism)
+each device accumulates the gradients of its rows over all micro-batches and one all-reduce per step sums
+them (shard_map; left to XLA, the all-reduce sat inside the micro-batch loop: one per micro-batch). Without
+shardings the layout follows the arguments and XLA inserts the collectives. With FSDP shardings each
 micro-batch's gradient is computed per device (shard_map, explicit collectives): the device all-gathers the
 parameter shards over `fsdp`, differentiates on its slice of the batch, and the gradient is reduce-scattered
 back onto the shards (then summed over `data`); the optimizer update runs on the shards only (ZeRO-3).
@@ -18,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgpt.sharding import batch_sharding, make_mesh, replicate, shard_batch
+from jaxgpt.sharding import AXES, batch_sharding, make_mesh, replicate, shard_batch
 
 __all__ = ["all_finite", "make_eval_step", "make_mesh", "make_train_step", "merge_model", "replicate", "shard_batch"]
 
@@ -88,6 +90,29 @@ def _gathered(params: Any, shardings: Any) -> Any:
     return jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
 
 
+def _accumulate(value_and_grad: Callable, params: Any, x: jax.Array, y: jax.Array) -> tuple[Any, jax.Array]:
+    """Summed gradients and the losses [A] of the micro-batches x, y [A, B, T] (a lax.scan)."""
+
+    def micro(grad_sum, xy):
+        loss, grads = value_and_grad(params, *xy)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    return jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (x, y))
+
+
+def _data_parallel_loss_and_grads(loss_fn: Callable, mesh: Mesh) -> Callable:
+    """(replicated params, x [A, B, T], y [A, B, T]) -> (mean loss, mean gradient), one all-reduce per step:
+    every device accumulates its rows' gradients over the A micro-batches, then the sums are psum-ed."""
+    batch = P(None, AXES, None)
+
+    def local(params, x, y):
+        grad_sum, losses = _accumulate(jax.value_and_grad(loss_fn), params, x, y)
+        n = mesh.size * x.shape[0]  # equal rows per device and micro-batch: mean of the per-device means
+        return jax.lax.pmean(losses.mean(), AXES), jax.tree.map(lambda g: jax.lax.psum(g, AXES) / n, grad_sum)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch), out_specs=(P(), P()), check_vma=False)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -99,34 +124,33 @@ def make_train_step(
     """(params, opt_state, x [A, B, T], y [A, B, T]) -> (params, opt_state, metrics); donates the state.
 
     Without shardings the layout follows the arguments (replicated params, batch sharded over B: data
-    parallel). With `param_shardings` and `opt_shardings` (pytrees of NamedSharding, see
-    sharding.state_shardings) the state keeps those layouts and the batch is sharded over the mesh's data and
-    fsdp axes; sharded params are gathered per micro-batch and their gradients reduce-scattered.
+    parallel, collectives placed by XLA). With `param_shardings` and `opt_shardings` (pytrees of
+    NamedSharding, see sharding.state_shardings) the state keeps those layouts and the batch is sharded over
+    the mesh's data and fsdp axes: replicated params get one gradient all-reduce per step; sharded params are
+    gathered per micro-batch and their gradients reduce-scattered.
     """
 
     def loss_fn(params, x, y):
         return merge_model(graphdef, params, remat).loss(x, y, train=True)
 
-    if _is_sharded(param_shardings):
-        value_and_grad = _fsdp_value_and_grad(loss_fn, param_shardings)
-    else:
-        value_and_grad = jax.value_and_grad(loss_fn)
+    mesh = None if param_shardings is None else jax.tree.leaves(param_shardings)[0].mesh
+
+    def loss_and_grads(params, x, y):
+        if mesh is not None and mesh.size > 1 and not _is_sharded(param_shardings):
+            return _data_parallel_loss_and_grads(loss_fn, mesh)(params, x, y)
+        value_and_grad = (_fsdp_value_and_grad(loss_fn, param_shardings) if _is_sharded(param_shardings)
+                          else jax.value_and_grad(loss_fn))
+        grad_sum, losses = _accumulate(value_and_grad, params, x, y)
+        return losses.mean(), jax.tree.map(lambda g: g / x.shape[0], grad_sum)
 
     def step(params, opt_state, x, y):
-        def micro(grad_sum, xy):
-            loss, grads = value_and_grad(params, *xy)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, losses = jax.lax.scan(micro, zeros, (x, y))
-        grads = jax.tree.map(lambda g: g / x.shape[0], grad_sum)
+        loss, grads = loss_and_grads(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    if param_shardings is None:
+    if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1))
-    mesh = jax.tree.leaves(param_shardings)[0].mesh
     batch = batch_sharding(mesh, 3)
     return jax.jit(
         step,

@@ -327,3 +327,60 @@ def test_bench_scaling_smoke(tmp_path):
     assert results[1]["collectives"]["all-gather"] >= 1  # the sharded embedding is gathered
     table = p.stdout[p.stdout.index("devices  mesh"):p.stdout.index("wrote ")]
     assert len(table.strip().splitlines()) == 3 and "data=1,fsdp=2" in table
+
+
+# ---------------------------------------------------------------------------------------------------
+# data parallelism with gradient accumulation: one all-reduce per step, same step as on one device
+# ---------------------------------------------------------------------------------------------------
+
+DP_ACCUM_SCRIPT = """
+import json, re, sys
+import jax, numpy as np
+from flax import nnx
+from jaxgpt.config import Config, apply_overrides
+from jaxgpt.model import init_model
+from jaxgpt.optim import make_optimizer
+from jaxgpt.sharding import batch_sharding, make_mesh, state_shardings
+from jaxgpt.steps import make_train_step
+
+cfg = apply_overrides(Config(), {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
+                                 "batch_size": 4, "grad_accum": 3})
+rng = np.random.default_rng(0)
+x, y = (rng.integers(0, 50257, (3, 4, 16), dtype=np.int32) for _ in range(2))
+out = {}
+for n in (1, 2):
+    mesh = make_mesh(4, devices=jax.devices()[:n])
+    graphdef, params = nnx.split(init_model(cfg.model), nnx.Param)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    ps, os_ = state_shardings(params, mesh), state_shardings(opt_state, mesh)
+    step = make_train_step(graphdef, tx, param_shardings=ps, opt_shardings=os_)
+    args = (jax.device_put(params, ps), jax.device_put(opt_state, os_),
+            *(jax.device_put(a, batch_sharding(mesh, 3)) for a in (x, y)))
+    hlo = step.lower(*args).compile().as_text()
+    computations = hlo.split("\\n\\n")
+    nested = [c for c in computations if not c.lstrip().startswith(("ENTRY", "HloModule"))]  # loop bodies etc.
+    new_params, _, metrics = step(*args)
+    out[n] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+              "params": [np.asarray(p).ravel().tolist()[:64] for p in jax.tree.leaves(new_params)],
+              "all_reduce_total": len(re.findall(r"all-reduce(?:-start)?\\(", hlo)),
+              "all_reduce_outside_entry": sum(len(re.findall(r"all-reduce(?:-start)?\\(", c)) for c in nested)}
+print(json.dumps(out))
+"""
+
+
+def test_data_parallel_accumulation_reduces_once_and_matches_one_device():
+    """grad_accum=3 on 2 devices: the gradients are all-reduced once, after the micro-batch loop (not once per
+    micro-batch inside it), and the step equals the 1-device step."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", DP_ACCUM_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = json.loads(p.stdout.strip().splitlines()[-1]).values()
+    assert one["all_reduce_total"] == 0
+    assert two["all_reduce_total"] >= 1 and two["all_reduce_outside_entry"] == 0
+    assert abs(two["loss"] - one["loss"]) / one["loss"] < LOSS_RTOL
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=STATE_RTOL)
+    for a, b in zip(two["params"], one["params"]):
+        np.testing.assert_allclose(a, b, rtol=STATE_RTOL, atol=1e-7)
