@@ -63,7 +63,7 @@ def _fsdp_value_and_grad(loss_fn: Callable, param_shardings: Any) -> Callable:
     every training loss is a mean over tokens)."""
     mesh = jax.tree.leaves(param_shardings)[0].mesh
     specs = jax.tree.map(lambda s: s.spec, param_shardings)
-    batch = P(("data", "fsdp"), None)
+    batch = P(AXES, None)
 
     def gather(p, spec):
         dim = _fsdp_dim(spec)
@@ -76,7 +76,7 @@ def _fsdp_value_and_grad(loss_fn: Callable, param_shardings: Any) -> Callable:
 
     def local(params, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(gather, params, specs), x, y)
-        return jax.lax.pmean(loss, ("data", "fsdp")), jax.tree.map(reduce, grads, specs)
+        return jax.lax.pmean(loss, AXES), jax.tree.map(reduce, grads, specs)
 
     # check_vma=False: the gradient above is the device's own (no implicit psum); the reductions are explicit
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=(P(), specs), check_vma=False)
@@ -134,14 +134,15 @@ def make_train_step(
         return merge_model(graphdef, params, remat).loss(x, y, train=True)
 
     mesh = None if param_shardings is None else jax.tree.leaves(param_shardings)[0].mesh
-
-    def loss_and_grads(params, x, y):
-        if mesh is not None and mesh.size > 1 and not _is_sharded(param_shardings):
-            return _data_parallel_loss_and_grads(loss_fn, mesh)(params, x, y)
+    if mesh is not None and mesh.size > 1 and not _is_sharded(param_shardings):
+        loss_and_grads = _data_parallel_loss_and_grads(loss_fn, mesh)
+    else:
         value_and_grad = (_fsdp_value_and_grad(loss_fn, param_shardings) if _is_sharded(param_shardings)
                           else jax.value_and_grad(loss_fn))
-        grad_sum, losses = _accumulate(value_and_grad, params, x, y)
-        return losses.mean(), jax.tree.map(lambda g: g / x.shape[0], grad_sum)
+
+        def loss_and_grads(params, x, y):
+            grad_sum, losses = _accumulate(value_and_grad, params, x, y)
+            return losses.mean(), jax.tree.map(lambda g: g / x.shape[0], grad_sum)
 
     def step(params, opt_state, x, y):
         loss, grads = loss_and_grads(params, x, y)

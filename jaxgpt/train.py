@@ -42,7 +42,6 @@ from jaxgpt.model import init_model, num_params
 from jaxgpt.optim import learning_rate, make_optimizer
 from jaxgpt.sharding import (
     abstract_with_shardings,
-    batch_sharding,
     format_mesh,
     make_mesh,
     shard_batch,
@@ -192,11 +191,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     final = run_eval(start) if start == 0 else None
     flops = flops_per_token(cfg.model, n_params)
     t_last, step_last, completed = time.time(), start, start
-    in_sharding = batch_sharding(mesh, 3)
 
     def fetch(step: int) -> tuple[jax.Array, jax.Array]:
         x, y = train_data.get(step, B * A)
-        return jax.device_put(x.reshape(A, B, T), in_sharding), jax.device_put(y.reshape(A, B, T), in_sharding)
+        return shard_batch(x.reshape(A, B, T), mesh), shard_batch(y.reshape(A, B, T), mesh)
 
     batches = Prefetcher(fetch, range(start, cfg.max_iters))
     try:
