@@ -143,7 +143,7 @@ class JaxSide:
         directory.mkdir(parents=True, exist_ok=True)
         compiled = self.train_step.lower(self.params, self.opt_state, self.x[0], self.y[0]).compile()
         (directory / "train_step.hlo.txt").write_text(compiled.as_text())
-        with jax.profiler.trace(str(directory)):
+        with jax.profiler.trace(str(directory), create_perfetto_trace=True):
             for i in range(steps):
                 self.sync(self.run("step", i))
 

@@ -2,7 +2,8 @@
 
     python scripts/profile_step.py --variant baseline --model gpt2-124m --batch 12 [--steps 5] [--out DIR]
 
-Traces a few steady-state steps (after compile and warm-up) with `jax.profiler.trace(create_perfetto_trace=True)`,
+Traces a few steady-state steps (after compile and warm-up) through bench_train.JaxSide.profile (which also
+writes the optimized HLO, train_step.hlo.txt, to match kernel names against),
 reads the Chrome-format trace it writes, and sums the GPU kernels' durations per step into kinds (matmuls,
 attention, fusions, reductions, copies, ...), then prints the 25 costliest kernels. Random tokens, pre-placed
 on the device, so the loader is not in the numbers.
@@ -18,15 +19,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import jax
-import numpy as np
-from flax import nnx
+from bench_train import JaxSide, RunSpec, build_config, random_batches  # scripts/ is on sys.path
 
-from jaxgpt.config import Config, apply_overrides
-from jaxgpt.model import init_model
-from jaxgpt.optim import make_optimizer
-from jaxgpt.steps import make_mesh, make_train_step, replicate, shard_batch
-from jaxgpt.variants import apply_variant
+from jaxgpt.config import parse_set_args
 
 # First match wins; applied to the lower-cased kernel name.
 KINDS = [
@@ -74,33 +69,19 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/jaxgpt-profile")
     args = p.parse_args()
 
-    cfg = apply_variant(apply_overrides(Config(), {"model_size": args.model}), args.variant)
-    cfg = apply_overrides(cfg, {"batch_size": args.batch, "grad_accum": args.accum,
-                                **dict(s.split("=", 1) for s in args.set)})
+    cfg = build_config(RunSpec(args.model, args.batch), args.variant, args.accum, parse_set_args(args.set))
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
-    mesh = make_mesh(B)
-    graphdef, params = nnx.split(init_model(cfg.model, cfg.seed), nnx.Param)
-    tx = make_optimizer(cfg)
-    params = replicate(params, mesh)
-    opt_state = replicate(tx.init(params), mesh)
-    step = make_train_step(graphdef, tx)
-    rng = np.random.default_rng(0)
-    batches = [shard_batch(rng.integers(0, 50257, (A, B, T), dtype=np.int32), mesh) for _ in range(4)]
-
+    side = JaxSide(cfg, *random_batches(cfg, 4, seed=0), breakdown=False)
     for i in range(3):  # compile + warm-up
-        params, opt_state, metrics = step(params, opt_state, batches[i % 4], batches[(i + 1) % 4])
-    jax.block_until_ready(metrics)
+        side.sync(side.run("step", i))
     t0 = time.perf_counter()
     for i in range(args.steps):
-        params, opt_state, metrics = step(params, opt_state, batches[i % 4], batches[(i + 1) % 4])
-    jax.block_until_ready(metrics)
+        out = side.run("step", i)
+    side.sync(out)
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
 
     out = Path(args.out)
-    with jax.profiler.trace(str(out), create_perfetto_trace=True):
-        for i in range(args.steps):
-            params, opt_state, metrics = step(params, opt_state, batches[i % 4], batches[(i + 1) % 4])
-        jax.block_until_ready(metrics)
+    side.profile(out, args.steps)
 
     kernels = gpu_kernels(out)
     by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
