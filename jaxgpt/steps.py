@@ -1,14 +1,14 @@
 """Jitted train and eval steps over a (data, fsdp) device mesh with jax.sharding (layouts: sharding.py).
 
-The batch axis is sharded over all devices. With replicated params and optimizer state (data parallelism)
-each device accumulates the gradients of its rows over all micro-batches and one all-reduce per step sums
-them (shard_map; left to XLA, the all-reduce sat inside the micro-batch loop: one per micro-batch). Without
-shardings the layout follows the arguments and XLA inserts the collectives. With FSDP shardings each
-micro-batch's gradient is computed per device (shard_map, explicit collectives): the device all-gathers the
-parameter shards over `fsdp`, differentiates on its slice of the batch, and the gradient is reduce-scattered
-back onto the shards (then summed over `data`); the optimizer update runs on the shards only (ZeRO-3).
-The whole step, gradient accumulation included (lax.scan over micro-batches), is one compiled function with
-donated state buffers.
+The batch axis is sharded over all devices. On a mesh of several devices each device computes the gradients of
+its own rows (shard_map, explicit collectives) and accumulates them over all micro-batches; one reduction per
+step, after the micro-batch loop, sums them over the devices (left to XLA, the all-reduce sat inside the loop:
+one per micro-batch). With replicated params and optimizer state (data parallelism) that is one all-reduce.
+With FSDP shardings the device also all-gathers the parameter shards over `fsdp` for each micro-batch and
+reduce-scatters that micro-batch's gradient back onto the shards; the accumulated shards are then summed over
+`data` once per step, and the optimizer update runs on the shards only (ZeRO-3). Without shardings the layout
+follows the arguments and XLA inserts the collectives. The whole step, gradient accumulation included
+(lax.scan over micro-batches), is one compiled function with donated state buffers.
 """
 
 from __future__ import annotations
@@ -54,32 +54,22 @@ def _fsdp_dim(spec: P) -> int | None:
     return next((d for d, axis in enumerate(spec) if axis == "fsdp"), None)
 
 
-def _fsdp_value_and_grad(loss_fn: Callable, param_shardings: Any) -> Callable:
-    """(param shards, x [B, T], y [B, T]) -> (mean loss, mean gradient on the param shards), ZeRO-3 style.
+def _gather(p: jax.Array, spec: P) -> jax.Array:
+    """A device's shard of a parameter laid out as `spec` -> the whole parameter (all-gather over fsdp)."""
+    dim = _fsdp_dim(spec)
+    return p if dim is None else jax.lax.all_gather(p, "fsdp", axis=dim, tiled=True)
 
-    Per device: all-gather the fsdp-sharded params, loss and gradient of the local rows, then reduce-scatter
-    each sharded gradient over fsdp (psum for replicated ones) and sum over data; dividing by the device count
-    turns the sum of per-device means into the mean over the whole batch (all devices hold equal rows, and
-    every training loss is a mean over tokens)."""
-    mesh = jax.tree.leaves(param_shardings)[0].mesh
-    specs = jax.tree.map(lambda s: s.spec, param_shardings)
-    batch = P(AXES, None)
 
-    def gather(p, spec):
-        dim = _fsdp_dim(spec)
-        return p if dim is None else jax.lax.all_gather(p, "fsdp", axis=dim, tiled=True)
+def _scatter(g: jax.Array, spec: P) -> jax.Array:
+    """A device's gradient of a whole parameter -> its shard of the gradient, summed over fsdp (reduce-scatter);
+    the gradient of a replicated parameter stays as it is (summed once per step, see _mesh_loss_and_grads)."""
+    dim = _fsdp_dim(spec)
+    return g if dim is None else jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
 
-    def reduce(g, spec):
-        dim = _fsdp_dim(spec)
-        g = jax.lax.psum(g, "fsdp") if dim is None else jax.lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
-        return jax.lax.psum(g, "data") / mesh.size
 
-    def local(params, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(gather, params, specs), x, y)
-        return jax.lax.pmean(loss, AXES), jax.tree.map(reduce, grads, specs)
-
-    # check_vma=False: the gradient above is the device's own (no implicit psum); the reductions are explicit
-    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=(P(), specs), check_vma=False)
+def _replicated_axes(spec: P) -> tuple[str, ...]:
+    """The mesh axes a parameter laid out as `spec` is replicated over (its gradient is summed over them)."""
+    return tuple(axis for axis in AXES if axis not in spec)
 
 
 def _gathered(params: Any, shardings: Any) -> Any:
@@ -100,17 +90,30 @@ def _accumulate(value_and_grad: Callable, params: Any, x: jax.Array, y: jax.Arra
     return jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (x, y))
 
 
-def _data_parallel_loss_and_grads(loss_fn: Callable, mesh: Mesh) -> Callable:
-    """(replicated params, x [A, B, T], y [A, B, T]) -> (mean loss, mean gradient), one all-reduce per step:
-    every device accumulates its rows' gradients over the A micro-batches, then the sums are psum-ed."""
+def _mesh_loss_and_grads(loss_fn: Callable, mesh: Mesh, specs: Any) -> Callable:
+    """(params laid out as `specs`, x [A, B, T], y [A, B, T]) -> (mean loss, mean gradient laid out as `specs`).
+
+    Per device and micro-batch: all-gather the fsdp-sharded params, loss and gradient of the local rows,
+    reduce-scatter the sharded gradients over fsdp (ZeRO-3: no device keeps a whole gradient). Every device
+    accumulates its gradients over the A micro-batches, then one reduction per step sums each over the axes its
+    parameter is replicated on: `data` for the fsdp shards, `data` and `fsdp` for the replicated ones (with
+    every spec P(), plain data parallelism: a single all-reduce). Dividing by devices x A turns the sum of
+    per-device means into the mean over the whole batch (all devices hold equal rows, and every training loss
+    is a mean over tokens)."""
     batch = P(None, AXES, None)
 
-    def local(params, x, y):
-        grad_sum, losses = _accumulate(jax.value_and_grad(loss_fn), params, x, y)
-        n = mesh.size * x.shape[0]  # equal rows per device and micro-batch: mean of the per-device means
-        return jax.lax.pmean(losses.mean(), AXES), jax.tree.map(lambda g: jax.lax.psum(g, AXES) / n, grad_sum)
+    def value_and_grad(params, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(_gather, params, specs), x, y)
+        return loss, jax.tree.map(_scatter, grads, specs)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), batch, batch), out_specs=(P(), P()), check_vma=False)
+    def local(params, x, y):
+        grad_sum, losses = _accumulate(value_and_grad, params, x, y)
+        n = mesh.size * x.shape[0]
+        grads = jax.tree.map(lambda g, spec: jax.lax.psum(g, _replicated_axes(spec)) / n, grad_sum, specs)
+        return jax.lax.pmean(losses.mean(), AXES), grads
+
+    # check_vma=False: the gradients above are the device's own (no implicit psum); the reductions are explicit
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=(P(), specs), check_vma=False)
 
 
 def make_train_step(
@@ -126,22 +129,20 @@ def make_train_step(
     Without shardings the layout follows the arguments (replicated params, batch sharded over B: data
     parallel, collectives placed by XLA). With `param_shardings` and `opt_shardings` (pytrees of
     NamedSharding, see sharding.state_shardings) the state keeps those layouts and the batch is sharded over
-    the mesh's data and fsdp axes: replicated params get one gradient all-reduce per step; sharded params are
-    gathered per micro-batch and their gradients reduce-scattered.
+    the mesh's data and fsdp axes: sharded params are gathered per micro-batch and their gradients
+    reduce-scattered; the gradients are summed over the remaining axes once per step (replicated params: one
+    all-reduce).
     """
 
     def loss_fn(params, x, y):
         return merge_model(graphdef, params, remat).loss(x, y, train=True)
 
     mesh = None if param_shardings is None else jax.tree.leaves(param_shardings)[0].mesh
-    if mesh is not None and mesh.size > 1 and not _is_sharded(param_shardings):
-        loss_and_grads = _data_parallel_loss_and_grads(loss_fn, mesh)
+    if mesh is not None and mesh.size > 1:
+        loss_and_grads = _mesh_loss_and_grads(loss_fn, mesh, jax.tree.map(lambda s: s.spec, param_shardings))
     else:
-        value_and_grad = (_fsdp_value_and_grad(loss_fn, param_shardings) if _is_sharded(param_shardings)
-                          else jax.value_and_grad(loss_fn))
-
         def loss_and_grads(params, x, y):
-            grad_sum, losses = _accumulate(value_and_grad, params, x, y)
+            grad_sum, losses = _accumulate(jax.value_and_grad(loss_fn), params, x, y)
             return losses.mean(), jax.tree.map(lambda g: g / x.shape[0], grad_sum)
 
     def step(params, opt_state, x, y):

@@ -330,10 +330,11 @@ def test_bench_scaling_smoke(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# data parallelism with gradient accumulation: one all-reduce per step, same step as on one device
+# gradient accumulation on a mesh: one reduction per step after the micro-batch loop, same step as on one device
 # ---------------------------------------------------------------------------------------------------
 
-DP_ACCUM_SCRIPT = """
+# argv: device count, mesh spec. Prints {devices: {loss, grad_norm, params, collectives}} for 1 device and those.
+ACCUM_SCRIPT = """
 import json, re, sys
 import jax, numpy as np
 from flax import nnx
@@ -343,13 +344,18 @@ from jaxgpt.optim import make_optimizer
 from jaxgpt.sharding import batch_sharding, make_mesh, state_shardings
 from jaxgpt.steps import make_train_step
 
+
+def count(op, texts):
+    return sum(len(re.findall(op + r"(?:-start)?\\(", t)) for t in texts)
+
+
 cfg = apply_overrides(Config(), {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
                                  "batch_size": 4, "grad_accum": 3})
 rng = np.random.default_rng(0)
 x, y = (rng.integers(0, 50257, (3, 4, 16), dtype=np.int32) for _ in range(2))
 out = {}
-for n in (1, 2):
-    mesh = make_mesh(4, devices=jax.devices()[:n])
+for n, spec in ((1, ""), (int(sys.argv[1]), sys.argv[2])):
+    mesh = make_mesh(4, spec, devices=jax.devices()[:n])
     graphdef, params = nnx.split(init_model(cfg.model), nnx.Param)
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
@@ -363,24 +369,42 @@ for n in (1, 2):
     new_params, _, metrics = step(*args)
     out[n] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
               "params": [np.asarray(p).ravel().tolist()[:64] for p in jax.tree.leaves(new_params)],
-              "all_reduce_total": len(re.findall(r"all-reduce(?:-start)?\\(", hlo)),
-              "all_reduce_outside_entry": sum(len(re.findall(r"all-reduce(?:-start)?\\(", c)) for c in nested)}
+              "collectives": {op: {"total": count(op, [hlo]), "nested": count(op, nested)}
+                              for op in ("all-reduce", "reduce-scatter", "all-gather")}}
 print(json.dumps(out))
 """
+
+
+def accumulation_step_collectives(devices: int, mesh: str) -> dict[str, dict[str, int]]:
+    """The grad_accum=3 step on `devices` virtual devices laid out as `mesh` equals the 1-device step; -> the
+    counts of its collectives, {op: {"total": in the whole HLO, "nested": outside the entry computation (in the
+    micro-batch loop's body)}}."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", ACCUM_SCRIPT, str(devices), mesh], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, many = json.loads(p.stdout.strip().splitlines()[-1]).values()
+    assert all(c["total"] == 0 for c in one["collectives"].values()), one["collectives"]
+    assert abs(many["loss"] - one["loss"]) / one["loss"] < LOSS_RTOL
+    assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=STATE_RTOL)
+    for a, b in zip(many["params"], one["params"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=STATE_RTOL, atol=1e-7)
+    return many["collectives"]
 
 
 def test_data_parallel_accumulation_reduces_once_and_matches_one_device():
     """grad_accum=3 on 2 devices: the gradients are all-reduced once, after the micro-batch loop (not once per
     micro-batch inside it), and the step equals the 1-device step."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", DP_ACCUM_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    one, two = json.loads(p.stdout.strip().splitlines()[-1]).values()
-    assert one["all_reduce_total"] == 0
-    assert two["all_reduce_total"] >= 1 and two["all_reduce_outside_entry"] == 0
-    assert abs(two["loss"] - one["loss"]) / one["loss"] < LOSS_RTOL
-    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=STATE_RTOL)
-    for a, b in zip(two["params"], one["params"]):
-        np.testing.assert_allclose(a, b, rtol=STATE_RTOL, atol=1e-7)
+    all_reduce = accumulation_step_collectives(2, "")["all-reduce"]
+    assert all_reduce["total"] >= 1 and all_reduce["nested"] == 0
+
+
+def test_fsdp_accumulation_reduces_over_data_once_and_matches_one_device():
+    """grad_accum=3 on 4 devices, mesh data=2,fsdp=2: each micro-batch's gradient shard is reduce-scattered over
+    fsdp inside the loop, but the sums over data (and over both axes for the replicated params and the loss)
+    are all-reduced once, after the loop; the step equals the 1-device step."""
+    collectives = accumulation_step_collectives(4, "data=2,fsdp=2")
+    assert collectives["all-gather"]["total"] >= 1  # the sharded embedding (XLA may hoist it out of the loop)
+    assert collectives["reduce-scatter"]["nested"] >= 1
+    assert collectives["all-reduce"]["total"] >= 1 and collectives["all-reduce"]["nested"] == 0
