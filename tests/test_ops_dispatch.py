@@ -23,7 +23,6 @@ def test_resolve_backend(monkeypatch):
         utils.resolve_backend("triton")
     monkeypatch.setattr(utils.jax, "default_backend", lambda: "gpu")
     assert utils.resolve_backend("auto") == "pallas"
-    assert utils.resolve_backend("auto", gpu_default="xla") == "xla"
     assert utils.resolve_backend("xla") == "xla"
 
 
@@ -40,7 +39,7 @@ def _spy(monkeypatch, module, name):
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_ops_dispatch(monkeypatch, gpu):
-    """On CPU 'auto' runs xla; on GPU it runs the delta rule's pallas path and (until verified) GLA's xla path;
+    """On CPU 'auto' runs xla; on GPU it runs both ops' pallas paths (GLA's only for head dims its kernels take);
     an explicit 'pallas' always reaches the kernels."""
     if gpu:
         monkeypatch.setattr(utils.jax, "default_backend", lambda: "gpu")
@@ -48,12 +47,15 @@ def test_ops_dispatch(monkeypatch, gpu):
     _spy(monkeypatch, gla_chunk.pallas, "chunk_gla_pallas")
     x = jnp.ones((1, 8, 2, 16), jnp.float32)
     beta = jnp.full((1, 8, 2), 0.5)
-    if gpu:
-        with pytest.raises(Called):
-            delta_chunk.chunk_delta_rule(x, x, x, beta)
-    else:
-        delta_chunk.chunk_delta_rule(x, x, x, beta)
-    gla_chunk.chunk_gla(x, x, x, -x)  # xla on both
+    auto_calls = (lambda: delta_chunk.chunk_delta_rule(x, x, x, beta), lambda: gla_chunk.chunk_gla(x, x, x, -x))
+    for call in auto_calls:
+        if gpu:
+            with pytest.raises(Called):
+                call()
+        else:
+            call()
+    odd = jnp.ones((1, 8, 2, 24), jnp.float32)  # K = 24: not a power of two, so GLA's auto stays on xla
+    gla_chunk.chunk_gla(odd, odd, odd, -odd)
     for call in (lambda: delta_chunk.chunk_delta_rule(x, x, x, beta, backend="pallas"),
                  lambda: gla_chunk.chunk_gla(x, x, x, -x, backend="pallas")):
         with pytest.raises(Called):

@@ -34,14 +34,14 @@ def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
 BACKENDS = ("auto", "xla", "pallas")
 
 
-def resolve_backend(backend: str, gpu_default: str = "pallas") -> str:
+def resolve_backend(backend: str) -> str:
     """The implementation an op runs: 'xla' (the chunked reference, any device) or 'pallas' (fused GPU kernels).
 
-    'auto' is `gpu_default` on GPU (an op whose kernels are not yet verified on a GPU passes 'xla') and 'xla'
-    elsewhere; an explicit name is honoured ('pallas' off GPU runs the kernels in Pallas's interpreter: tests only).
+    'auto' is 'pallas' on GPU and 'xla' elsewhere; an explicit name is honoured ('pallas' off GPU runs the kernels
+    in Pallas's interpreter: tests only).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return gpu_default if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
     return backend

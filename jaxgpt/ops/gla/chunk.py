@@ -42,13 +42,15 @@ def chunk_gla(
         sub_chunk_size: sub-chunk length for the intra-chunk scores; must divide chunk_size.
         backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'pallas' runs the fused GPU
             kernels of jaxgpt.ops.gla.pallas (head dims powers of two in [16, 256]); 'xla' is this module's
-            chunked form, differentiated by JAX; 'auto' is 'xla' for now (pallas not yet verified on a GPU).
+            chunked form, differentiated by JAX; 'auto' is 'pallas' on GPU for the head dims and chunk sizes the
+            kernels take, else 'xla'.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
-    # 'auto' stays on xla until the pallas kernels have passed parity and beaten FLA on the device (docs/kernels.md).
-    if resolve_backend(backend, gpu_default="xla") == "pallas":
+    impl = resolve_backend(backend)
+    fits = pallas.supported(q.shape[-1], v.shape[-1]) and (chunk_size, sub_chunk_size) == (pallas.CHUNK, pallas.SUB)
+    if impl == "pallas" and (fits or backend == "pallas"):
         if (chunk_size, sub_chunk_size) != (pallas.CHUNK, pallas.SUB):
             raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, sub_chunk_size={pallas.SUB}")
         return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state)
