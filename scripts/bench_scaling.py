@@ -1,7 +1,7 @@
 """Multi-device scaling of the JAX train step at a fixed per-device batch (synthetic tokens, no data files).
 
     python scripts/bench_scaling.py --model gpt2-124m --per-device-batch 12            # 1, 2, 4, ... devices
-    python scripts/bench_scaling.py --model gpt2-1.5b --per-device-batch 8 --mesh-kind fsdp --devices 2
+    python scripts/bench_scaling.py --model gpt2-1.5b --per-device-batch 8 --mesh-kind fsdp --devices 4
 
 For each device count n (the first n of jax.devices()) the step of jaxgpt.steps runs on a mesh `data=n`
 (data parallel, replicated params) or `fsdp=n` (params and optimizer state sharded), each count in a fresh
@@ -9,7 +9,8 @@ subprocess so that compile caches and the peak-memory counter start clean. Repor
 `--steps` timed steps after `--warmup` (each step waited for with block_until_ready), tokens/s, scaling
 efficiency tok/s(n) / ((n / n0) * tok/s(n0)) against the smallest count n0 run (n0 = 1 by default), the peak
 memory per device (max over the devices used, from device.memory_stats(); '-' where the backend has none) and
-the collectives in the compiled step (all-gather / reduce-scatter / all-reduce). CPU smoke test:
+the collectives in the compiled step (all-gather / reduce-scatter / all-reduce). Each worker reports its progress
+(initialisation, compile time) on stderr as it goes: compiling a large model takes minutes. CPU smoke test:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
         python scripts/bench_scaling.py --model tiny --per-device-batch 2 --steps 3
@@ -37,6 +38,11 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")
 def count_collectives(hlo: str) -> dict[str, int]:
     """Collective ops in optimized HLO text (sync `op(` or async `op-start(` forms)."""
     return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
+
+
+def progress(n: int, message: str) -> None:
+    """A worker's progress line, on stderr (passed through to the terminal while stdout carries the result)."""
+    print(f"  [{n} devices] {message}", file=sys.stderr, flush=True)
 
 
 def measure(args: argparse.Namespace, n: int) -> dict:
@@ -67,8 +73,12 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     param_sh = state_shardings(abstract, mesh)
     opt_sh = state_shardings(jax.eval_shape(tx.init, abstract), mesh)
     # initialised in place on the mesh: no device ever holds more than its shard of the state
+    t0 = time.perf_counter()
     params = jax.jit(lambda: nnx.state(init_model(cfg.model, cfg.seed), nnx.Param), out_shardings=param_sh)()
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    jax.block_until_ready((params, opt_state))
+    progress(n, f"mesh {dict(mesh.shape)}, params and optimizer state initialised ({time.perf_counter() - t0:.0f} s); "
+                "compiling the step")
 
     tokens = np.random.default_rng(0).integers(0, 50257, size=(A, B, T + 1), dtype=np.int32)
     x, y = (jax.device_put(a, batch_sharding(mesh, 3)) for a in (tokens[..., :-1], tokens[..., 1:]))
@@ -76,6 +86,7 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     step = make_train_step(graphdef, tx, param_shardings=param_sh, opt_shardings=opt_sh, remat=cfg.remat)
     compiled = step.lower(params, opt_state, x, y).compile()
     compile_s = time.perf_counter() - t0
+    progress(n, f"compiled in {compile_s:.0f} s; {args.warmup} warm-up + {args.steps} timed steps")
     for _ in range(args.warmup):
         params, opt_state, metrics = compiled(params, opt_state, x, y)
     jax.block_until_ready((params, opt_state, metrics))
@@ -111,10 +122,10 @@ def device_counts(spec: str | None) -> list[int]:
 
 def run_one(argv: list[str], n: int) -> dict:
     """Measure n devices in a fresh process of this script."""
-    p = subprocess.run([sys.executable, __file__, *argv, "--worker", str(n)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, __file__, *argv, "--worker", str(n)], stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT)]
-    if p.returncode or not lines:
-        raise SystemExit(f"the {n}-device run failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    if p.returncode or not lines:  # the worker's stderr (progress, traceback) has already been printed
+        raise SystemExit(f"the {n}-device run failed (rc {p.returncode}):\n{p.stdout[-3000:]}")
     return json.loads(lines[-1].removeprefix(RESULT))
 
 

@@ -327,6 +327,8 @@ def test_bench_scaling_smoke(tmp_path):
     assert results[1]["collectives"]["all-gather"] >= 1  # the sharded embedding is gathered
     table = p.stdout[p.stdout.index("devices  mesh"):p.stdout.index("wrote ")]
     assert len(table.strip().splitlines()) == 3 and "data=1,fsdp=2" in table
+    for n in (1, 2):  # each worker's progress reaches the terminal while it runs
+        assert f"[{n} devices] compiled in" in p.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
