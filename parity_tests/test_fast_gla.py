@@ -1,9 +1,11 @@
 """Parity of the Pallas GLA kernels (jaxgpt.ops.gla.pallas, `chunk_gla(..., backend='pallas')`).
 
 CPU (CI): the kernels in Pallas interpret mode, fp32, against the plain recurrence `naive_recurrent_gla`: outputs,
-final state and the gradients w.r.t. q, k, v, gk and the initial state, at a ragged T spanning three chunks, with
-gates weak in some key dimensions and strong enough in others (log-decay -20 per step) that any factorisation
-exp(G_t) * exp(-G_j) over more than a few steps would overflow.
+final state and the gradients w.r.t. q, k, v, gk and the initial state, at ragged T spanning two or three chunks and
+K = 16, 64, 128 (one, two and four of the kernels' 32-column key blocks), with gates weak in some key dimensions and
+strong enough in others (log-decay -20 per step) that any factorisation exp(G_t) * exp(-G_j) over more than a few
+steps would overflow. And the bf16 forward + backward lowers to Triton IR for the GPU (`jax.export`, no GPU needed),
+which catches Pallas-Triton lowering errors that the interpreter does not see.
 
 GPU (`pytest -m gpu parity_tests/test_fast_gla.py` on the device): bf16 pallas vs FLA 0.6.0's Triton `chunk_gla`
 (bf16), both against an fp32 reference (jaxgpt's xla chunk_gla in fp32, full-precision products, from the same
@@ -55,15 +57,47 @@ def outputs_and_grads(op, inputs, cotangents):
     return run(inputs, cotangents)
 
 
-def test_interpret_matches_recurrence():
+def shape_id(shape) -> str:
+    return "B{}_T{}_H{}_K{}_V{}".format(*shape)
+
+
+INTERPRET_CASES = [  # (B, T, H, K, V): one, two and four key blocks (K = 128 with V < K)
+    (1, 150, 2, 16, 32),
+    (1, 100, 1, 64, 64),
+    (1, 70, 1, 128, 32),
+]
+
+
+@pytest.mark.parametrize("shape", INTERPRET_CASES, ids=shape_id)
+def test_interpret_matches_recurrence(shape):
     rng = np.random.default_rng(0)
-    inputs, cot = random_inputs(rng, 1, 150, 2, 16, 32, strong=True)
+    inputs, cot = random_inputs(rng, *shape, strong=True)
     inputs, cot = [jnp.asarray(x) for x in inputs], [jnp.asarray(x) for x in cot]
     got = outputs_and_grads(lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True), inputs, cot)
     ref = outputs_and_grads(naive_recurrent_gla, inputs, cot)
     errs = {n: rel_err(g, r) for n, g, r in zip(NAMES, got, ref)}
     assert all(np.isfinite(np.asarray(g)).all() for g in got)
     assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("K,V", [(32, 64), (64, 64), (128, 128)])
+def test_lowers_to_triton(K, V):
+    """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU)."""
+
+    def fwd_bwd(q, k, v, gk, do):
+        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas")[0], q, k, v, gk)
+        return o, vjp(do)
+
+    bf = jnp.bfloat16
+    dims = ((K, bf), (K, bf), (V, bf), (K, jnp.float32), (V, bf))  # q, k, v, gk, do
+    args = [jax.ShapeDtypeStruct((2, 200, 2, d), dtype) for d, dtype in dims]
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    module = exported.mlir_module()
+    kernels = ("_state_fwd_kernel", "_output_fwd_kernel", "_state_bwd_kernel", "_grad_bwd_kernel")
+    assert all(f'name = "{name}"' in module for name in kernels), "a kernel did not lower to a Triton call"
+    assert module.count(triton) >= len(kernels)
 
 
 def test_pallas_rejects_unsupported_head_dims():
@@ -99,7 +133,7 @@ def fla_outputs_and_grads(inputs, cotangents):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: "B{}_T{}_H{}_K{}_V{}".format(*s))
+@pytest.mark.parametrize("shape", GPU_CASES, ids=shape_id)
 def test_bf16_pallas_parity_with_fla(shape):
     rng = np.random.default_rng(sum(shape))
     inputs, cot = random_inputs(rng, *shape)

@@ -24,6 +24,12 @@ backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state
                      dgk_u = sum_{s >= u in the chunk} (q_s dq_s - k_s dk_s) + sum_v S_{n+1} * dS_{n+1},
                  a reverse cumsum carried across the sub-chunks, starting from the last term (S_{n+1} = H_M).
 
+Key blocks: _output_fwd and _grad_bwd take each sub-chunk in static blocks of KB = min(K, 32) key columns. The gates
+are diagonal in the key dim, so c, s, the rows of H_a and D_a, dq, dk and dgk are per key block; only A_aa (with
+A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K (once per sub-chunk). The
+fp32 [S, S, KB] pairwise temporaries (gates and the q k / dA k / dA q products) thus keep their K = 32 size at any K
+(the per-block H_a / D_a tiles still add up to [K, V]); K <= 32 is one block.
+
 Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32; the A v / A^T do products take
 A in v's dtype (bf16 operands, fp32 accumulation); the other products take fp32 operands (TF32 on the GPU for
 bf16 / fp16 inputs, full fp32 for fp32 inputs).
@@ -40,6 +46,8 @@ from jaxgpt.ops.utils import pad_time
 
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
+M = CHUNK // SUB  # sub-chunks per chunk
+KEY_BLOCK = 32  # key columns per block in _output_fwd / _grad_bwd (bounds their [SUB, SUB, KB] fp32 temporaries)
 f32 = jnp.float32
 
 
@@ -59,6 +67,33 @@ def _pairwise_gates(c: jax.Array) -> jax.Array:
     S = c.shape[0]
     causal = jax.lax.broadcasted_iota(jnp.int32, (S, S, 1), 0) >= jax.lax.broadcasted_iota(jnp.int32, (S, S, 1), 1)
     return jnp.where(causal, jnp.exp(jnp.minimum(c[:, None, :] - c[None, :, :], 0.0)), 0.0)
+
+
+def _key_blocks(K: int) -> list[pl.Slice]:
+    """Static slices of the key dim in blocks of min(K, KEY_BLOCK) columns."""
+    KB = min(K, KEY_BLOCK)
+    return [pl.ds(i * KB, KB) for i in range(K // KB)]
+
+
+def _sub_chunk(n, a: int) -> pl.Slice:
+    """Time steps of sub-chunk a of chunk n."""
+    return pl.ds(n * CHUNK + a * SUB, SUB)
+
+
+def _load_keys(q_ref, k_ref, g_ref, idx, scale):
+    """q * scale, k, the gate cumsum c ([S, KB] fp32 each) and the gate sum s ([KB]) at idx = (b, t, h, key block)."""
+    gk = g_ref[idx].astype(f32)
+    return q_ref[idx].astype(f32) * scale, k_ref[idx].astype(f32), jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+
+
+def _decay_add(state: jax.Array, s: jax.Array, x: jax.Array, y: jax.Array, precision) -> jax.Array:
+    """diag(e^{s}) state + x^T y: a local state (or its gradient) carried over one sub-chunk."""
+    return state * jnp.exp(s)[:, None] + _dot(x, y, precision, trans_a=True)
+
+
+def _add(total: jax.Array | None, x: jax.Array) -> jax.Array:
+    """total + x for a sum over key blocks (None: nothing yet, so one block gives x itself)."""
+    return x if total is None else total + x
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -82,23 +117,23 @@ def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, 
 
 
 def _output_fwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, H, scale, precision):
-    """o for chunk n = program_id(0), head program_id(1), by a walk over its sub-chunks (module docstring)."""
+    """o for chunk n = program_id(0), head program_id(1), by a walk over its sub-chunks, each in key blocks."""
     n, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
-    state = states_ref[b, n, h, :, :]  # H_0 = S_n: [K, V] fp32
-    for a in range(CHUNK // SUB):
-        t = pl.ds(n * CHUNK + a * SUB, SUB)
-        q = q_ref[b, t, h, :].astype(f32) * scale  # [S, K]
-        k = k_ref[b, t, h, :].astype(f32)
+    blocks = _key_blocks(q_ref.shape[-1])
+    states = [states_ref[b, n, h, ks, :] for ks in blocks]  # H_0 = S_n: a [KB, V] fp32 tile per key block
+    for a in range(M):
+        t = _sub_chunk(n, a)
         v = v_ref[b, t, h, :]  # [S, V]
-        gk = g_ref[b, t, h, :].astype(f32)
-        c, s = jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
-        scores = jnp.sum(q[:, None, :] * k[None, :, :] * _pairwise_gates(c), axis=2)  # A_aa: [S, S]
-        o = _dot(q * jnp.exp(c), state, precision) + _dot(scores.astype(v.dtype), v, None)
+        o = scores = None
+        for i, ks in enumerate(blocks):
+            q, k, c, s = _load_keys(q_ref, k_ref, g_ref, (b, t, h, ks), scale)
+            scores = _add(scores, jnp.sum(q[:, None, :] * k[None, :, :] * _pairwise_gates(c), axis=2))  # A_aa
+            o = _add(o, _dot(q * jnp.exp(c), states[i], precision))
+            if a < M - 1:
+                states[i] = _decay_add(states[i], s, k * jnp.exp(s[None, :] - c), v.astype(f32), precision)
+        o = o + _dot(scores.astype(v.dtype), v, None)
         o_ref[b, t, h, :] = o.astype(o_ref.dtype)
-        if a < CHUNK // SUB - 1:
-            k_decay = k * jnp.exp(s[None, :] - c)
-            state = state * jnp.exp(s)[:, None] + _dot(k_decay, v.astype(f32), precision, trans_a=True)
 
 
 def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H, N, BK, BV, scale, precision):
@@ -121,50 +156,52 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
 
 def _grad_bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref, dg_ref, *,
                      H, scale, precision):
-    """dq, dk, dv, dgk for chunk n = program_id(0), head program_id(1) (module docstring)."""
+    """dq, dk, dv, dgk for chunk n = program_id(0), head program_id(1), each sub-chunk in key blocks (module
+    docstring)."""
     n, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
-    M = CHUNK // SUB
-
-    def load(a):
-        t = pl.ds(n * CHUNK + a * SUB, SUB)
-        gk = g_ref[b, t, h, :].astype(f32)
-        return (t, q_ref[b, t, h, :].astype(f32) * scale, k_ref[b, t, h, :].astype(f32), v_ref[b, t, h, :],
-                do_ref[b, t, h, :], jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0))
+    blocks = _key_blocks(q_ref.shape[-1])
 
     # Forward walk: dq from H_a; keep q * dq for the gate gradient.
-    state = states_ref[b, n, h, :, :]
-    q_dq = []
+    states = [states_ref[b, n, h, ks, :] for ks in blocks]
+    q_dq = {}  # (a, key block) -> q * dq: [S, KB]
     for a in range(M):
-        t, q, k, v, do, c, s = load(a)
+        t = _sub_chunk(n, a)
+        v, do = v_ref[b, t, h, :], do_ref[b, t, h, :]
         dscores = _dot(do, v, None, trans_b=True)  # dA: [S, S] (masked through the gates below)
-        dq = jnp.exp(c) * _dot(do.astype(f32), state, precision, trans_b=True)
-        dq = dq + jnp.sum(dscores[:, :, None] * k[None, :, :] * _pairwise_gates(c), axis=1)  # [S, K] = d(q*scale)
-        dq_ref[b, t, h, :] = (dq * scale).astype(dq_ref.dtype)
-        q_dq.append(q * dq)
-        k_decay = k * jnp.exp(s[None, :] - c)
-        state = state * jnp.exp(s)[:, None] + _dot(k_decay, v.astype(f32), precision, trans_a=True)
+        for i, ks in enumerate(blocks):
+            q, k, c, s = _load_keys(q_ref, k_ref, g_ref, (b, t, h, ks), scale)
+            dq = jnp.exp(c) * _dot(do.astype(f32), states[i], precision, trans_b=True)
+            dq = dq + jnp.sum(dscores[:, :, None] * k[None, :, :] * _pairwise_gates(c), axis=1)  # [S, KB] = d(q*scale)
+            dq_ref[b, t, h, ks] = (dq * scale).astype(dq_ref.dtype)
+            q_dq[a, i] = q * dq
+            states[i] = _decay_add(states[i], s, k * jnp.exp(s[None, :] - c), v.astype(f32), precision)
 
     # Reverse walk: dk, dv from D_a; the gate gradient's reverse cumsum starts from sum_v S_{n+1} * dS_{n+1}.
-    dstate = dstates_ref[b, n, h, :, :]  # D_{M-1} = dS_{n+1}
-    carry = jnp.sum(state * dstate, axis=1)  # state is now H_M = S_{n+1}
+    dstates = [dstates_ref[b, n, h, ks, :] for ks in blocks]  # D_{M-1} = dS_{n+1}
+    carries = [jnp.sum(st * dst, axis=1) for st, dst in zip(states, dstates)]  # states are now H_M = S_{n+1}
     for a in reversed(range(M)):
-        t, q, k, v, do, c, s = load(a)
-        gates = _pairwise_gates(c)
-        scores = jnp.sum(q[:, None, :] * k[None, :, :] * gates, axis=2)  # A_aa
+        t = _sub_chunk(n, a)
+        v, do = v_ref[b, t, h, :], do_ref[b, t, h, :]
         dscores = _dot(do, v, None, trans_b=True)
-        k_gate = jnp.exp(s[None, :] - c)
-        dk = k_gate * _dot(v.astype(f32), dstate, precision, trans_b=True)
-        dk = dk + jnp.sum(dscores[:, :, None] * q[:, None, :] * gates, axis=0)
-        dv = _dot(k * k_gate, dstate, precision) + _dot(scores.astype(do.dtype), do, None, trans_a=True)
-        dg = q_dq[a] - k * dk
-        total = jnp.sum(dg, axis=0)
-        dg_ref[b, t, h, :] = (carry + total)[None, :] - jnp.cumsum(dg, axis=0) + dg  # sum over steps >= u
-        carry = carry + total
-        dk_ref[b, t, h, :] = dk.astype(dk_ref.dtype)
+        scores = dv = None
+        for i, ks in enumerate(blocks):
+            q, k, c, s = _load_keys(q_ref, k_ref, g_ref, (b, t, h, ks), scale)
+            gates = _pairwise_gates(c)
+            scores = _add(scores, jnp.sum(q[:, None, :] * k[None, :, :] * gates, axis=2))  # A_aa
+            k_gate = jnp.exp(s[None, :] - c)
+            dk = k_gate * _dot(v.astype(f32), dstates[i], precision, trans_b=True)
+            dk = dk + jnp.sum(dscores[:, :, None] * q[:, None, :] * gates, axis=0)
+            dk_ref[b, t, h, ks] = dk.astype(dk_ref.dtype)
+            dv = _add(dv, _dot(k * k_gate, dstates[i], precision))
+            dg = q_dq[a, i] - k * dk
+            total = jnp.sum(dg, axis=0)
+            dg_ref[b, t, h, ks] = (carries[i] + total)[None, :] - jnp.cumsum(dg, axis=0) + dg  # sum over steps >= u
+            carries[i] = carries[i] + total
+            if a > 0:
+                dstates[i] = _decay_add(dstates[i], s, q * jnp.exp(c), do.astype(f32), precision)
+        dv = dv + _dot(scores.astype(do.dtype), do, None, trans_a=True)
         dv_ref[b, t, h, :] = dv.astype(dv_ref.dtype)
-        if a > 0:
-            dstate = dstate * jnp.exp(s)[:, None] + _dot(q * jnp.exp(c), do.astype(f32), precision, trans_a=True)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
