@@ -36,9 +36,15 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, x * Phi(x), computed in fp32 and returned in x's dtype (as torch does for bf16 tensors).
 
     The custom VJP keeps only x for the backward, dx = dy * (Phi(x) + x * phi(x)), so the forward writes one
-    tensor instead of also storing fp32-derived intermediates.
+    tensor instead of also storing fp32-derived intermediates. Phi is torch's 0.5 * (1 + erf(x / sqrt 2)), not
+    jax.nn.gelu's erfc form, whose expansion made the forward arithmetic-bound on the GPU.
     """
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+    xf = x.astype(jnp.float32)
+    return (xf * _normal_cdf(xf)).astype(x.dtype)
+
+
+def _normal_cdf(xf: jax.Array) -> jax.Array:
+    return 0.5 * (1 + jax.lax.erf(xf * (1 / math.sqrt(2))))
 
 
 def _gelu_fwd(x):
@@ -47,9 +53,8 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, dy):
     xf = x.astype(jnp.float32)
-    cdf = 0.5 * (1 + jax.lax.erf(xf * (1 / math.sqrt(2))))
     pdf = jnp.exp(-0.5 * xf * xf) * (1 / math.sqrt(2 * math.pi))
-    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+    return ((dy.astype(jnp.float32) * (_normal_cdf(xf) + xf * pdf)).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
