@@ -115,6 +115,37 @@ def test_gelu_and_its_custom_vjp_match_torch(dtype, tol):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 3e-3)])
+def test_layer_norm_and_its_custom_vjp_match_torch(dtype, tol, bias):
+    """jaxgpt's LayerNorm (fp32 math, torch's backward from saved mean / rstd) vs torch's in fp64: y, dx, dw, db."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    C = 96
+    cfg = dataclasses.replace(TINY, n_embd=C, bias=bias)
+    ln = jblock.layer_norm(cfg, nnx.Rngs(0))
+    ln.scale[...] = jnp.asarray(rng.normal(1, 0.5, C), jnp.float32)
+    if bias:
+        ln.bias[...] = jnp.asarray(rng.normal(0, 0.5, C), jnp.float32)
+    x = jnp.asarray(rng.normal(0.3, 2, (3, 5, C)), dtype)
+    dy = jnp.asarray(rng.normal(0, 1, (3, 5, C)), jnp.float32)
+    graphdef, params = nnx.split(ln)
+    y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+    dparams, dx = vjp(dy)
+    assert y.dtype == jnp.float32 and dx.dtype == x.dtype
+
+    t = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True)
+         for k, v in (("x", x.astype(jnp.float32)), ("w", ln.scale[...])) + ((("b", ln.bias[...]),) if bias else ())}
+    yt = torch.nn.functional.layer_norm(t["x"], (C,), t["w"], t.get("b"), eps=1e-5)
+    yt.backward(torch.tensor(np.asarray(dy), dtype=torch.float64))
+    pairs = [(y, yt), (dx, t["x"].grad), (dparams["scale"][...], t["w"].grad)]
+    pairs += [(dparams["bias"][...], t["b"].grad)] if bias else []
+    for got, want in pairs:
+        got, want = np.asarray(got.astype(jnp.float32), np.float64), want.detach().numpy()
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
 def test_softcap_output_transform():
     z = np.linspace(-200, 200, 41)
     want = 30 / (1 + np.exp(-z / 7.5))
