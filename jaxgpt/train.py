@@ -165,7 +165,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         log.path.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    train_step = make_train_step(graphdef, tx, param_shardings=param_sh, opt_shardings=opt_sh, remat=cfg.remat)
+    train_step = make_train_step(graphdef, tx, abstract, abstract_opt, param_shardings=param_sh, opt_shardings=opt_sh,
+                                 remat=cfg.remat)
     evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef, param_sh), mesh)
     print(
         f"{cfg.variant} ({', '.join(f'{a}={getattr(cfg.model, a)}' for a in AXES)}) | {cfg.model_size} "
@@ -176,14 +177,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
         f"({train_data.n_tokens:,} train tokens) | run {out}"
     )
 
+    p, o = train_step.leaves(params, opt_state)  # the loop's state; trees are rebuilt for evaluation and saving
+    del params, opt_state
+
     def save(step: int) -> None:
+        params, opt_state = train_step.trees(p, o)
         if not bool(all_finite(params)):
             raise TrainingDiverged(f"non-finite state at step {step}; not saved. {_last_good(ckpt)}")
         ckpt.save(TrainState(params, opt_state, make_meta(cfg, step, data_dir)))
 
     def run_eval(step: int) -> dict:
         t0 = time.time()
-        losses = evaluate(params)
+        losses = evaluate(train_step.trees(p, o)[0])
         print(f"TRAIN_METRICS: step={step}, train_loss={losses['train']:.4f}, val_loss={losses['val']:.4f}")
         log.write(kind="eval", step=step, train_loss=losses["train"], val_loss=losses["val"], seconds=time.time() - t0)
         return {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}
@@ -199,7 +204,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     batches = Prefetcher(fetch, range(start, cfg.max_iters))
     try:
         for step, (x, y) in batches:
-            params, opt_state, metrics = train_step(params, opt_state, x, y)
+            p, o, metrics = train_step.jitted(p, o, x, y)
             completed = done = step + 1
             if done % cfg.log_interval == 0 or done == cfg.max_iters or step == start:
                 metrics = jax.device_get(metrics)

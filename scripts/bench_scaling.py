@@ -83,18 +83,20 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     tokens = np.random.default_rng(0).integers(0, 50257, size=(A, B, T + 1), dtype=np.int32)
     x, y = (jax.device_put(a, batch_sharding(mesh, 3)) for a in (tokens[..., :-1], tokens[..., 1:]))
     t0 = time.perf_counter()
-    step = make_train_step(graphdef, tx, param_shardings=param_sh, opt_shardings=opt_sh, remat=cfg.remat)
-    compiled = step.lower(params, opt_state, x, y).compile()
+    step = make_train_step(graphdef, tx, params, opt_state, param_shardings=param_sh, opt_shardings=opt_sh,
+                           remat=cfg.remat)
+    p, o = step.leaves(params, opt_state)
+    compiled = step.jitted.lower(p, o, x, y).compile()
     compile_s = time.perf_counter() - t0
     progress(n, f"compiled in {compile_s:.0f} s; {args.warmup} warm-up + {args.steps} timed steps")
     for _ in range(args.warmup):
-        params, opt_state, metrics = compiled(params, opt_state, x, y)
-    jax.block_until_ready((params, opt_state, metrics))
+        p, o, metrics = compiled(p, o, x, y)
+    jax.block_until_ready((p, o, metrics))
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        params, opt_state, metrics = compiled(params, opt_state, x, y)
-        jax.block_until_ready((params, opt_state, metrics))
+        p, o, metrics = compiled(p, o, x, y)
+        jax.block_until_ready((p, o, metrics))
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
     stats = [d.memory_stats() or {} for d in devices]

@@ -113,14 +113,15 @@ class JaxSide:
         mesh = make_mesh(cfg.batch_size)
         graphdef, params = nnx.split(init_model(cfg.model, cfg.seed), nnx.Param)
         tx = make_optimizer(cfg)
-        self.params, self.opt_state = replicate(params, mesh), replicate(tx.init(params), mesh)
+        opt_state = tx.init(params)
+        self.train_step = make_train_step(graphdef, tx, params, opt_state)
+        self.p, self.o = self.train_step.leaves(replicate(params, mesh), replicate(opt_state, mesh))  # as train.py
         self.x = [shard_batch(b, mesh) for b in x]
         self.y = [shard_batch(b, mesh) for b in y]
-        self.train_step = make_train_step(graphdef, tx)
         self.phases: tuple[str, ...] = PHASES if breakdown else ("step",)
 
-        def loss_fn(params: nnx.State, x: jax.Array, y: jax.Array) -> jax.Array:  # x, y [B, T]
-            return nnx.merge(graphdef, params).loss(x, y, train=True)
+        def loss_fn(p: list, x: jax.Array, y: jax.Array) -> jax.Array:  # p: the params' leaves; x, y [B, T]
+            return nnx.merge(graphdef, self.train_step.params_def.unflatten(p)).loss(x, y, train=True)
 
         self.loss = jax.jit(loss_fn)
         self.loss_and_grad = jax.jit(jax.value_and_grad(loss_fn))
@@ -130,10 +131,10 @@ class JaxSide:
         ready together, so blocking on it waits for the whole computation)."""
         x, y = self.x[i % len(self.x)], self.y[i % len(self.y)]
         if phase == "step":
-            self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, x, y)
+            self.p, self.o, metrics = self.train_step.jitted(self.p, self.o, x, y)
             return metrics["loss"]
         fn = self.loss if phase == "fwd" else lambda *a: self.loss_and_grad(*a)[0]
-        return [fn(self.params, xa, ya) for xa, ya in zip(x, y)][-1]  # micro-batch by micro-batch, like torch
+        return [fn(self.p, xa, ya) for xa, ya in zip(x, y)][-1]  # micro-batch by micro-batch, like torch
 
     def sync(self, out: jax.Array) -> None:
         jax.block_until_ready(out)
@@ -141,7 +142,7 @@ class JaxSide:
     def profile(self, directory: Path, steps: int) -> None:
         """A jax.profiler trace of `steps` train steps, and the optimized HLO of the step."""
         directory.mkdir(parents=True, exist_ok=True)
-        compiled = self.train_step.lower(self.params, self.opt_state, self.x[0], self.y[0]).compile()
+        compiled = self.train_step.jitted.lower(self.p, self.o, self.x[0], self.y[0]).compile()
         (directory / "train_step.hlo.txt").write_text(compiled.as_text())
         with jax.profiler.trace(str(directory), create_perfetto_trace=True):
             for i in range(steps):

@@ -285,14 +285,15 @@ def test_remat_step_equals_plain_step():
     tokens = np.random.default_rng(0).integers(0, 50257, (2, 2, 33), dtype=np.int32)
     x, y = shard_batch(tokens[..., :-1], mesh), shard_batch(tokens[..., 1:], mesh)
 
-    plain = make_train_step(graphdef, tx)
+    plain = make_train_step(graphdef, tx, params, jax.eval_shape(tx.init, params))
     p1, _, m1 = plain(replicate(params, mesh), replicate(tx.init(params), mesh), x, y)
 
     param_sh = state_shardings(params, mesh)
     opt_sh = state_shardings(jax.eval_shape(tx.init, params), mesh)
-    rematted = make_train_step(graphdef, tx, param_shardings=param_sh, opt_shardings=opt_sh, remat=True)
+    rematted = make_train_step(graphdef, tx, params, tx.init(params), param_shardings=param_sh, opt_shardings=opt_sh,
+                               remat=True)
     args = (jax.device_put(params, param_sh), jax.device_put(tx.init(params), opt_sh), x, y)
-    assert "remat" in str(jax.make_jaxpr(rematted)(*args))
+    assert "remat" in str(jax.make_jaxpr(rematted.jitted)(*rematted.leaves(*args[:2]), x, y))
     p2, _, m2 = rematted(*args)
     assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), rel=LOSS_RTOL)
     assert float(m2["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=STATE_RTOL)
@@ -362,10 +363,10 @@ for n, spec in ((1, ""), (int(sys.argv[1]), sys.argv[2])):
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
     ps, os_ = state_shardings(params, mesh), state_shardings(opt_state, mesh)
-    step = make_train_step(graphdef, tx, param_shardings=ps, opt_shardings=os_)
+    step = make_train_step(graphdef, tx, params, opt_state, param_shardings=ps, opt_shardings=os_)
     args = (jax.device_put(params, ps), jax.device_put(opt_state, os_),
             *(jax.device_put(a, batch_sharding(mesh, 3)) for a in (x, y)))
-    hlo = step.lower(*args).compile().as_text()
+    hlo = step.jitted.lower(*step.leaves(*args[:2]), *args[2:]).compile().as_text()
     computations = hlo.split("\\n\\n")
     nested = [c for c in computations if not c.lstrip().startswith(("ENTRY", "HloModule"))]  # loop bodies etc.
     new_params, _, metrics = step(*args)
