@@ -90,3 +90,15 @@ def test_failing_torch_side_keeps_jax_rows(bench, tmp_path, monkeypatch, capsys)
 def test_bad_runs_are_user_errors(bench, runs):
     with pytest.raises(bench.UserError):
         bench.parse_runs(runs)
+
+
+def test_bench_dispatch_smoke():
+    """scripts/bench_dispatch.py times both ways of passing the state and prints one line with both."""
+    import re
+    import subprocess
+
+    p = subprocess.run([sys.executable, "scripts/bench_dispatch.py", "--model", "tiny", "--calls", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r"trees ([\d.]+), leaf lists ([\d.]+)", p.stdout)
+    assert m and all(float(v) > 0 for v in m.groups()), p.stdout
