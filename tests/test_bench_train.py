@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,9 +96,6 @@ def test_bad_runs_are_user_errors(bench, runs):
 
 def test_bench_dispatch_smoke():
     """scripts/bench_dispatch.py times both ways of passing the state and prints one line with both."""
-    import re
-    import subprocess
-
     p = subprocess.run([sys.executable, "scripts/bench_dispatch.py", "--model", "tiny", "--calls", "3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
