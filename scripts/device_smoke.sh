@@ -3,8 +3,7 @@
 # default corpus. Run through the device tool from the repo root, carrying data/shakespeare:
 #   bash scripts/device_smoke.sh        (results land in $OUT)
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/jaxgpt-out}; mkdir -p "$OUT"
+source scripts/device_env.sh
 python3 - <<'PY' 2>&1 | tee "$OUT/env.log"
 import jax, flax, optax, orbax.checkpoint as ocp, torch, tiktoken
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", ocp.__version__,

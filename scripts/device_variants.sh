@@ -3,12 +3,8 @@
 # presets at gpt2-124m on the default corpus. Results come back as two tarballs in $OUT.
 #   bash scripts/device_variants.sh "PYTEST_K_EXPR" "variant1,variant2,..." [compare timeout s] [iters] [pytest timeout s]
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/jaxgpt-out}; mkdir -p "$OUT/parity" "$OUT/cmp"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source scripts/device_env.sh
+mkdir -p "$OUT/parity" "$OUT/cmp"
 if [ -n "$1" ]; then
   OUT="$OUT/parity" timeout "${5:-400}" python3 -m pytest -q -m gpu parity_tests -k "$1" -p no:cacheprovider 2>&1 | tail -60 | tee "$OUT/parity.log"
 fi
@@ -19,3 +15,4 @@ if [ -n "$2" ]; then
     | grep -v "^step" | tee "$OUT/compare.log"
 fi
 tar czf "$OUT/parity.tgz" -C "$OUT" parity && tar czf "$OUT/cmp.tgz" -C "$OUT" cmp && rm -rf "$OUT/parity" "$OUT/cmp"
+save_triton_autotune
