@@ -125,8 +125,8 @@ class TrainStep:
     lists of the params' and optimizer state's arrays and x, y [A, B, T].
 
     jit flattens its arguments at every call, and nnx.State and optax's state trees flatten through Python
-    callbacks: 2.9 ms per call for gpt2-124m's 227 arrays on a 2-core host against 0.4 ms for lists, time in which
-    the device may wait. Loops keep `leaves(params, opt_state)` between steps and rebuild the trees with
+    callbacks: 3.0 ms per call for gpt2-124m's 227 arrays on a 2-core host against 0.3 ms for lists
+    (scripts/bench_dispatch.py), time in which the device may wait. Loops keep `leaves(params, opt_state)` between steps and rebuild the trees with
     `trees(p, o)` where they need them (evaluation, checkpoints); calling the TrainStep itself takes and returns
     trees.
     """
