@@ -1,6 +1,10 @@
 """Shared fixtures for tests/."""
 
+import json
+import os
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # import jaxgpt from this checkout under a bare `pytest` (tests/ is no package)
 
+from cli_runs import SCHEDULE, TIMEOUT, TINY, Run, locked, shared_dir  # noqa: E402
 from jaxgpt.data import ensure_default_corpus, is_prepared  # noqa: E402
 
 
@@ -19,3 +24,37 @@ def default_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if is_prepared(in_repo):
         return in_repo
     return ensure_default_corpus(tmp_path_factory.mktemp("corpus") / "shakespeare")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """cli(out, *args, devices=1) runs `python -m jaxgpt.train ARGS --out OUT` in a fresh process with
+    `devices` virtual CPU devices and returns a Run."""
+    cache = shared_dir(tmp_path_factory, "jax-compilation-cache")
+
+    def run(out: Path | None, *args: str, devices: int = 1, timeout: int = TIMEOUT) -> Run:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env.pop("XLA_FLAGS", None)
+        if devices > 1:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        argv = [sys.executable, "-m", "jaxgpt.train", *args] + (["--out", str(out)] if out else [])
+        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return Run(out, p.returncode, p.stdout, p.stderr)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(cli, default_corpus, tmp_path_factory) -> Run:
+    """The straight 4-step run (checkpoints at steps 2 and 4, evals at 0, 2, 4) on one device; run once per
+    session (the first xdist worker to get here runs it, the others read its result)."""
+    root = shared_dir(tmp_path_factory, "reference")
+    with locked(root / "lock"):
+        record = root / "run.json"
+        if not record.exists():
+            run = cli(root / "run", "--data", str(default_corpus), "--max-iters", "4", *TINY, *SCHEDULE)
+            record.write_text(json.dumps({**asdict(run), "out": str(run.out)}))
+        run = Run(**json.loads(record.read_text()))
+    run.out = Path(run.out)
+    return run.check()

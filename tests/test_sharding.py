@@ -2,8 +2,8 @@
 that move between meshes and device counts (N -> M), the batch prefetcher, remat and the scaling benchmark.
 
 Multi-device runs use virtual CPU devices (`--xla_force_host_platform_device_count`, read when JAX starts),
-so they run in subprocesses; the 1-device reference run and the subprocess helpers are tests/test_train.py's
-(shared with it, compilation cache included).
+so they run in subprocesses; the 1-device reference run (`reference`, conftest.py) and the subprocess helpers
+(cli_runs.py) are shared with tests/test_train.py, compilation cache included.
 
 Tolerances: the runs differ only in the order of floating-point reductions (per-device partial sums, the
 gradient all-reduce), which moves fp32 results by a few ulps. Measured over these 4 steps: per-step losses
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from test_train import SCHEDULE, TINY, assert_trees_equal, cli, leaves, reference, restore  # noqa: F401
+from cli_runs import SCHEDULE, TINY, assert_trees_equal, leaves, restore
 
 from jaxgpt.checkpoint import load_run
 from jaxgpt.config import Config, apply_overrides
@@ -130,7 +130,7 @@ def assert_losses_close(got, ref, steps):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(cli, default_corpus, tmp_path_factory, request):  # noqa: F811
+def fsdp_run(cli, default_corpus, tmp_path_factory, request):
     """The reference's 4 steps on 4 devices, mesh data=2 x fsdp=2 (checkpoints at 2 and 4); the 1-device
     reference runs meanwhile (if this session has not run it yet)."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
@@ -141,7 +141,7 @@ def fsdp_run(cli, default_corpus, tmp_path_factory, request):  # noqa: F811
         return run.result().check()
 
 
-def test_fsdp_matches_single_device(fsdp_run, reference):  # noqa: F811
+def test_fsdp_matches_single_device(fsdp_run, reference):
     # the state really is sharded: each device holds half of the embedding and its Adam moments
     fsdp_mib, ref_mib = state_mib(fsdp_run.stdout, "4x cpu (mesh data=2,fsdp=2)"), state_mib(reference.stdout, "1x cpu")
     wte_mib = 3 * 50304 * 32 * 4 / 2**20
@@ -158,7 +158,7 @@ def test_fsdp_matches_single_device(fsdp_run, reference):  # noqa: F811
     assert_trees_equal(opt_state, ref_opt, rtol=STATE_RTOL)
 
 
-def test_fsdp_checkpoint_resumes_on_fewer_devices(cli, fsdp_run, default_corpus, tmp_path):  # noqa: F811
+def test_fsdp_checkpoint_resumes_on_fewer_devices(cli, fsdp_run, default_corpus, tmp_path):
     """Step 2 of the 4-device FSDP run, resumed on 2 devices (fsdp=2) and on 1, continues its trajectory."""
 
     def resume(name: str, devices: int, *mesh: str):

@@ -7,122 +7,22 @@ The subprocesses share a JAX persistent compilation cache (runs with the same mo
 the same programs), which only saves compile time: the cache is keyed on the compiled program.
 """
 
-import fcntl
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from jaxgpt.checkpoint import Checkpointer, load_run
+from jaxgpt.checkpoint import Checkpointer
 from jaxgpt.config import available_configs
 from jaxgpt.errors import UserError
 from jaxgpt.optim import learning_rate
 from jaxgpt.train import build_config, parser, train
+from cli_runs import SCHEDULE, TINY, Run, assert_trees_equal, leaves, restore
 from jaxgpt.variants import AXES, PRESETS
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 240
-
-# 1 layer, 32 wide, 32 tokens of context, batch 4: a few hundred ms per step including the 50304-row head.
-TINY = [
-    "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.block_size=32",
-    "--set", "batch_size=4", "--set", "eval_iters=2", "--set", "log_interval=1",
-]
-# The 4-step schedule shared by the reference, resume and data-parallel runs: the lr schedule is pinned by
-# lr_decay_iters (not max_iters), so a run stopped at step 2 follows the same schedule as the full one.
-SCHEDULE = [
-    "--set", "warmup_iters=1", "--set", "lr_decay_iters=4", "--set", "learning_rate=3e-3",
-    "--set", "eval_interval=2", "--set", "ckpt_interval=2",
-]
-
-
-@dataclass
-class Run:
-    out: Path
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def records(self, kind: str) -> list[dict]:
-        lines = (self.out / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-    def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in self.records("train")}
-
-    def check(self) -> "Run":
-        assert self.returncode == 0, f"rc={self.returncode}\n{self.stdout[-3000:]}\n{self.stderr[-3000:]}"
-        return self
-
-
-def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A directory of this test session shared by all pytest-xdist workers."""
-    base = tmp_path_factory.getbasetemp()
-    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextmanager
-def locked(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    """cli(out, *args, devices=1) runs `python -m jaxgpt.train ARGS --out OUT` in a fresh process with
-    `devices` virtual CPU devices and returns a Run."""
-    cache = shared_dir(tmp_path_factory, "jax-compilation-cache")
-
-    def run(out: Path | None, *args: str, devices: int = 1, timeout: int = TIMEOUT) -> Run:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        env.pop("XLA_FLAGS", None)
-        if devices > 1:
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-        argv = [sys.executable, "-m", "jaxgpt.train", *args] + (["--out", str(out)] if out else [])
-        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        return Run(out, p.returncode, p.stdout, p.stderr)
-
-    return run
-
-
-def restore(run_dir: Path, step: int | None = None):
-    """(meta, params, opt_state) of a run's checkpoint."""
-    _, state = load_run(run_dir, step)
-    return state.meta, state.params, state.opt_state
-
-
-def leaves(tree) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def assert_trees_equal(a, b, rtol: float = 0.0):
-    a, b = leaves(a), leaves(b)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        if rtol == 0:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-        else:
-            err = np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30)
-            assert err < rtol, (k, err)
 
 
 def one_error_line(run: Run) -> str:
@@ -133,20 +33,6 @@ def one_error_line(run: Run) -> str:
     assert run.returncode == 2, (run.returncode, run.stderr)
     return lines[0]
 
-
-@pytest.fixture(scope="module")
-def reference(cli, default_corpus, tmp_path_factory) -> Run:
-    """The straight 4-step run (checkpoints at steps 2 and 4, evals at 0, 2, 4) on one device; run once per
-    session (the first xdist worker to get here runs it, the others read its result)."""
-    root = shared_dir(tmp_path_factory, "reference")
-    with locked(root / "lock"):
-        record = root / "run.json"
-        if not record.exists():
-            run = cli(root / "run", "--data", str(default_corpus), "--max-iters", "4", *TINY, *SCHEDULE)
-            record.write_text(json.dumps({**asdict(run), "out": str(run.out)}))
-        run = Run(**json.loads(record.read_text()))
-    run.out = Path(run.out)
-    return run.check()
 
 
 # ---------------------------------------------------------------------------------------------------
