@@ -128,5 +128,5 @@ def state_bytes_per_device(tree: Any) -> int:
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """Shape/dtype structures of `tree` that carry `shardings` (targets for a sharded restore or init)."""
+    """Shape/dtype structures of `tree` that carry `shardings` (targets for a sharded restore)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

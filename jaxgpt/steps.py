@@ -23,10 +23,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxgpt.config import ModelConfig
+from jaxgpt.model import init_model
 from jaxgpt.sharding import AXES, batch_sharding, make_mesh, replicate, shard_batch
 
 __all__ = [
-    "TrainStep", "all_finite", "make_eval_step", "make_mesh", "make_train_step", "merge_model", "replicate", "shard_batch",
+    "TrainStep", "all_finite", "init_state", "make_eval_step", "make_mesh", "make_train_step", "merge_model",
+    "replicate", "shard_batch",
 ]
 
 
@@ -195,6 +198,15 @@ def make_train_step(
         step, in_shardings=(*state, batch, batch), out_shardings=(*state, NamedSharding(mesh, P())), donate_argnums=(0, 1)
     )
     return TrainStep(jitted, params_def, opt_def)
+
+
+def init_state(
+    model_cfg: ModelConfig, seed: int, tx: optax.GradientTransformation, param_shardings: Any, opt_shardings: Any
+) -> tuple[Any, Any]:
+    """Fresh params and optimizer state, initialised in place on their shardings: no device ever holds more
+    than its shard of either (under FSDP a large model need not fit on one device first)."""
+    params = jax.jit(lambda: nnx.state(init_model(model_cfg, seed), nnx.Param), out_shardings=param_shardings)()
+    return params, jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any = None) -> Callable:

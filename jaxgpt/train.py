@@ -48,7 +48,7 @@ from jaxgpt.sharding import (
     state_bytes_per_device,
     state_shardings,
 )
-from jaxgpt.steps import all_finite, make_eval_step, make_train_step
+from jaxgpt.steps import all_finite, init_state, make_eval_step, make_train_step
 from jaxgpt.variants import AXES, PRESETS, apply_variant
 
 
@@ -159,8 +159,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             print(f"note: the recipe differs from the checkpoint's in {', '.join(changed)}; "
                   "the run continues with the new values (the lr schedule too)")
     else:
-        params = jax.device_put(nnx.state(init_model(cfg.model, cfg.seed), nnx.Param), param_sh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        params, opt_state = init_state(cfg.model, cfg.seed, tx, param_sh, opt_sh)
         out.mkdir(parents=True, exist_ok=True)
         log.path.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -55,7 +55,7 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     from jaxgpt.model import init_model, num_params
     from jaxgpt.optim import make_optimizer
     from jaxgpt.sharding import batch_sharding, make_mesh, state_shardings
-    from jaxgpt.steps import make_train_step
+    from jaxgpt.steps import init_state, make_train_step
 
     devices = jax.devices()[:n]
     if len(devices) < n:
@@ -72,10 +72,8 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     tx = make_optimizer(cfg)
     param_sh = state_shardings(abstract, mesh)
     opt_sh = state_shardings(jax.eval_shape(tx.init, abstract), mesh)
-    # initialised in place on the mesh: no device ever holds more than its shard of the state
     t0 = time.perf_counter()
-    params = jax.jit(lambda: nnx.state(init_model(cfg.model, cfg.seed), nnx.Param), out_shardings=param_sh)()
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    params, opt_state = init_state(cfg.model, cfg.seed, tx, param_sh, opt_sh)
     jax.block_until_ready((params, opt_state))
     progress(n, f"mesh {dict(mesh.shape)}, params and optimizer state initialised ({time.perf_counter() - t0:.0f} s); "
                 "compiling the step")
