@@ -6,10 +6,16 @@ GPU (`pytest -m gpu`): in bf16 it must match FLA 0.6.0's Triton `chunk_delta_rul
 1.5x FLA's own bf16-vs-fp32 noise) and be as close to the fp32 reference as FLA's bf16 is (within 25%).
 """
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgpt.ops import chunk_delta_rule
+from jaxgpt.ops.delta_rule import chunk as delta_chunk
+from jaxgpt.ops.delta_rule import pallas as delta_pallas
 from parity_tests.test_ops_parity import assert_close, jax_outputs_and_grads, random_qkv, rel_err
 
 FWD_TOL, GRAD_TOL, NOISE_FACTOR, ACCURACY_FACTOR = 4e-3, 8e-3, 1.5, 1.25  # as parity_tests/test_gpu_parity.py
@@ -28,6 +34,53 @@ def test_pallas_matches_xla_fp32(shape):
     ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla", **flag)
     got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas", **flag)
     assert_close({"pallas_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
+
+
+def test_trsm_option_matches_xla_fp32(monkeypatch):
+    """The 'trsm' triangular inverse (XLA's solve) kept as the option to time against: same results."""
+    inputs, do, dht = delta_inputs(np.random.default_rng(1), 1, 70, 2, 16, 16)
+    ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla")
+    monkeypatch.setattr(delta_chunk, "chunk_delta_rule_pallas", functools.partial(
+        delta_pallas.chunk_delta_rule_pallas, tril_inverse="trsm"))
+    monkeypatch.setattr(delta_pallas, "tril_inverse_pallas", None)  # fails if the 'pallas' inverse were used
+    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas")
+    assert_close({"trsm_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
+
+
+@pytest.mark.parametrize("C,correlated", [(64, False), (64, True), (32, False)])
+def test_tril_inverse(C, correlated):
+    """(I + A)^{-1} by the Pallas kernel (interpreted) against the fp64 inverse, as accurate as XLA's solve.
+    Correlated keys (all near one direction) make A close to beta * ones below the diagonal: the hard case."""
+    rng = np.random.default_rng(C)
+    k = rng.standard_normal((3, C, 64)) + (4.0 if correlated else 0.0)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    a = np.tril(rng.uniform(0.2, 1.0, (3, C, 1)) * (k @ k.swapaxes(-1, -2)), -1)
+    exact = np.linalg.inv(a + np.eye(C))
+    got = np.asarray(delta_pallas.tril_inverse_pallas(jnp.asarray(a, jnp.float32), interpret=True), np.float64)
+    assert rel_err(got, exact) < 1e-6
+    assert np.array_equal(np.triu(got, 1), np.zeros_like(got))
+
+
+def test_lowers_to_triton():
+    """The bf16 forward + backward export for CUDA: all three kernels lower to Triton IR (compiling needs a GPU)."""
+    options = delta_pallas.Options(scale=0.125, block_v=32, tril_inverse="pallas", interpret=False)
+
+    def fwd_bwd(q, k, v, beta, h0, do):
+        (o, ht), vjp = jax.vjp(lambda *x: delta_pallas.delta_rule(*x, options), q, k, v, beta, h0)
+        return o, vjp((do, jnp.zeros_like(ht)))
+
+    bf = jnp.bfloat16
+    chunks = (2, 2, 3, 64)  # B, H, N, C
+    args = [jax.ShapeDtypeStruct(chunks + (64,), bf) for _ in range(3)] + [
+        jax.ShapeDtypeStruct(chunks, bf), jax.ShapeDtypeStruct((2, 2, 64, 64), jnp.float32),
+        jax.ShapeDtypeStruct(chunks + (64,), bf)]
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    module = exported.mlir_module()
+    kernels = ("_tril_inverse_kernel", "_state_fwd_kernel", "_state_bwd_kernel")
+    assert all(f'name = "{name}"' in module for name in kernels), "a kernel did not lower to a Triton call"
+    assert "triangular_solve" not in module
 
 
 @pytest.mark.gpu

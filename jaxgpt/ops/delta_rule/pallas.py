@@ -1,11 +1,12 @@
 """Delta rule for GPUs: the chunked WY form with a hand-written backward (`jax.custom_vjp`) and the two chunk-to-chunk
-recurrences as Pallas (Triton) kernels; everything parallel over chunks stays batched XLA matrix products.
+recurrences and the per-chunk triangular inverse as Pallas (Triton) kernels; everything else parallel over chunks stays
+batched XLA matrix products.
 
 The structure is FLA's (`fla/ops/delta_rule/chunk.py`), the math is the one in `chunk.py`. Per chunk n of C steps
 (rows of q, k [C, K], v [C, V], beta [C]; all chunks at once unless said otherwise):
 
 forward
-    A   = strict_tril(diag(beta) K K^T)          T = (I + A)^{-1}              (fp32, one triangular solve)
+    A   = strict_tril(diag(beta) K K^T)          T = (I + A)^{-1}        (fp32, Pallas kernel: blockwise forward substitution)
     W   = T diag(beta) K                         U = T diag(beta) V
     S_0 = h0;  V'_n = U_n - W_n S_n;  S_{n+1} = S_n + K_n^T V'_n             (sequential: Pallas kernel)
     O   = scale (Q S_n + tril(Q K^T) V'_n)
@@ -38,6 +39,7 @@ from jaxgpt.ops.utils import from_chunks, pad_time, to_chunks
 
 F32 = jnp.float32
 CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # dot_general dimension numbers for a^T b of 2-D a, b
+SUB = 16  # diagonal block size of the triangular inverse
 
 
 def chunk_delta_rule_pallas(
@@ -51,12 +53,20 @@ def chunk_delta_rule_pallas(
     use_qk_l2norm_in_kernel: bool,
     chunk_size: int,
     block_v: int | None = None,
+    *,
+    tril_inverse: str = "pallas",
 ) -> tuple[jax.Array, jax.Array | None]:
     """`chunk_delta_rule` on the fast path; arguments as there (q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H]).
 
     block_v: state columns per recurrence program (a power of 2 dividing V); None: min(V, 32).
+    tril_inverse: how T = (I + A)^{-1} is computed: 'pallas' (`tril_inverse_pallas`, blockwise forward
+    substitution; chunk sizes that are multiples of 16) or 'trsm' (XLA's batched triangular solve).
     Off GPU the kernels run in Pallas's interpreter (slow; for tests).
     """
+    if tril_inverse not in ("pallas", "trsm"):
+        raise ValueError(f"tril_inverse must be 'pallas' or 'trsm', got {tril_inverse!r}")
+    if chunk_size % SUB:
+        tril_inverse = "trsm"
     B, T, H, K = q.shape
     V = v.shape[-1]
     if block_v is None:  # 32 measured as fast as or faster than 64 at every benchmark shape (docs/kernels-deltanet.md)
@@ -65,7 +75,7 @@ def chunk_delta_rule_pallas(
         q, k = l2norm(q), l2norm(k)
     q, k, v, beta = (to_chunks(pad_time(x, chunk_size), chunk_size) for x in (q, k, v, beta[..., None]))
     h0 = jnp.zeros((B, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
-    options = Options(scale, block_v, jax.default_backend() != "gpu")
+    options = Options(scale, block_v, tril_inverse, jax.default_backend() != "gpu")
     o, final_state = delta_rule(q, k, v, beta[..., 0], h0, options)
     return from_chunks(o, T), (final_state if output_final_state else None)
 
@@ -75,6 +85,7 @@ class Options(NamedTuple):
 
     scale: float
     block_v: int  # state columns per recurrence program
+    tril_inverse: str  # 'pallas' or 'trsm'
     interpret: bool  # run the kernels in Pallas's interpreter (off GPU)
 
 
@@ -104,7 +115,7 @@ def delta_rule(q, k, v, beta, h0, options: Options):
 
 def delta_rule_fwd(q, k, v, beta, h0, options: Options):
     dt = q.dtype
-    t_inv, w, u = wy_fwd(k, v, beta)
+    t_inv, w, u = wy_fwd(k, v, beta, options)
     states, v_new, final_state = state_recurrence(k, w, u, h0, options)
     scores = jnp.tril(mm(q, k, "...ik,...jk->...ij")).astype(dt)  # [..., C, C]
     o = options.scale * (mm(q, states, "...ck,...kv->...cv") + mm(scores, v_new, "...ij,...jv->...iv"))
@@ -131,7 +142,7 @@ def delta_rule_bwd(options: Options, residuals, cotangents):
 delta_rule.defvjp(delta_rule_fwd, delta_rule_bwd)
 
 
-def wy_fwd(k: jax.Array, v: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def wy_fwd(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options) -> tuple[jax.Array, jax.Array, jax.Array]:
     """T = (I + strict_tril(diag(beta) K K^T))^{-1} (fp32), W = T diag(beta) K, U = T diag(beta) V.
 
     Args:
@@ -143,9 +154,12 @@ def wy_fwd(k: jax.Array, v: jax.Array, beta: jax.Array) -> tuple[jax.Array, jax.
     dt, C = k.dtype, k.shape[-2]
     b = beta.astype(F32)[..., None]
     kb = (k.astype(F32) * b).astype(dt)
-    a = strict_tril(mm(kb, k, "...ik,...jk->...ij")) + jnp.eye(C, dtype=F32)
-    eye = jnp.broadcast_to(jnp.eye(C, dtype=F32), a.shape)
-    t_inv = jax.lax.linalg.triangular_solve(a, eye, left_side=True, lower=True, unit_diagonal=True)
+    a = strict_tril(mm(kb, k, "...ik,...jk->...ij"))
+    if options.tril_inverse == "pallas":
+        t_inv = tril_inverse_pallas(a, options.interpret)
+    else:
+        eye = jnp.broadcast_to(jnp.eye(C, dtype=F32), a.shape)
+        t_inv = jax.lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
     tc = t_inv.astype(dt)
     w = mm(tc, kb, "...ij,...jk->...ik").astype(dt)
     u = mm(tc, (v.astype(F32) * b).astype(dt), "...ij,...jv->...iv").astype(dt)
@@ -224,6 +238,48 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_
         return grad + scale * dq_term - _dot(w_ref[bh, rows, :], dv.astype(w_ref.dtype), CONTRACT_ROWS)
 
     dh0_ref[bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, dht_ref[bh, :, cols])
+
+
+def _tril_inverse_kernel(a_ref, t_ref):
+    """One chunk's T = (I + A)^{-1}, A [C, C] fp32 strictly lower triangular, C a multiple of SUB.
+
+    Each SUB x SUB diagonal block by forward substitution, row i: T_i = e_i - sum_{j<i} A_ij T_j; then the blocks
+    below the diagonal by block forward substitution: T_rc = -T_rr sum_{c<=m<r} A_rm T_mc.
+    """
+    i, nb = pl.program_id(0), a_ref.shape[-1] // SUB
+    rows = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)).astype(F32)
+
+    def block(r, c):
+        return i, pl.ds(r * SUB, SUB), pl.ds(c * SUB, SUB)
+
+    t = {}
+    for r in range(nb):
+        a, t_rr = a_ref[block(r, r)], eye
+        for row in range(1, SUB):
+            a_row = jnp.sum(jnp.where(rows == row, a, 0.0), axis=0)  # [SUB]
+            t_rr = t_rr - jnp.where(rows == row, jnp.sum(a_row[:, None] * t_rr, axis=0)[None, :], 0.0)
+        t[r, r] = t_rr
+        for c in range(r):
+            acc = _dot(a_ref[block(r, c)], t[c, c])
+            for m in range(c + 1, r):
+                acc = acc + _dot(a_ref[block(r, m)], t[m, c])
+            t[r, c] = -_dot(t_rr, acc)
+    for r in range(nb):
+        for c in range(nb):
+            t_ref[block(r, c)] = t[r, c] if c <= r else jnp.zeros((SUB, SUB), F32)
+
+
+def tril_inverse_pallas(a: jax.Array, interpret: bool) -> jax.Array:
+    """(I + A)^{-1} for strictly lower-triangular A [..., C, C] (fp32, C a multiple of 16), one program per matrix.
+
+    Replaces XLA's batched triangular solve (cuBLAS trsm), which at B*H*N ~ 1.5k-4k 64x64 matrices runs slowly;
+    the same blockwise scheme as FLA's `solve_tril`.
+    """
+    *batch, C, _ = a.shape
+    flat = a.reshape(-1, C, C).astype(F32)
+    t = _call(_tril_inverse_kernel, (flat.shape[0],), jax.ShapeDtypeStruct(flat.shape, F32), interpret, 2, flat)
+    return t.reshape(*batch, C, C)
 
 
 def _flat(x: jax.Array) -> jax.Array:
