@@ -367,7 +367,7 @@ def bench_run(spec: RunSpec, variant: str, args: argparse.Namespace,
     for side, _ in sides:
         if isinstance(side, TorchSide):
             side.close()
-    del sides
+    sides.clear()  # drop the sides (and their device memory) before the next run
     gc.collect()
     return cfg, n_params, results
 
