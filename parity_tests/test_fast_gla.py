@@ -2,10 +2,11 @@
 
 CPU (CI): the kernels in Pallas interpret mode, fp32, against the plain recurrence `naive_recurrent_gla`: outputs,
 final state and the gradients w.r.t. q, k, v, gk and the initial state, at ragged T spanning two or three chunks and
-K = 16, 64, 128 (one, two and four of the kernels' 32-column key blocks), with gates weak in some key dimensions and
-strong enough in others (log-decay -20 per step) that any factorisation exp(G_t) * exp(-G_j) over more than a few
-steps would overflow. And the bf16 forward + backward lowers to Triton IR for the GPU (`jax.export`, no GPU needed),
-which catches Pallas-Triton lowering errors that the interpreter does not see.
+K = 16, 64, 128 (one, two and four of the kernels' 32-column key blocks), head dims that are zero-padded to powers of
+two (K = 40, 48, 56; V = 24), and 32 x 32 and 64 x 64 state tiles at K = V = 64 and 128, with gates weak in some key
+dimensions and strong enough in others (log-decay -20 per step) that any factorisation exp(G_t) * exp(-G_j) over
+more than a few steps would overflow. And the bf16 forward + backward lowers to Triton IR for the GPU (`jax.export`,
+no GPU needed) at both state tile sizes, which catches Pallas-Triton lowering errors that the interpreter does not see.
 
 GPU (`pytest -m gpu parity_tests/test_fast_gla.py` on the device): bf16 pallas vs FLA 0.6.0's Triton `chunk_gla`
 (bf16), both against an fp32 reference (jaxgpt's xla chunk_gla in fp32, full-precision products, from the same
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.ops import chunk_gla, naive_recurrent_gla
-from jaxgpt.ops.gla.pallas import chunk_gla_pallas
+from jaxgpt.ops.gla.pallas import chunk_gla_pallas, state_block_for
 from parity_tests.helpers import rel_err
 
 FWD_TOL, GRAD_TOL = 4e-3, 8e-3  # FLA's own test thresholds
@@ -61,31 +62,52 @@ def shape_id(shape) -> str:
     return "B{}_T{}_H{}_K{}_V{}".format(*shape)
 
 
-INTERPRET_CASES = [  # (B, T, H, K, V): one, two and four key blocks (K = 128 with V < K)
-    (1, 150, 2, 16, 32),
-    (1, 100, 1, 64, 64),
-    (1, 70, 1, 128, 32),
+INTERPRET_CASES = [  # ((B, T, H, K, V), state_block)
+    ((1, 150, 2, 16, 32), None),
+    ((1, 100, 1, 64, 64), 64),  # one 64 x 64 state tile
+    ((1, 100, 1, 64, 64), 32),  # 2 x 2 tiles
+    ((1, 70, 1, 128, 32), 64),  # four key blocks, V < K; 2 x 1 state tiles
+    ((1, 70, 1, 128, 128), 32),  # 4 x 4 tiles
+    ((1, 100, 1, 40, 64), None),  # K padded to 64 (gla_depth's key dims 40, 48, 56)
+    ((1, 100, 1, 56, 64), None),
+    ((1, 100, 2, 48, 24), None),  # both padded: K to 64, V to 32
 ]
 
 
-@pytest.mark.parametrize("shape", INTERPRET_CASES, ids=shape_id)
-def test_interpret_matches_recurrence(shape):
+def case_id(case) -> str:
+    shape, state_block = case
+    return shape_id(shape) + ("" if state_block is None else f"_sb{state_block}")
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=case_id)
+def test_interpret_matches_recurrence(case):
+    shape, state_block = case
     rng = np.random.default_rng(0)
     inputs, cot = random_inputs(rng, *shape, strong=True)
     inputs, cot = [jnp.asarray(x) for x in inputs], [jnp.asarray(x) for x in cot]
-    got = outputs_and_grads(lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True), inputs, cot)
+    got = outputs_and_grads(
+        lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True, state_block=state_block), inputs, cot)
     ref = outputs_and_grads(naive_recurrent_gla, inputs, cot)
+    assert [g.shape for g in got] == [r.shape for r in ref]  # the padded head dims are sliced off (and their grads)
     errs = {n: rel_err(g, r) for n, g, r in zip(NAMES, got, ref)}
     assert all(np.isfinite(np.asarray(g)).all() for g in got)
     assert max(errs.values()) < 1e-5, errs
 
 
-@pytest.mark.parametrize("K,V", [(32, 64), (64, 64), (128, 128)])
-def test_lowers_to_triton(K, V):
+def test_state_block_heuristic():
+    assert state_block_for(8, 32, 64, 64) == 64  # 256 programs of 64 x 64
+    assert state_block_for(2, 16, 64, 64) == 32  # 32 programs of 64 x 64 would leave most SMs idle
+    assert state_block_for(8, 12, 32, 64) == 32  # 96
+    assert state_block_for(4, 16, 128, 128) == 64  # 256
+
+
+@pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),
+                                             (128, 128, 32), (40, 24, None)])
+def test_lowers_to_triton(K, V, state_block):
     """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU)."""
 
     def fwd_bwd(q, k, v, gk, do):
-        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas")[0], q, k, v, gk)
+        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas", state_block=state_block)[0], q, k, v, gk)
         return o, vjp(do)
 
     bf = jnp.bfloat16
@@ -100,10 +122,13 @@ def test_lowers_to_triton(K, V):
     assert module.count(triton) >= len(kernels)
 
 
-def test_pallas_rejects_unsupported_head_dims():
-    x = jnp.zeros((1, 8, 1, 24))
-    with pytest.raises(ValueError, match="powers of two"):
+def test_pallas_rejects_unsupported_options():
+    x = jnp.zeros((1, 8, 1, 320))
+    with pytest.raises(ValueError, match="head dims"):
         chunk_gla_pallas(x, x, x, x)
+    x = jnp.zeros((1, 8, 1, 32))
+    with pytest.raises(ValueError, match="state_block"):
+        chunk_gla_pallas(x, x, x, x, state_block=24)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -113,6 +138,7 @@ GPU_CASES = [  # (B, T, H, K, V)
     (2, 4096, 16, 64, 64),
     (1, 16384, 16, 128, 128),
     (8, 1024, 12, 32, 64),  # the GLA layer's heads (expand_k = 0.5)
+    (8, 1024, 12, 48, 64),  # a gla_depth middle layer: K zero-padded to 64
     (2, 1000, 4, 64, 64),
     (2, 65, 4, 64, 64),
     (2, 1, 4, 32, 64),

@@ -1,13 +1,15 @@
 """Linear attention fwd+bwd: jaxgpt (JAX, backend xla / pallas) against FLA 0.6.0's Triton kernels, on one GPU.
 
     python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
-                                             [--impl xla,pallas] [--out results.json]
+                                             [--impl xla,pallas] [--state-block none,32,64] [--out results.json]
 
 Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
-JAX side's achieved TFLOP/s and GB/s under the model below. Every measurement runs twice (columns run 1 / run 2)
-to show the noise; each is the median over `--reps` samples of `--inner` back-to-back fwd+bwd calls (device events
-for PyTorch, a host clock around a blocked JAX dispatch for JAX), after warm-up, rotating over 3 sets of random
-inputs drawn fresh for every shape. Failures (e.g. a backend that is not there yet) print 'n/a' with the error.
+JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
+(`chunk_gla(..., state_block=...)`; none: its heuristic): one row per value, impl labelled e.g. 'pallas sb=32'.
+Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
+of `--inner` back-to-back fwd+bwd calls (device events for PyTorch, a host clock around a blocked JAX dispatch for
+JAX), after warm-up, rotating over 3 sets of random inputs drawn fresh for every shape. Failures (e.g. a backend
+that is not there yet) print 'n/a' with the error.
 
 Ops (bf16 q, k, v, do; fp32 log-gates / bf16 beta; no initial state):
     chunk_gla         jaxgpt.ops.chunk_gla(q, k, v, gk, backend=impl)      vs fla.ops.gla.chunk_gla
@@ -113,7 +115,7 @@ def op_inputs(op, B, T, H, D, rng, n_sets=3):
     return sets
 
 
-def jax_op(op, impl, sets):
+def jax_op(op, impl, sets, state_block=None):
     import jax
     import jax.numpy as jnp
 
@@ -121,7 +123,7 @@ def jax_op(op, impl, sets):
 
     if op == "chunk_gla":
         def f(q, k, v, g):
-            return ops.chunk_gla(q, k, v, g, backend=impl)[0]
+            return ops.chunk_gla(q, k, v, g, backend=impl, state_block=state_block)[0]
     else:
         def f(q, k, v, g):
             return ops.chunk_delta_rule(q, k, v, g, use_qk_l2norm_in_kernel=True, backend=impl)[0]
@@ -247,6 +249,23 @@ def measure_pair(jax_fn, jax_sets, args):
     return [time_jax(jax_fn, jax_sets, args.reps, args.inner) for _ in range(2)]
 
 
+def parse_state_blocks(text):
+    """'none,32,64' -> [None, 32, 64] (None: chunk_gla's heuristic)."""
+    return [None if x == "none" else int(x) for x in text.split(",")]
+
+
+def variants(op, impls, state_blocks):
+    """(impl, row label, state_block) for the JAX rows of one op: one per --state-block value for chunk_gla on
+    pallas, else one per impl."""
+    rows = []
+    for impl in impls:
+        if op == "chunk_gla" and impl == "pallas" and state_blocks:
+            rows += [(impl, f"{impl} sb={'none' if sb is None else sb}", sb) for sb in state_blocks]
+        else:
+            rows.append((impl, impl, None))
+    return rows
+
+
 def run(args):
     rows = []
     rng = np.random.default_rng(0)
@@ -273,11 +292,11 @@ def run(args):
                 B, T, C, H = LAYER_SHAPES[shape]
                 label = f"B{B} T{T} C{C} H{H}"
                 flops = layer_flops(op, B, T, C, H)
-            for impl in args.impl.split(","):
-                row = {"shape": label, "op": op, "impl": impl}
+            for impl, impl_label, state_block in variants(op, args.impl.split(","), args.state_block):
+                row = {"shape": label, "op": op, "impl": impl_label}
                 try:
                     if is_op:
-                        jstep, jsets = jax_op(op, impl, sets)
+                        jstep, jsets = jax_op(op, impl, sets, state_block)
                     else:
                         jstep, jsets, jlayer, n_params = jax_layer(op, impl, B, T, C, H, rng)
                         nbytes = layer_bytes(op, B, T, C, H, n_params)
@@ -311,14 +330,15 @@ def fmt(ms):
 
 
 def print_table(rows):
-    head = f"{'shape':<22}{'op':<18}{'impl':<8}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}{'GB/s':>8}"
+    head = (f"{'shape':<22}{'op':<18}{'impl':<15}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}"
+            f"{'GB/s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "n/a"
         tf = f"{r['tflops']:.1f}" if "tflops" in r else "n/a"
         gb = f"{r['gbs']:.0f}" if "gbs" in r else "n/a"
-        print(f"{r['shape']:<22}{r['op']:<18}{r['impl']:<8}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
+        print(f"{r['shape']:<22}{r['op']:<18}{r['impl']:<15}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
               f"{ratio:>7}{tf:>9}{gb:>8}")
 
 
@@ -327,6 +347,8 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--shapes", default="op1,op2,op3,layer1024,layer4096")
     p.add_argument("--impl", default="xla,pallas")
+    p.add_argument("--state-block", type=parse_state_blocks, default=None,
+                   help="chunk_gla pallas state tiles to sweep, e.g. none,32,64 (none: the heuristic)")
     p.add_argument("--out", default=None, help="write the rows as JSON")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--inner", type=int, default=5)

@@ -39,23 +39,26 @@ def _spy(monkeypatch, module, name):
 
 @pytest.mark.parametrize("gpu", [False, True])
 def test_ops_dispatch(monkeypatch, gpu):
-    """On CPU 'auto' runs xla; on GPU it runs both ops' pallas paths (GLA's only for head dims its kernels take);
-    an explicit 'pallas' always reaches the kernels."""
+    """On CPU 'auto' runs xla; on GPU it runs both ops' pallas paths (GLA's for head dims up to 256, padded to powers
+    of two, and the default chunk sizes); an explicit 'pallas' always reaches the kernels."""
     if gpu:
         monkeypatch.setattr(utils.jax, "default_backend", lambda: "gpu")
     _spy(monkeypatch, delta_chunk, "chunk_delta_rule_pallas")
     _spy(monkeypatch, gla_chunk.pallas, "chunk_gla_pallas")
     x = jnp.ones((1, 8, 2, 16), jnp.float32)
+    odd = jnp.ones((1, 8, 2, 24), jnp.float32)  # K = 24: the kernels take it zero-padded to 32
     beta = jnp.full((1, 8, 2), 0.5)
-    auto_calls = (lambda: delta_chunk.chunk_delta_rule(x, x, x, beta), lambda: gla_chunk.chunk_gla(x, x, x, -x))
+    auto_calls = (lambda: delta_chunk.chunk_delta_rule(x, x, x, beta), lambda: gla_chunk.chunk_gla(x, x, x, -x),
+                  lambda: gla_chunk.chunk_gla(odd, odd, odd, -odd))
     for call in auto_calls:
         if gpu:
             with pytest.raises(Called):
                 call()
         else:
             call()
-    odd = jnp.ones((1, 8, 2, 24), jnp.float32)  # K = 24: not a power of two, so GLA's auto stays on xla
-    gla_chunk.chunk_gla(odd, odd, odd, -odd)
+    wide = jnp.ones((1, 8, 1, 320), jnp.float32)  # K = 320 > 256, or a non-default chunk size: GLA's auto stays on xla
+    jax.eval_shape(lambda: gla_chunk.chunk_gla(wide, wide, wide, -wide))  # (traced only: no Called means xla)
+    jax.eval_shape(lambda: gla_chunk.chunk_gla(x, x, x, -x, chunk_size=32))
     for call in (lambda: delta_chunk.chunk_delta_rule(x, x, x, beta, backend="pallas"),
                  lambda: gla_chunk.chunk_gla(x, x, x, -x, backend="pallas")):
         with pytest.raises(Called):

@@ -28,6 +28,8 @@ def chunk_gla(
     chunk_size: int = 64,
     sub_chunk_size: int = 16,
     backend: str = "auto",
+    *,
+    state_block: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA in chunked form; same math and API as `naive_recurrent_gla` (and FLA's `chunk_gla`).
 
@@ -41,9 +43,11 @@ def chunk_gla(
         chunk_size: steps per chunk; any T works (padded internally with zero inputs / zero log-gates).
         sub_chunk_size: sub-chunk length for the intra-chunk scores; must divide chunk_size.
         backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'pallas' runs the fused GPU
-            kernels of jaxgpt.ops.gla.pallas (head dims powers of two in [16, 256]); 'xla' is this module's
+            kernels of jaxgpt.ops.gla.pallas (head dims up to 256, the default chunk sizes); 'xla' is this module's
             chunked form, differentiated by JAX; 'auto' is 'pallas' on GPU for the head dims and chunk sizes the
             kernels take, else 'xla'.
+        state_block: the pallas state kernels' tile size (`pallas.chunk_gla_pallas`); None: a heuristic. The xla
+            path ignores it.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
@@ -53,7 +57,8 @@ def chunk_gla(
     if impl == "pallas" and (fits or backend == "pallas"):
         if (chunk_size, sub_chunk_size) != (pallas.CHUNK, pallas.SUB):
             raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, sub_chunk_size={pallas.SUB}")
-        return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state)
+        return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state,
+                                       state_block=state_block)
     if chunk_size % sub_chunk_size:
         raise ValueError(f"sub_chunk_size {sub_chunk_size} must divide chunk_size {chunk_size}")
     B, T, H, K = q.shape

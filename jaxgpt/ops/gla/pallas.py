@@ -30,12 +30,22 @@ A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not in
 fp32 [S, S, KB] pairwise temporaries (gates and the q k / dA k / dA q products) thus keep their K = 32 size at any K
 (the per-block H_a / D_a tiles still add up to [K, V]); K <= 32 is one block.
 
+State tiles: _state_fwd / _state_bwd split each head's [K, V] state into BK x BV tiles, BK = min(K, state_block),
+BV = min(V, state_block), one program per tile. `state_block` None picks 64, or 32 when 64 x 64 tiles give fewer
+programs than the GPU has SMs (SM_COUNT): 4x the programs, each walking the same N chunks.
+
+Head dims: the kernels take powers of two from 16 (Triton tiles); any K, V in [1, 256] is zero-padded to the next
+one, K' and V', outside the custom_vjp (q, k, gk and h0's rows to K'; v and h0's columns to V'), and o and the final
+state are sliced back. Padded key columns have q = k = 0 (and gate 0: no decay), padded value columns v = 0, so they
+add nothing to the real outputs; their gradients are dropped by the slice's transpose (the pad).
+
 Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32; the A v / A^T do products take
 A in v's dtype (bf16 operands, fp32 accumulation); the other products take fp32 operands (TF32 on the GPU for
 bf16 / fp16 inputs, full fp32 for fp32 inputs).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +58,33 @@ CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
 M = CHUNK // SUB  # sub-chunks per chunk
 KEY_BLOCK = 32  # key columns per block in _output_fwd / _grad_bwd (bounds their [SUB, SUB, KB] fp32 temporaries)
+MAX_HEAD_DIM = 256
+SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the state-tile heuristic fills them
 f32 = jnp.float32
 
 
 def supported(K: int, V: int) -> bool:
-    """Whether the kernels take these head dims (Triton tiles: powers of two from 16 to 256)."""
-    return all(d >= 16 and d <= 256 and d & (d - 1) == 0 for d in (K, V))
+    """Whether the kernels take these head dims (any in [1, 256]: padded to powers of two from 16 internally)."""
+    return all(1 <= d <= MAX_HEAD_DIM for d in (K, V))
+
+
+def _padded_dim(d: int) -> int:
+    """The kernels' size for head dim d: the next power of two, at least 16 (Triton tiles)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def state_block_for(B: int, H: int, K: int, V: int) -> int:
+    """Heuristic state tile (K, V padded): 64 x 64, unless that gives fewer than SM_COUNT programs, then 32 x 32."""
+    programs = B * H * (K // min(K, 64)) * (V // min(V, 64))
+    return 64 if programs >= SM_COUNT else 32
+
+
+class Options(NamedTuple):
+    """Static (hashable) options of `_gla`."""
+
+    scale: float
+    state_block: int  # BK = min(K, state_block), BV = min(V, state_block) in _state_fwd / _state_bwd
+    interpret: bool  # run the kernels in Pallas's interpreter (tests, off GPU)
 
 
 def _dot(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -78,6 +109,16 @@ def _key_blocks(K: int) -> list[pl.Slice]:
 def _sub_chunk(n, a: int) -> pl.Slice:
     """Time steps of sub-chunk a of chunk n."""
     return pl.ds(n * CHUNK + a * SUB, SUB)
+
+
+def _gate_cumsum(gk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cumsum g [C, K] of log-gates gk [C, K] over steps and its last row g_last [K], read from g (as FLA does)
+    so that g_last - g is exactly 0 at the last step. A separate sum rounds differently: at |g| ~ 1e3 (gates of -20
+    per step) by ~1e-4, which scaled the newest, dominant term of a strongly gated state and gave final-state errors
+    of ~1e-5 against the recurrence (~2e-7 with g's own last row)."""
+    g = jnp.cumsum(gk, axis=0)
+    last = jax.lax.broadcasted_iota(jnp.int32, g.shape, 0) == g.shape[0] - 1
+    return g, jnp.sum(jnp.where(last, g, 0.0), axis=0)
 
 
 def _load_keys(q_ref, k_ref, g_ref, idx, scale):
@@ -108,8 +149,7 @@ def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, 
     def step(n, state):
         states_ref[b, n, h, ks, vs] = state
         t = pl.ds(n * CHUNK, CHUNK)
-        gk = g_ref[b, t, h, ks].astype(f32)  # [C, BK]
-        g, g_last = jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+        g, g_last = _gate_cumsum(g_ref[b, t, h, ks].astype(f32))  # [C, BK], [BK]
         k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last[None, :] - g)
         return state * jnp.exp(g_last)[:, None] + _dot(k, v_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
@@ -146,8 +186,7 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
         n = N - 1 - i
         dstates_ref[b, n, h, ks, vs] = dstate
         t = pl.ds(n * CHUNK, CHUNK)
-        gk = g_ref[b, t, h, ks].astype(f32)
-        g, g_last = jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+        g, g_last = _gate_cumsum(g_ref[b, t, h, ks].astype(f32))
         q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp(g))
         return dstate * jnp.exp(g_last)[:, None] + _dot(q, do_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
@@ -213,10 +252,6 @@ def _params(interpret: bool, num_warps: int, num_stages: int = 1) -> dict:
     return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
 
 
-def _tiles(K: int, V: int) -> tuple[int, int]:
-    return min(K, 64), min(V, 64)
-
-
 def _precision(dtype) -> jax.lax.Precision:
     """Full fp32 products for fp32 (and wider) inputs, TF32 for bf16 / fp16 inputs (as FLA's Triton)."""
     return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else jax.lax.Precision.DEFAULT
@@ -226,64 +261,77 @@ def _warps(K: int, V: int) -> int:
     return 8 if K * V >= 128 * 128 else 4
 
 
-def _forward(q, k, v, gk, h0, scale, interpret):
+def _state_grid(B: int, H: int, K: int, V: int, options: Options) -> tuple[tuple[int, int, int], int, int]:
+    """(grid, BK, BV) of _state_fwd / _state_bwd: one program per (b, h) and BK x BV state tile."""
+    BK, BV = min(K, options.state_block), min(V, options.state_block)
+    return (B * H, K // BK, V // BV), BK, BV
+
+
+def _forward(q, k, v, gk, h0, options: Options):
     """Padded inputs [B, Tp, H, D] -> (o [B, Tp, H, V], states [B, N, H, K, V], final state [B, H, K, V])."""
     B, Tp, H, K = q.shape
     V, N = v.shape[-1], Tp // CHUNK
-    BK, BV = _tiles(K, V)
+    grid, BK, BV = _state_grid(B, H, K, V, options)
     prec = _precision(q.dtype)
     states, ht = pl.pallas_call(
         functools.partial(_state_fwd_kernel, H=H, N=N, BK=BK, BV=BV, precision=prec),
         out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
-        grid=(B * H, K // BK, V // BV), **_params(interpret, 4, 2),
+        grid=grid, **_params(options.interpret, 4, 2),
     )(k, v, gk, h0)
     o = pl.pallas_call(
-        functools.partial(_output_fwd_kernel, H=H, scale=scale, precision=prec),
+        functools.partial(_output_fwd_kernel, H=H, scale=options.scale, precision=prec),
         out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
-        grid=(N, B * H), **_params(interpret, _warps(K, V)),
+        grid=(N, B * H), **_params(options.interpret, _warps(K, V)),
     )(q, k, v, gk, states)
     return o, states, ht
 
 
-def _backward(q, k, v, gk, do, states, dht, scale, interpret):
+def _backward(q, k, v, gk, do, states, dht, options: Options):
     """Padded inputs -> (dq, dk, dv, dgk, dh0)."""
     B, Tp, H, K = q.shape
     V, N = v.shape[-1], Tp // CHUNK
-    BK, BV = _tiles(K, V)
+    grid, BK, BV = _state_grid(B, H, K, V, options)
     prec = _precision(q.dtype)
     dstates, dh0 = pl.pallas_call(
-        functools.partial(_state_bwd_kernel, H=H, N=N, BK=BK, BV=BV, scale=scale, precision=prec),
+        functools.partial(_state_bwd_kernel, H=H, N=N, BK=BK, BV=BV, scale=options.scale, precision=prec),
         out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
-        grid=(B * H, K // BK, V // BV), **_params(interpret, 4, 2),
+        grid=grid, **_params(options.interpret, 4, 2),
     )(q, gk, do, dht)
     dq, dk, dv, dg = pl.pallas_call(
-        functools.partial(_grad_bwd_kernel, H=H, scale=scale, precision=prec),
+        functools.partial(_grad_bwd_kernel, H=H, scale=options.scale, precision=prec),
         out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
         + (jax.ShapeDtypeStruct(gk.shape, f32),),
-        grid=(N, B * H), **_params(interpret, _warps(K, V)),
+        grid=(N, B * H), **_params(options.interpret, _warps(K, V)),
     )(q, k, v, gk, do, states, dstates)
     return dq, dk, dv, dg, dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gla(q, k, v, gk, h0, scale, interpret):
-    o, _, ht = _forward(q, k, v, gk, h0, scale, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gla(q, k, v, gk, h0, options: Options):
+    """GLA on padded inputs (T a multiple of CHUNK, head dims the kernels take) -> (o, final state)."""
+    o, _, ht = _forward(q, k, v, gk, h0, options)
     return o, ht
 
 
-def _gla_fwd(q, k, v, gk, h0, scale, interpret):
-    o, states, ht = _forward(q, k, v, gk, h0, scale, interpret)
+def _gla_fwd(q, k, v, gk, h0, options: Options):
+    o, states, ht = _forward(q, k, v, gk, h0, options)
     return (o, ht), (q, k, v, gk, states)
 
 
-def _gla_bwd(scale, interpret, residuals, cotangents):
+def _gla_bwd(options: Options, residuals, cotangents):
     q, k, v, gk, states = residuals
     do, dht = cotangents
-    dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, do.astype(q.dtype), states, dht.astype(f32), scale, interpret)
+    dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, do.astype(q.dtype), states, dht.astype(f32), options)
     return dq, dk, dv, dg.astype(gk.dtype), dh0
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+def _pad_trailing(x: jax.Array, *sizes: int) -> jax.Array:
+    """Zero-pad the trailing len(sizes) axes of x [..., D1, ..., Dn] up to sizes [..., S1, ..., Sn]."""
+    widths = [(0, 0)] * (x.ndim - len(sizes)) + [(0, n - d) for n, d in zip(sizes, x.shape[-len(sizes):])]
+    return jnp.pad(x, widths)
 
 
 def chunk_gla_pallas(
@@ -295,19 +343,29 @@ def chunk_gla_pallas(
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
     interpret: bool = False,
+    *,
+    state_block: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA with the Pallas kernels; arguments and results as `chunk_gla` (q, k, gk: [B, T, H, K], v: [B, T, H, V],
     initial_state [B, H, K, V]; returns o [B, T, H, V] in q's dtype and the fp32 final state or None).
 
     `interpret=True` runs the kernels in Pallas interpret mode (any device; used by the CPU tests).
-    Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the state).
+    `state_block`: the state kernels' tile, BK = min(K', state_block) and BV = min(V', state_block) on the padded
+    head dims K', V' (a power of two >= 16); None: `state_block_for` (64, or 32 when the GPU would sit part idle).
+    Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the state); any K, V in
+    [1, 256]: padded to the next power of two >= 16 (module docstring).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     if not supported(K, V):
-        raise ValueError(f"pallas chunk_gla needs head dims that are powers of two in [16, 256], got K={K}, V={V}")
+        raise ValueError(f"pallas chunk_gla needs head dims in [1, {MAX_HEAD_DIM}], got K={K}, V={V}")
+    if state_block is not None and (state_block < 16 or state_block & (state_block - 1)):
+        raise ValueError(f"state_block must be a power of two >= 16, got {state_block}")
+    Kp, Vp = _padded_dim(K), _padded_dim(V)
     scale = K**-0.5 if scale is None else float(scale)
-    h0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    o, ht = _gla(*(pad_time(x, CHUNK) for x in (q, k, v, gk)), h0, scale, interpret)
-    return o[:, :T], (ht if output_final_state else None)
+    options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), interpret)
+    h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else _pad_trailing(initial_state.astype(f32), Kp, Vp)
+    q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk))
+    v = _pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
+    o, ht = _gla(q, k, v, gk, h0, options)
+    return o[:, :T, :, :V], (ht[:, :, :K, :V] if output_final_state else None)
