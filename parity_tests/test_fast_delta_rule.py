@@ -6,15 +6,12 @@ GPU (`pytest -m gpu`): in bf16 it must match FLA 0.6.0's Triton `chunk_delta_rul
 1.5x FLA's own bf16-vs-fp32 noise) and be as close to the fp32 reference as FLA's bf16 is (within 25%).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgpt.ops import chunk_delta_rule
-from jaxgpt.ops.delta_rule import chunk as delta_chunk
 from jaxgpt.ops.delta_rule import pallas as delta_pallas
 from parity_tests.test_ops_parity import assert_close, jax_outputs_and_grads, random_qkv, rel_err
 
@@ -40,10 +37,8 @@ def test_trsm_option_matches_xla_fp32(monkeypatch):
     """The 'trsm' triangular inverse (XLA's solve) kept as the option to time against: same results."""
     inputs, do, dht = delta_inputs(np.random.default_rng(1), 1, 70, 2, 16, 16)
     ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla")
-    monkeypatch.setattr(delta_chunk, "chunk_delta_rule_pallas", functools.partial(
-        delta_pallas.chunk_delta_rule_pallas, tril_inverse="trsm"))
     monkeypatch.setattr(delta_pallas, "tril_inverse_pallas", None)  # fails if the 'pallas' inverse were used
-    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas")
+    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas", tril_inverse="trsm")
     assert_close({"trsm_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
 
 

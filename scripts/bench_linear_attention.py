@@ -1,11 +1,13 @@
 """Linear attention fwd+bwd: jaxgpt (JAX, backend xla / pallas) against FLA 0.6.0's Triton kernels, on one GPU.
 
     python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
-                                             [--impl xla,pallas] [--state-block none,32,64] [--out results.json]
+                                             [--impl xla,pallas] [--state-block none,32,64]
+                                             [--delta-inverse pallas,trsm] [--out results.json]
 
 Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
 JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
-(`chunk_gla(..., state_block=...)`; none: its heuristic): one row per value, impl labelled e.g. 'pallas sb=32'.
+(`chunk_gla(..., state_block=...)`; none: its heuristic): one row per value, impl labelled e.g. 'pallas sb=32';
+`--delta-inverse pallas,trsm` likewise chunk_delta_rule's per-chunk triangular inverse ('pallas inv=trsm').
 Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
 of `--inner` back-to-back fwd+bwd calls (device events for PyTorch, a host clock around a blocked JAX dispatch for
 JAX), after warm-up, rotating over 3 sets of random inputs drawn fresh for every shape. Failures (e.g. a backend
@@ -115,7 +117,7 @@ def op_inputs(op, B, T, H, D, rng, n_sets=3):
     return sets
 
 
-def jax_op(op, impl, sets, state_block=None):
+def jax_op(op, impl, sets, options):
     import jax
     import jax.numpy as jnp
 
@@ -123,10 +125,10 @@ def jax_op(op, impl, sets, state_block=None):
 
     if op == "chunk_gla":
         def f(q, k, v, g):
-            return ops.chunk_gla(q, k, v, g, backend=impl, state_block=state_block)[0]
+            return ops.chunk_gla(q, k, v, g, backend=impl, **options)[0]
     else:
         def f(q, k, v, g):
-            return ops.chunk_delta_rule(q, k, v, g, use_qk_l2norm_in_kernel=True, backend=impl)[0]
+            return ops.chunk_delta_rule(q, k, v, g, use_qk_l2norm_in_kernel=True, backend=impl, **options)[0]
 
     @jax.jit
     def step(q, k, v, g, do):
@@ -254,15 +256,18 @@ def parse_state_blocks(text):
     return [None if x == "none" else int(x) for x in text.split(",")]
 
 
-def variants(op, impls, state_blocks):
-    """(impl, row label, state_block) for the JAX rows of one op: one per --state-block value for chunk_gla on
-    pallas, else one per impl."""
+def variants(op, impls, args):
+    """(impl, row label, op keyword options) for the JAX rows of one op: on pallas, one row per --state-block
+    value for chunk_gla and per --delta-inverse value for chunk_delta_rule; else one row per impl."""
+    sweeps = {"chunk_gla": ("state_block", "sb", args.state_block),
+              "chunk_delta_rule": ("tril_inverse", "inv", args.delta_inverse)}
     rows = []
     for impl in impls:
-        if op == "chunk_gla" and impl == "pallas" and state_blocks:
-            rows += [(impl, f"{impl} sb={'none' if sb is None else sb}", sb) for sb in state_blocks]
+        key, short, values = sweeps.get(op, (None, None, None))
+        if impl == "pallas" and values:
+            rows += [(impl, f"{impl} {short}={'none' if x is None else x}", {key: x}) for x in values]
         else:
-            rows.append((impl, impl, None))
+            rows.append((impl, impl, {}))
     return rows
 
 
@@ -292,11 +297,11 @@ def run(args):
                 B, T, C, H = LAYER_SHAPES[shape]
                 label = f"B{B} T{T} C{C} H{H}"
                 flops = layer_flops(op, B, T, C, H)
-            for impl, impl_label, state_block in variants(op, args.impl.split(","), args.state_block):
+            for impl, impl_label, options in variants(op, args.impl.split(","), args):
                 row = {"shape": label, "op": op, "impl": impl_label}
                 try:
                     if is_op:
-                        jstep, jsets = jax_op(op, impl, sets, state_block)
+                        jstep, jsets = jax_op(op, impl, sets, options)
                     else:
                         jstep, jsets, jlayer, n_params = jax_layer(op, impl, B, T, C, H, rng)
                         nbytes = layer_bytes(op, B, T, C, H, n_params)
@@ -349,6 +354,8 @@ def main(argv=None):
     p.add_argument("--impl", default="xla,pallas")
     p.add_argument("--state-block", type=parse_state_blocks, default=None,
                    help="chunk_gla pallas state tiles to sweep, e.g. none,32,64 (none: the heuristic)")
+    p.add_argument("--delta-inverse", type=lambda t: t.split(","), default=None,
+                   help="chunk_delta_rule pallas triangular inverses to sweep: pallas,trsm")
     p.add_argument("--out", default=None, help="write the rows as JSON")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--inner", type=int, default=5)

@@ -27,6 +27,8 @@ def chunk_delta_rule(
     use_qk_l2norm_in_kernel: bool = False,
     chunk_size: int = 64,
     backend: str = "auto",
+    *,
+    tril_inverse: str = "pallas",
 ) -> tuple[jax.Array, jax.Array | None]:
     """Delta rule in chunked form; same math and API as `naive_recurrent_delta_rule` (and FLA's `chunk_delta_rule`).
 
@@ -42,6 +44,8 @@ def chunk_delta_rule(
         backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'xla' is the code below (fp32,
             autodiff through the scan); 'pallas' is `pallas.chunk_delta_rule_pallas` (operands in the inputs' dtype,
             a hand-written backward, Pallas recurrences; interpreted off GPU).
+        tril_inverse: the pallas path's per-chunk (I + A)^{-1}: 'pallas' (kernel) or 'trsm' (XLA's solve). The xla
+            path ignores it.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
@@ -51,7 +55,8 @@ def chunk_delta_rule(
     scale = K**-0.5 if scale is None else scale
     if resolve_backend(backend) == "pallas":
         return chunk_delta_rule_pallas(
-            q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, chunk_size
+            q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, chunk_size,
+            tril_inverse=tril_inverse,
         )
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     if use_qk_l2norm_in_kernel:
