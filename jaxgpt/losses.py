@@ -20,8 +20,9 @@ def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.A
 
     Every loss is built from these two (plus mean(z) for label smoothing). The custom VJP keeps the [B, T, V]
     work to fused passes over the logits in their own dtype: fp32 reductions forward (for 16-bit logits one,
-    `online_max_sum_exp`; for fp32 logits two, `two_pass_max_sum_exp`), and backward dz = g_lse * softmax(z) + g_target * onehot(target), written straight in the
-    logits' dtype. Plain autodiff would materialise the fp32 logits and their fp32 softmax.
+    `online_max_sum_exp`; for fp32 logits two, `two_pass_max_sum_exp`), and backward
+    dz = g_lse * softmax(z) + g_target * onehot(target), written straight in the logits' dtype. Plain autodiff
+    would materialise the fp32 logits and their fp32 softmax.
     """
     return _logit_stats(logits, targets)[:2]
 

@@ -129,9 +129,9 @@ class TrainStep:
 
     jit flattens its arguments at every call, and nnx.State and optax's state trees flatten through Python
     callbacks: 3.0 ms per call for gpt2-124m's 227 arrays on a 2-core host against 0.3 ms for lists
-    (scripts/bench_dispatch.py), time in which the device may wait. Loops keep `leaves(params, opt_state)` between steps and rebuild the trees with
-    `trees(p, o)` where they need them (evaluation, checkpoints); calling the TrainStep itself takes and returns
-    trees.
+    (scripts/bench_dispatch.py), time in which the device may wait. Loops keep `leaves(params, opt_state)`
+    between steps and rebuild the trees with `trees(p, o)` where they need them (evaluation, checkpoints);
+    calling the TrainStep itself takes and returns trees.
     """
 
     jitted: Callable
@@ -195,7 +195,8 @@ def make_train_step(
     batch = batch_sharding(mesh, 3)
     state = (params_def.flatten_up_to(param_shardings), opt_def.flatten_up_to(opt_shardings))
     jitted = jax.jit(
-        step, in_shardings=(*state, batch, batch), out_shardings=(*state, NamedSharding(mesh, P())), donate_argnums=(0, 1)
+        step, in_shardings=(*state, batch, batch), out_shardings=(*state, NamedSharding(mesh, P())),
+        donate_argnums=(0, 1),
     )
     return TrainStep(jitted, params_def, opt_def)
 

@@ -6,7 +6,7 @@ The structure is FLA's (`fla/ops/delta_rule/chunk.py`), the math is the one in `
 (rows of q, k [C, K], v [C, V], beta [C]; all chunks at once unless said otherwise):
 
 forward
-    A   = strict_tril(diag(beta) K K^T)          T = (I + A)^{-1}        (fp32, Pallas kernel: blockwise forward substitution)
+    A   = strict_tril(diag(beta) K K^T)          T = (I + A)^{-1}      (fp32, Pallas kernel: blockwise substitution)
     W   = T diag(beta) K                         U = T diag(beta) V
     S_0 = h0;  V'_n = U_n - W_n S_n;  S_{n+1} = S_n + K_n^T V'_n             (sequential: Pallas kernel)
     O   = scale (Q S_n + tril(Q K^T) V'_n)
