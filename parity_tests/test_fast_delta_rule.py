@@ -105,7 +105,7 @@ def test_bf16_pallas_vs_fla(shape):
     got = jax_grads("pallas", jnp.bfloat16)
     ts = [torch.tensor(x, device="cuda", dtype=torch.bfloat16, requires_grad=True) for x in inputs]
     o, _ = fla_chunk_delta_rule(*ts, use_qk_l2norm_in_kernel=True)
-    fla = [o] + list(torch.autograd.grad(o, ts, torch.tensor(do, device="cuda", dtype=torch.bfloat16)))
+    fla = [o.detach()] + list(torch.autograd.grad(o, ts, torch.tensor(do, device="cuda", dtype=torch.bfloat16)))
     fla = [x.float().cpu().numpy() for x in fla]
     for name, g, r, f in zip(["o", "dq", "dk", "dv", "dbeta"], got, ref, fla):
         tol = FWD_TOL if name == "o" else GRAD_TOL
