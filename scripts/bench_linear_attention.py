@@ -3,6 +3,7 @@
     python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
                                              [--impl xla,pallas] [--state-block none,32,64]
                                              [--delta-inverse pallas,trsm] [--out results.json]
+                                             [--profile DIR]
 
 Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
 JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
@@ -11,7 +12,8 @@ JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` swee
 Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
 of `--inner` back-to-back fwd+bwd calls (device events for PyTorch, a host clock around a blocked JAX dispatch for
 JAX), after warm-up, rotating over 3 sets of random inputs drawn fresh for every shape. Failures (e.g. a backend
-that is not there yet) print 'n/a' with the error.
+that is not there yet) print 'n/a' with the error. `--profile DIR` also traces 5 fwd+bwd calls of each row (a
+jax.profiler trace for both sides) and prints each side's GPU kernel time per call by kernel, the costliest first.
 
 Ops (bf16 q, k, v, do; fp32 log-gates / bf16 beta; no initial state):
     chunk_gla         jaxgpt.ops.chunk_gla(q, k, v, gk, backend=impl)      vs fla.ops.gla.chunk_gla
@@ -37,6 +39,7 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
@@ -100,6 +103,32 @@ def time_torch(fn, inputs_sets, reps, inner):
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) / inner)
     return statistics.median(samples)
+
+
+def profile_calls(fn, inputs_sets, sync, trace_dir, calls=5):
+    """{kernel name: (us per call, launches per call)} of `calls` calls of fn after a warm-up call, from a
+    jax.profiler trace (its CUPTI tracer sees every kernel of the process, PyTorch's too; a second profiler
+    could not subscribe). sync: waits for fn's result (jax.block_until_ready / torch.cuda.synchronize)."""
+    import jax
+    from profile_step import gpu_kernels  # scripts/ is on sys.path
+
+    sync(fn(*inputs_sets[0]))
+    with jax.profiler.trace(trace_dir):
+        for i in range(calls):
+            out = fn(*inputs_sets[i % len(inputs_sets)])
+        sync(out)
+    table = {}
+    for name, us in gpu_kernels(Path(trace_dir)):
+        total, n = table.get(name, (0.0, 0))
+        table[name] = (total + us / calls, n + 1 / calls)
+    return table
+
+
+def print_kernels(title, table, top=15):
+    total = sum(us for us, _ in table.values())
+    print(f"\n{title}: {total / 1e3:.3f} ms GPU kernel time per fwd+bwd call")
+    for name, (us, n) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {us / 1e3:8.3f} ms  {n:5.1f}x  {name[:100]}")
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -290,6 +319,12 @@ def run(args):
                 try:
                     fstep, fsets = fla_op(op, sets)
                     fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
+                    if args.profile:
+                        import torch
+
+                        table = profile_calls(fstep, fsets, lambda _: torch.cuda.synchronize(),
+                                              f"{args.profile}/{shape}_{op}_fla")
+                        print_kernels(f"FLA {op} {label}", table)
                     del fsets
                 except Exception as e:  # noqa: BLE001 - report and go on
                     fla_err = f"{type(e).__name__}: {e}"
@@ -313,6 +348,12 @@ def run(args):
                             except Exception as e:  # noqa: BLE001
                                 fla_err = f"{type(e).__name__}: {e}"
                     jax_ms = measure_pair(jstep, jsets, args)
+                    if args.profile:
+                        import jax
+
+                        table = profile_calls(jstep, jsets, jax.block_until_ready,
+                                              f"{args.profile}/{shape}_{op}_{impl_label.replace(' ', '_')}")
+                        print_kernels(f"jaxgpt {op} {impl_label} {label}", table)
                     del jsets
                     best = min(jax_ms)
                     row |= {"jax_ms": jax_ms, "tflops": flops / best / 1e9, "gbs": nbytes / best / 1e6}
@@ -357,6 +398,8 @@ def main(argv=None):
     p.add_argument("--delta-inverse", type=lambda t: t.split(","), default=None,
                    help="chunk_delta_rule pallas triangular inverses to sweep: pallas,trsm")
     p.add_argument("--out", default=None, help="write the rows as JSON")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace each row and print GPU kernel time per call by kernel (traces under DIR)")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--inner", type=int, default=5)
     args = p.parse_args(argv)
