@@ -1,8 +1,7 @@
 """Gated Linear Attention with Pallas (Triton backend) kernels and a hand-written backward (`jax.custom_vjp`).
 
 Same math and API as `jaxgpt.ops.gla.chunk.chunk_gla` (FLA layout [B, T, H, D], chunk-local gate cumsum, 64-step
-chunks, exact pairwise gating inside 16-step sub-chunks). Four kernels, none materialises a [..., S, S, K] tensor
-in memory:
+chunks, exact pairwise gating inside 16-step sub-chunks). Four kernels, none materialises a [..., S, S, K] tensor:
 
 forward
     _state_fwd   grid (B*H, K/BK, V/BV), sequential over chunks n:   S_{n+1} = diag(e^{G_C}) S_n + (k e^{G_C - G})^T v
@@ -14,8 +13,8 @@ forward
                      H_{a+1} = diag(e^{s}) H_a + (k_a e^{s - c})^T v_a
 backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state))
     _state_bwd   grid (B*H, K/BK, V/BV), reverse over chunks:        dS_n = diag(e^{G_C}) dS_{n+1} + scale (q e^{G})^T do
-    _grad_bwd    grid (N, B*H). A forward walk over sub-chunks gives dq (from H_a), a reverse walk gives dk, dv (from
-                 D_a, the gradient w.r.t. H_{a+1}, D_{M-1} = dS_{n+1}):
+    _grad_bwd    grid (N, B*H). A forward walk over sub-chunks gives dq's first term (from H_a), a reverse walk the
+                 rest of dq and dk, dv (from D_a, the gradient w.r.t. H_{a+1}, D_{M-1} = dS_{n+1}):
                      dq_a = scale [ e^{c} (do_a H_a^T) + sum_j dA_tj k_j e^{c_t - c_j} ],   dA = do_a v_a^T (j <= t)
                      dk_a = e^{s - c} (v_a D_a^T) + sum_t dA_tj q_t e^{c_t - c_j}
                      dv_a = (k_a e^{s - c}) D_a + A_aa^T do_a
@@ -26,9 +25,11 @@ backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state
 
 Key blocks: _output_fwd and _grad_bwd take each sub-chunk in static blocks of KB = min(K, 32) key columns. The gates
 are diagonal in the key dim, so c, s, the rows of H_a and D_a, dq, dk and dgk are per key block; only A_aa (with
-A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K (once per sub-chunk). The
-fp32 [S, S, KB] pairwise temporaries (gates and the q k / dA k / dA q products) thus keep their K = 32 size at any K
-(the per-block H_a / D_a tiles still add up to [K, V]); K <= 32 is one block.
+A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K (once per sub-chunk).
+The pairwise-gated terms of the diagonal sub-chunk (A_aa and, backward, their share of dq and dk) come from
+`_intra`: a loop over the key step j with one [S, KB] decay e^{c - c_j} per step, as FLA's intra kernels, so no
+[S, S, KB] temporary exists. In _grad_bwd the forward walk keeps only dq's inter part, e^{c} (do_a H_a^T); the
+reverse walk adds the intra terms, from the same decays as dk.
 
 State tiles: _state_fwd / _state_bwd split each head's [K, V] state into BK x BV tiles, BK = min(K, state_block),
 BV = min(V, state_block), one program per tile. `state_block` None picks 64, or 32 when 64 x 64 tiles give fewer
