@@ -2,11 +2,13 @@
 
 CPU (CI): the kernels in Pallas interpret mode, fp32, against the plain recurrence `naive_recurrent_gla`: outputs,
 final state and the gradients w.r.t. q, k, v, gk and the initial state, at ragged T spanning two or three chunks and
-K = 16, 64, 128 (one, two and four of the kernels' 32-column key blocks), head dims that are zero-padded to powers of
-two (K = 40, 48, 56; V = 24), and 32 x 32 and 64 x 64 state tiles at K = V = 64 and 128, with gates weak in some key
+K = 16, 64, 128 (one, two and four of the kernels' 32-column key blocks, as key groups of one program each or two
+blocks per program), head dims that are zero-padded to powers of two (K = 40, 48, 56; V = 24), and 32 x 32 and
+64 x 64 state tiles at K = V = 64 and 128, with gates weak in some key
 dimensions and strong enough in others (log-decay -20 per step) that any factorisation exp(G_t) * exp(-G_j) over
 more than a few steps would overflow. And the bf16 forward + backward lowers to Triton IR for the GPU (`jax.export`,
-no GPU needed) at both state tile sizes, which catches Pallas-Triton lowering errors that the interpreter does not see.
+no GPU needed) at both state tile and key group sizes, which catches Pallas-Triton lowering errors that the
+interpreter does not see.
 
 GPU (`pytest -m gpu parity_tests/test_fast_gla.py` on the device): bf16 pallas vs FLA 0.6.0's Triton `chunk_gla`
 (bf16), both against an fp32 reference (jaxgpt's xla chunk_gla in fp32, full-precision products, from the same
@@ -62,31 +64,30 @@ def shape_id(shape) -> str:
     return "B{}_T{}_H{}_K{}_V{}".format(*shape)
 
 
-INTERPRET_CASES = [  # ((B, T, H, K, V), state_block)
-    ((1, 150, 2, 16, 32), None),
-    ((1, 100, 1, 64, 64), 64),  # one 64 x 64 state tile
-    ((1, 100, 1, 64, 64), 32),  # 2 x 2 tiles
-    ((1, 70, 1, 128, 32), 64),  # four key blocks, V < K; 2 x 1 state tiles
-    ((1, 70, 1, 128, 128), 32),  # 4 x 4 tiles
-    ((1, 100, 1, 40, 64), None),  # K padded to 64 (gla_depth's key dims 40, 48, 56)
-    ((1, 100, 1, 56, 64), None),
-    ((1, 100, 2, 48, 24), None),  # both padded: K to 64, V to 32
+INTERPRET_CASES = [  # ((B, T, H, K, V), chunk_gla_pallas options)
+    ((1, 150, 2, 16, 32), {}),
+    ((1, 100, 1, 64, 64), {"state_block": 64}),  # one 64 x 64 state tile; two key groups
+    ((1, 100, 1, 64, 64), {"state_block": 32, "key_group": 64}),  # 2 x 2 tiles; one group of two key blocks
+    ((1, 70, 1, 128, 32), {"state_block": 64, "key_group": 64}),  # 2 x 2 groups x blocks, V < K; 2 x 1 tiles
+    ((1, 70, 1, 128, 128), {"state_block": 32}),  # 4 x 4 tiles, four key groups
+    ((1, 100, 1, 40, 64), {}),  # K padded to 64 (gla_depth's key dims 40, 48, 56)
+    ((1, 100, 1, 56, 64), {"key_group": 64}),
+    ((1, 100, 2, 48, 24), {}),  # both padded: K to 64, V to 32
 ]
 
 
 def case_id(case) -> str:
-    shape, state_block = case
-    return shape_id(shape) + ("" if state_block is None else f"_sb{state_block}")
+    shape, options = case
+    return shape_id(shape) + "".join(f"_{k}{v}" for k, v in options.items())
 
 
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=case_id)
 def test_interpret_matches_recurrence(case):
-    shape, state_block = case
+    shape, options = case
     rng = np.random.default_rng(0)
     inputs, cot = random_inputs(rng, *shape, strong=True)
     inputs, cot = [jnp.asarray(x) for x in inputs], [jnp.asarray(x) for x in cot]
-    got = outputs_and_grads(
-        lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True, state_block=state_block), inputs, cot)
+    got = outputs_and_grads(lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True, **options), inputs, cot)
     ref = outputs_and_grads(naive_recurrent_gla, inputs, cot)
     assert [g.shape for g in got] == [r.shape for r in ref]  # the padded head dims are sliced off (and their grads)
     errs = {n: rel_err(g, r) for n, g, r in zip(NAMES, got, ref)}
@@ -101,13 +102,14 @@ def test_state_block_heuristic():
     assert state_block_for(4, 16, 128, 128) == 64  # 256
 
 
-@pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),
-                                             (128, 128, 32), (40, 24, None)])
-def test_lowers_to_triton(K, V, state_block):
+@pytest.mark.parametrize("K,V,state_block,key_group", [(32, 64, None, 32), (64, 64, 64, 32), (64, 64, 32, 64),
+                                                       (128, 128, 64, 64), (128, 128, 32, 32), (40, 24, None, 32)])
+def test_lowers_to_triton(K, V, state_block, key_group):
     """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU)."""
 
     def fwd_bwd(q, k, v, gk, do):
-        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas", state_block=state_block)[0], q, k, v, gk)
+        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas", state_block=state_block,
+                                                 key_group=key_group)[0], q, k, v, gk)
         return o, vjp(do)
 
     bf = jnp.bfloat16
@@ -129,6 +131,8 @@ def test_pallas_rejects_unsupported_options():
     x = jnp.zeros((1, 8, 1, 32))
     with pytest.raises(ValueError, match="state_block"):
         chunk_gla_pallas(x, x, x, x, state_block=24)
+    with pytest.raises(ValueError, match="key_group"):
+        chunk_gla_pallas(x, x, x, x, key_group=8)
 
 
 # ------------------------------------------------------------------------------------------------ GPU

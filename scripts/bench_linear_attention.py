@@ -2,12 +2,14 @@
 
     python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
                                              [--impl xla,pallas] [--state-block none,32,64]
-                                             [--delta-inverse pallas,trsm] [--out results.json]
+                                             [--key-group 32,64] [--delta-inverse pallas,trsm]
+                                             [--out results.json]
                                              [--profile DIR]
 
 Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
 JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
-(`chunk_gla(..., state_block=...)`; none: its heuristic): one row per value, impl labelled e.g. 'pallas sb=32';
+(`chunk_gla(..., state_block=...)`; none: its heuristic) and `--key-group` its key columns per program: one row per
+combination, impl labelled e.g. 'pallas sb=32 kg=64';
 `--delta-inverse pallas,trsm` likewise chunk_delta_rule's per-chunk triangular inverse ('pallas inv=trsm').
 Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
 of `--inner` back-to-back fwd+bwd calls (device events for PyTorch, a host clock around a blocked JAX dispatch for
@@ -34,6 +36,7 @@ written in fp32, plus the op's bytes.
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -286,17 +289,18 @@ def parse_state_blocks(text):
 
 
 def variants(op, impls, args):
-    """(impl, row label, op keyword options) for the JAX rows of one op: on pallas, one row per --state-block
-    value for chunk_gla and per --delta-inverse value for chunk_delta_rule; else one row per impl."""
-    sweeps = {"chunk_gla": ("state_block", "sb", args.state_block),
-              "chunk_delta_rule": ("tril_inverse", "inv", args.delta_inverse)}
+    """(impl, row label, op keyword options) for the JAX rows of one op: on pallas, one row per combination of the
+    op's swept options (chunk_gla: --state-block x --key-group; chunk_delta_rule: --delta-inverse); else one row
+    per impl."""
+    sweeps = {"chunk_gla": [("state_block", "sb", args.state_block), ("key_group", "kg", args.key_group)],
+              "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse)]}
     rows = []
     for impl in impls:
-        key, short, values = sweeps.get(op, (None, None, None))
-        if impl == "pallas" and values:
-            rows += [(impl, f"{impl} {short}={'none' if x is None else x}", {key: x}) for x in values]
-        else:
-            rows.append((impl, impl, {}))
+        swept = [sweep for sweep in sweeps.get(op, []) if sweep[2]] if impl == "pallas" else []
+        for combo in itertools.product(*[values for _, _, values in swept]):
+            names = [(key, short) for key, short, _ in swept]
+            label = " ".join([impl] + [f"{short}={'none' if x is None else x}" for (_, short), x in zip(names, combo)])
+            rows.append((impl, label, {key: x for (key, _), x in zip(names, combo)}))
     return rows
 
 
@@ -376,7 +380,7 @@ def fmt(ms):
 
 
 def print_table(rows):
-    head = (f"{'shape':<22}{'op':<18}{'impl':<15}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}"
+    head = (f"{'shape':<22}{'op':<18}{'impl':<22}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}"
             f"{'GB/s':>8}")
     print(head)
     print("-" * len(head))
@@ -384,7 +388,7 @@ def print_table(rows):
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "n/a"
         tf = f"{r['tflops']:.1f}" if "tflops" in r else "n/a"
         gb = f"{r['gbs']:.0f}" if "gbs" in r else "n/a"
-        print(f"{r['shape']:<22}{r['op']:<18}{r['impl']:<15}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
+        print(f"{r['shape']:<22}{r['op']:<18}{r['impl']:<22}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
               f"{ratio:>7}{tf:>9}{gb:>8}")
 
 
@@ -395,6 +399,8 @@ def main(argv=None):
     p.add_argument("--impl", default="xla,pallas")
     p.add_argument("--state-block", type=parse_state_blocks, default=None,
                    help="chunk_gla pallas state tiles to sweep, e.g. none,32,64 (none: the heuristic)")
+    p.add_argument("--key-group", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="chunk_gla pallas key columns per program to sweep, e.g. 32,64")
     p.add_argument("--delta-inverse", type=lambda t: t.split(","), default=None,
                    help="chunk_delta_rule pallas triangular inverses to sweep: pallas,trsm")
     p.add_argument("--out", default=None, help="write the rows as JSON")

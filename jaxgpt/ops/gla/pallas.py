@@ -23,13 +23,19 @@ backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state
                      dgk_u = sum_{s >= u in the chunk} (q_s dq_s - k_s dk_s) + sum_v S_{n+1} * dS_{n+1},
                  a reverse cumsum carried across the sub-chunks, starting from the last term (S_{n+1} = H_M).
 
-Key blocks: _output_fwd and _grad_bwd take each sub-chunk in static blocks of KB = min(K, 32) key columns. The gates
-are diagonal in the key dim, so c, s, the rows of H_a and D_a, dq, dk and dgk are per key block; only A_aa (with
-A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K (once per sub-chunk).
-The pairwise-gated terms of the diagonal sub-chunk (A_aa and, backward, their share of dq and dk) come from
-`_intra`: a loop over the key step j with one [S, KB] decay e^{c - c_j} per step, as FLA's intra kernels, so no
-[S, S, KB] temporary exists. In _grad_bwd the forward walk keeps only dq's inter part, e^{c} (do_a H_a^T); the
-reverse walk adds the intra terms, from the same decays as dk.
+Key groups: _output_fwd and _grad_bwd run one program per key group of G = min(K, key_group) columns as well
+(grid (N, B*H, K/G); key_group None: G = K, one group). The gates are diagonal in the key dim, so c, s, the rows
+of H_a and D_a, dq, dk and dgk belong to one group; o and dv are sums over the groups, which each program writes as
+an fp32 share ([K/G, B, T, H, V], summed afterwards; with one group it writes o / dv itself). key_group = 32 halves
+each program's live state tiles at K = 64 at the cost of that sum; the default stays one group (the layout
+measured in session 5) until a GPU A/B (`bench_linear_attention.py --key-group 32,64`) decides.
+
+Key blocks: inside a program each sub-chunk is taken in static blocks of KB = min(G, 32) key columns; as for the
+groups, only A_aa (with A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K
+(once per sub-chunk). The pairwise-gated terms of the diagonal sub-chunk (A_aa and, backward, their share of dq
+and dk) come from `_intra`: a loop over the key step j with one [S, KB] decay e^{c - c_j} per step, as FLA's intra
+kernels, so no [S, S, KB] temporary exists. In _grad_bwd the forward walk keeps only dq's inter part,
+e^{c} (do_a H_a^T); the reverse walk adds the intra terms, from the same decays as dk.
 
 State tiles: _state_fwd / _state_bwd split each head's [K, V] state into BK x BV tiles, BK = min(K, state_block),
 BV = min(V, state_block), one program per tile. `state_block` None picks 64, or 32 when 64 x 64 tiles give fewer
@@ -85,6 +91,7 @@ class Options(NamedTuple):
 
     scale: float
     state_block: int  # BK = min(K, state_block), BV = min(V, state_block) in _state_fwd / _state_bwd
+    key_group: int | None  # G = min(K, key_group) key columns per program of _output_fwd / _grad_bwd; None: K
     interpret: bool  # run the kernels in Pallas's interpreter (tests, off GPU)
 
 
@@ -138,10 +145,11 @@ def _intra(q: jax.Array, k: jax.Array, c: jax.Array, dA: jax.Array | None = None
     return A if dA is None else (A, *carry[1:])
 
 
-def _key_blocks(K: int) -> list[pl.Slice]:
-    """Static slices of the key dim in blocks of min(K, KEY_BLOCK) columns."""
-    KB = min(K, KEY_BLOCK)
-    return [pl.ds(i * KB, KB) for i in range(K // KB)]
+def _key_blocks(group, G: int) -> list[pl.Slice]:
+    """Slices of the key dim for key group `group` (G columns, one program's share), in static blocks of
+    min(G, KEY_BLOCK) columns."""
+    KB = min(G, KEY_BLOCK)
+    return [pl.ds(group * G + i * KB, KB) for i in range(G // KB)]
 
 
 def _sub_chunk(n, a: int) -> pl.Slice:
@@ -193,11 +201,12 @@ def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, 
     ht_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, h0_ref[b, h, ks, vs])
 
 
-def _output_fwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, H, scale, precision):
-    """o for chunk n = program_id(0), head program_id(1), by a walk over its sub-chunks, each in key blocks."""
-    n, bh = pl.program_id(0), pl.program_id(1)
+def _output_fwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, H, G, scale, precision):
+    """o for chunk n = program_id(0), head program_id(1), by a walk over its sub-chunks, each in key blocks; key
+    group program_id(2) writes its share of o (o_ref [key groups, B, T, H, V])."""
+    n, bh, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // H, bh % H
-    blocks = _key_blocks(q_ref.shape[-1])
+    blocks = _key_blocks(group, G)
     states = [states_ref[b, n, h, ks, :] for ks in blocks]  # H_0 = S_n: a [KB, V] fp32 tile per key block
     for a in range(M):
         t = _sub_chunk(n, a)
@@ -210,7 +219,7 @@ def _output_fwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, H, scal
             if a < M - 1:
                 states[i] = _decay_add(states[i], s, k * jnp.exp(s[None, :] - c), v.astype(f32), precision)
         o = o + _dot(scores.astype(v.dtype), v, None)
-        o_ref[b, t, h, :] = o.astype(o_ref.dtype)
+        o_ref[group, b, t, h, :] = o.astype(o_ref.dtype)
 
 
 def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H, N, BK, BV, scale, precision):
@@ -231,12 +240,12 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
 
 
 def _grad_bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref, dg_ref, *,
-                     H, scale, precision):
-    """dq, dk, dv, dgk for chunk n = program_id(0), head program_id(1), each sub-chunk in key blocks (module
-    docstring)."""
-    n, bh = pl.program_id(0), pl.program_id(1)
+                     H, G, scale, precision):
+    """dq, dk, dgk of key group program_id(2) and its share of dv (dv_ref [key groups, B, T, H, V]) for chunk
+    n = program_id(0), head program_id(1), each sub-chunk in key blocks (module docstring)."""
+    n, bh, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // H, bh % H
-    blocks = _key_blocks(q_ref.shape[-1])
+    blocks = _key_blocks(group, G)
 
     # Forward walk: the inter-sub-chunk part of dq, from H_a.
     states = [states_ref[b, n, h, ks, :] for ks in blocks]
@@ -275,7 +284,7 @@ def _grad_bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref
             if a > 0:
                 dstates[i] = _decay_add(dstates[i], s, q * jnp.exp(c), do.astype(f32), precision)
         dv = dv + _dot(scores.astype(do.dtype), do, None, trans_a=True)
-        dv_ref[b, t, h, :] = dv.astype(dv_ref.dtype)
+        dv_ref[group, b, t, h, :] = dv.astype(dv_ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -292,10 +301,21 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else jax.lax.Precision.DEFAULT
 
 
-def _warps(K: int, V: int) -> int:
-    """num_warps of _output_fwd / _grad_bwd. Measured on an H200 (session 5): at K = V = 64, 2 warps beat 4 by
-    6% and 8 by 50%; at the layer's K = 32, V = 64, 2 and 4 tie."""
-    return 8 if K * V >= 128 * 128 else 2 if K * V >= 64 * 64 else 4
+def _warps(G: int, V: int) -> int:
+    """num_warps of _output_fwd / _grad_bwd, whose programs hold [G, V] states. Measured on an H200 (session 5,
+    one key group): at G = V = 64, 2 warps beat 4 by 6% and 8 by 50%; at G = 32, V = 64, 2 and 4 tie."""
+    return 8 if G * V >= 128 * 128 else 2 if G * V >= 64 * 64 else 4
+
+
+def _key_groups(K: int, options: Options) -> tuple[int, int, jax.typing.DTypeLike | None]:
+    """(G, number of key groups, dtype of the per-group partial sums: fp32 when there are several, else None)."""
+    G = min(K, options.key_group or K)
+    return G, K // G, (f32 if K > G else None)
+
+
+def _sum_groups(parts: jax.Array, dtype) -> jax.Array:
+    """o or dv from its per-key-group shares [groups, B, T, H, V]."""
+    return parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0).astype(dtype)
 
 
 def _state_grid(B: int, H: int, K: int, V: int, options: Options) -> tuple[tuple[int, int, int], int, int]:
@@ -315,12 +335,13 @@ def _forward(q, k, v, gk, h0, options: Options):
         out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
         grid=grid, **_params(options.interpret, 4, 2),
     )(k, v, gk, h0)
+    G, groups, part_dtype = _key_groups(K, options)
     o = pl.pallas_call(
-        functools.partial(_output_fwd_kernel, H=H, scale=options.scale, precision=prec),
-        out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
-        grid=(N, B * H), **_params(options.interpret, _warps(K, V)),
+        functools.partial(_output_fwd_kernel, H=H, G=G, scale=options.scale, precision=prec),
+        out_shape=jax.ShapeDtypeStruct((groups, B, Tp, H, V), part_dtype or q.dtype),
+        grid=(N, B * H, groups), **_params(options.interpret, _warps(G, V)),
     )(q, k, v, gk, states)
-    return o, states, ht
+    return _sum_groups(o, q.dtype), states, ht
 
 
 def _backward(q, k, v, gk, do, states, dht, options: Options):
@@ -334,13 +355,15 @@ def _backward(q, k, v, gk, do, states, dht, options: Options):
         out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
         grid=grid, **_params(options.interpret, 4, 2),
     )(q, gk, do, dht)
+    G, groups, part_dtype = _key_groups(K, options)
     dq, dk, dv, dg = pl.pallas_call(
-        functools.partial(_grad_bwd_kernel, H=H, scale=options.scale, precision=prec),
-        out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-        + (jax.ShapeDtypeStruct(gk.shape, f32),),
-        grid=(N, B * H), **_params(options.interpret, _warps(K, V)),
+        functools.partial(_grad_bwd_kernel, H=H, G=G, scale=options.scale, precision=prec),
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct((groups, *v.shape), part_dtype or v.dtype),
+                   jax.ShapeDtypeStruct(gk.shape, f32)),
+        grid=(N, B * H, groups), **_params(options.interpret, _warps(G, V)),
     )(q, k, v, gk, do, states, dstates)
-    return dq, dk, dv, dg, dh0
+    return dq, dk, _sum_groups(dv, v.dtype), dg, dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -382,6 +405,7 @@ def chunk_gla_pallas(
     interpret: bool = False,
     *,
     state_block: int | None = None,
+    key_group: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA with the Pallas kernels; arguments and results as `chunk_gla` (q, k, gk: [B, T, H, K], v: [B, T, H, V],
     initial_state [B, H, K, V]; returns o [B, T, H, V] in q's dtype and the fp32 final state or None).
@@ -389,6 +413,8 @@ def chunk_gla_pallas(
     `interpret=True` runs the kernels in Pallas interpret mode (any device; used by the CPU tests).
     `state_block`: the state kernels' tile, BK = min(K', state_block) and BV = min(V', state_block) on the padded
     head dims K', V' (a power of two >= 16); None: `state_block_for` (64, or 32 when the GPU would sit part idle).
+    `key_group`: key columns per program of the output and gradient kernels, G = min(K', key_group) (a power of two
+    >= 16; None: G = K'); with K' > G each program writes an fp32 share of o / dv, summed afterwards.
     Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the state); any K, V in
     [1, 256]: padded to the next power of two >= 16 (module docstring).
     """
@@ -396,11 +422,12 @@ def chunk_gla_pallas(
     V = v.shape[-1]
     if not supported(K, V):
         raise ValueError(f"pallas chunk_gla needs head dims in [1, {MAX_HEAD_DIM}], got K={K}, V={V}")
-    if state_block is not None and (state_block < 16 or state_block & (state_block - 1)):
-        raise ValueError(f"state_block must be a power of two >= 16, got {state_block}")
+    for name, value in (("state_block", state_block), ("key_group", key_group)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     Kp, Vp = _padded_dim(K), _padded_dim(V)
     scale = K**-0.5 if scale is None else float(scale)
-    options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), interpret)
+    options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), key_group, interpret)
     h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else _pad_trailing(initial_state.astype(f32), Kp, Vp)
     q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk))
     v = _pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
