@@ -24,12 +24,14 @@ def delta_inputs(rng, B, T, H, K, V):
     return [q, k, v, beta, h0], do, dht
 
 
-@pytest.mark.parametrize("shape", [(2, 130, 2, 16, 32), (1, 1, 2, 16, 16)], ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
-def test_pallas_matches_xla_fp32(shape):
+@pytest.mark.parametrize("shape,block_v", [((2, 130, 2, 16, 32), None), ((2, 130, 2, 16, 32), 16),
+                                           ((1, 1, 2, 16, 16), None)],
+                         ids=lambda s: "B{}T{}H{}K{}V{}".format(*s) if isinstance(s, tuple) else f"bv{s}")
+def test_pallas_matches_xla_fp32(shape, block_v):
     inputs, do, dht = delta_inputs(np.random.default_rng(shape[1]), *shape)
     flag = {"use_qk_l2norm_in_kernel": True}
     ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla", **flag)
-    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas", **flag)
+    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas", block_v=block_v, **flag)
     assert_close({"pallas_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
 
 

@@ -3,14 +3,15 @@
     python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
                                              [--impl xla,pallas] [--state-block none,32,64]
                                              [--key-group 32,64] [--delta-inverse pallas,trsm]
-                                             [--out results.json]
+                                             [--delta-block-v 16,32] [--out results.json]
                                              [--profile DIR]
 
 Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
 JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
 (`chunk_gla(..., state_block=...)`; none: its heuristic) and `--key-group` its key columns per program: one row per
 combination, impl labelled e.g. 'pallas sb=32 kg=64';
-`--delta-inverse pallas,trsm` likewise chunk_delta_rule's per-chunk triangular inverse ('pallas inv=trsm').
+`--delta-inverse pallas,trsm` and `--delta-block-v` likewise chunk_delta_rule's per-chunk triangular inverse and
+its recurrences' state columns per program ('pallas inv=trsm bv=16').
 Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
 of `--inner` back-to-back fwd+bwd calls (device events for PyTorch, a host clock around a blocked JAX dispatch for
 JAX), after warm-up, rotating over 3 sets of random inputs drawn fresh for every shape. Failures (e.g. a backend
@@ -290,10 +291,10 @@ def parse_state_blocks(text):
 
 def variants(op, impls, args):
     """(impl, row label, op keyword options) for the JAX rows of one op: on pallas, one row per combination of the
-    op's swept options (chunk_gla: --state-block x --key-group; chunk_delta_rule: --delta-inverse); else one row
-    per impl."""
+    op's swept options (chunk_gla: --state-block x --key-group; chunk_delta_rule: --delta-inverse x
+    --delta-block-v); else one row per impl."""
     sweeps = {"chunk_gla": [("state_block", "sb", args.state_block), ("key_group", "kg", args.key_group)],
-              "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse)]}
+              "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse), ("block_v", "bv", args.delta_block_v)]}
     rows = []
     for impl in impls:
         swept = [sweep for sweep in sweeps.get(op, []) if sweep[2]] if impl == "pallas" else []
@@ -401,6 +402,8 @@ def main(argv=None):
                    help="chunk_gla pallas state tiles to sweep, e.g. none,32,64 (none: the heuristic)")
     p.add_argument("--key-group", type=lambda t: [int(x) for x in t.split(",")], default=None,
                    help="chunk_gla pallas key columns per program to sweep, e.g. 32,64")
+    p.add_argument("--delta-block-v", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="chunk_delta_rule pallas state columns per program to sweep, e.g. 16,32")
     p.add_argument("--delta-inverse", type=lambda t: t.split(","), default=None,
                    help="chunk_delta_rule pallas triangular inverses to sweep: pallas,trsm")
     p.add_argument("--out", default=None, help="write the rows as JSON")

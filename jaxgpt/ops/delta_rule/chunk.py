@@ -29,6 +29,7 @@ def chunk_delta_rule(
     backend: str = "auto",
     *,
     tril_inverse: str = "pallas",
+    block_v: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Delta rule in chunked form; same math and API as `naive_recurrent_delta_rule` (and FLA's `chunk_delta_rule`).
 
@@ -44,8 +45,9 @@ def chunk_delta_rule(
         backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'xla' is the code below (fp32,
             autodiff through the scan); 'pallas' is `pallas.chunk_delta_rule_pallas` (operands in the inputs' dtype,
             a hand-written backward, Pallas recurrences; interpreted off GPU).
-        tril_inverse: the pallas path's per-chunk (I + A)^{-1}: 'pallas' (kernel) or 'trsm' (XLA's solve). The xla
-            path ignores it.
+        tril_inverse: the pallas path's per-chunk (I + A)^{-1}: 'pallas' (kernel) or 'trsm' (XLA's solve).
+        block_v: the pallas recurrences' state columns per program (a power of two >= 16 dividing V); None:
+            min(V, 32). The xla path ignores these two.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
@@ -56,7 +58,7 @@ def chunk_delta_rule(
     if resolve_backend(backend) == "pallas":
         return chunk_delta_rule_pallas(
             q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, chunk_size,
-            tril_inverse=tril_inverse,
+            block_v, tril_inverse=tril_inverse,
         )
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     if use_qk_l2norm_in_kernel:

@@ -71,6 +71,8 @@ def chunk_delta_rule_pallas(
     V = v.shape[-1]
     if block_v is None:  # 32 measured as fast as or faster than 64 at every benchmark shape (docs/kernels-deltanet.md)
         block_v = min(V, 32)
+    if block_v < 16 or block_v & (block_v - 1) or V % block_v:
+        raise ValueError(f"block_v must be a power of two >= 16 dividing V={V}, got {block_v}")
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     q, k, v, beta = (to_chunks(pad_time(x, chunk_size), chunk_size) for x in (q, k, v, beta[..., None]))
