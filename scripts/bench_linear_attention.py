@@ -393,7 +393,7 @@ def print_table(rows):
               f"{ratio:>7}{tf:>9}{gb:>8}")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--shapes", default="op1,op2,op3,layer1024,layer4096")
@@ -411,7 +411,11 @@ def main(argv=None):
                    help="also trace each row and print GPU kernel time per call by kernel (traces under DIR)")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--inner", type=int, default=5)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     bad = [o for o in args.ops.split(",") if o not in OPS]
     bad += [s for s in args.shapes.split(",") if s not in OP_SHAPES and s not in LAYER_SHAPES]
     if bad:

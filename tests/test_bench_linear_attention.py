@@ -1,0 +1,38 @@
+"""scripts/bench_linear_attention.py's option sweeps: which JAX rows a command line asks for (no GPU needed)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = ROOT / "scripts" / "bench_linear_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_linear_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(bench, op, *argv):
+    args = bench.build_parser().parse_args(list(argv))
+    return bench.variants(op, args.impl.split(","), args)
+
+
+def test_no_sweep_gives_one_row_per_impl(bench):
+    assert rows(bench, "chunk_gla") == [("xla", "xla", {}), ("pallas", "pallas", {})]
+    assert rows(bench, "gla", "--key-group", "32,64") == [("xla", "xla", {}), ("pallas", "pallas", {})]  # layers
+
+
+def test_sweeps_cross_on_pallas_only(bench):
+    got = rows(bench, "chunk_gla", "--state-block", "none,32", "--key-group", "32,64")
+    assert got[0] == ("xla", "xla", {})
+    assert [label for _, label, _ in got[1:]] == ["pallas sb=none kg=32", "pallas sb=none kg=64",
+                                                  "pallas sb=32 kg=32", "pallas sb=32 kg=64"]
+    assert got[-1][2] == {"state_block": 32, "key_group": 64}
+    got = rows(bench, "chunk_delta_rule", "--impl", "pallas", "--delta-inverse", "pallas,trsm", "--delta-block-v", "16")
+    assert got == [("pallas", "pallas inv=pallas bv=16", {"tril_inverse": "pallas", "block_v": 16}),
+                   ("pallas", "pallas inv=trsm bv=16", {"tril_inverse": "trsm", "block_v": 16})]
