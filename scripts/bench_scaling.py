@@ -7,7 +7,8 @@ For each device count n (the first n of jax.devices()) the step of jaxgpt.steps 
 (data parallel, replicated params) or `fsdp=n` (params and optimizer state sharded), each count in a fresh
 subprocess so that compile caches and the peak-memory counter start clean. Reported: median ms/step over
 `--steps` timed steps after `--warmup` (each step waited for with block_until_ready), tokens/s, scaling
-efficiency tok/s(n) / ((n / n0) * tok/s(n0)) against the smallest count n0 run (n0 = 1 by default), the peak
+efficiency tok/s(n) / ((n / n0) * tok/s(n0)) against the smallest count n0 run (n0 = 1 by default), the model
+TFLOP/s per device (tok/s x `jaxgpt.metrics.flops_per_token` / n; divide by the bf16 peak for MFU), the peak
 memory per device (max over the devices used, from device.memory_stats(); '-' where the backend has none) and
 the collectives in the compiled step (all-gather / reduce-scatter / all-reduce). Each worker reports its progress
 (initialisation, compile time) on stderr as it goes: compiling a large model takes minutes. CPU smoke test:
@@ -52,6 +53,7 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     import numpy as np
     from flax import nnx
 
+    from jaxgpt.metrics import flops_per_token
     from jaxgpt.model import init_model, num_params
     from jaxgpt.optim import make_optimizer
     from jaxgpt.sharding import batch_sharding, make_mesh, state_shardings
@@ -97,13 +99,16 @@ def measure(args: argparse.Namespace, n: int) -> dict:
         jax.block_until_ready((p, o, metrics))
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
+    tokens_per_s = A * B * T / (ms / 1e3)
+    n_params = num_params(abstract_model)
     stats = [d.memory_stats() or {} for d in devices]
     peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     return {
         "devices": n, "mesh": f"data={mesh.shape['data']},fsdp={mesh.shape['fsdp']}", "model": args.model,
-        "params": num_params(abstract_model), "per_device_batch": args.per_device_batch, "global_batch": B,
+        "params": n_params, "per_device_batch": args.per_device_batch, "global_batch": B,
         "grad_accum": A, "block_size": T, "remat": cfg.remat, "ms_per_step": ms,
-        "ms_per_step_min": min(times) * 1e3, "tokens_per_s": A * B * T / (ms / 1e3),
+        "ms_per_step_min": min(times) * 1e3, "tokens_per_s": tokens_per_s,
+        "model_tflops_per_device": tokens_per_s * flops_per_token(cfg.model, n_params) / n / 1e12,
         "peak_bytes_per_device": max(peaks) if peaks else None, "compile_s": compile_s,
         "collectives": count_collectives(compiled.as_text()), "loss": float(metrics["loss"]),
         "platform": devices[0].platform, "device_kind": devices[0].device_kind,
@@ -131,7 +136,7 @@ def run_one(argv: list[str], n: int) -> dict:
 
 def table(results: list[dict]) -> str:
     base = results[0]
-    rows = ["devices  mesh              global batch   ms/step      tok/s   efficiency  peak mem/device  "
+    rows = ["devices  mesh              global batch   ms/step      tok/s   efficiency  TFLOP/s/dev  peak mem/device  "
             "all-gather/reduce-scatter/all-reduce"]
     for r in results:
         eff = r["tokens_per_s"] / (r["devices"] / base["devices"] * base["tokens_per_s"])
@@ -139,7 +144,8 @@ def table(results: list[dict]) -> str:
         mem = "-" if r["peak_bytes_per_device"] is None else f"{r['peak_bytes_per_device'] / 2**30:.2f} GiB"
         coll = "/".join(str(r["collectives"][op]) for op in COLLECTIVES)
         rows.append(f"{r['devices']:>7}  {r['mesh']:<16}  {r['global_batch']:>5} x {r['grad_accum']:<4}  "
-                    f"{r['ms_per_step']:>8.2f}  {r['tokens_per_s']:>9,.0f}  {eff:>10.1%}  {mem:>15}  {coll}")
+                    f"{r['ms_per_step']:>8.2f}  {r['tokens_per_s']:>9,.0f}  {eff:>10.1%}  "
+                    f"{r['model_tflops_per_device']:>11.1f}  {mem:>15}  {coll}")
     return "\n".join(rows)
 
 

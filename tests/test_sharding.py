@@ -32,8 +32,9 @@ from jax.sharding import PartitionSpec as P
 from cli_runs import SCHEDULE, TINY, assert_trees_equal, leaves, restore
 
 from jaxgpt.checkpoint import load_run
-from jaxgpt.config import Config, apply_overrides
+from jaxgpt.config import Config, ModelConfig, apply_overrides
 from jaxgpt.errors import UserError
+from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import init_model
 from jaxgpt.optim import make_optimizer
 from jaxgpt.sharding import MIN_FSDP_SIZE, fsdp_spec, make_mesh, mesh_shape, state_shardings
@@ -322,6 +323,9 @@ def test_bench_scaling_smoke(tmp_path):
     for r in results:
         assert r["ms_per_step"] > 0 and np.isfinite(r["loss"])
         assert r["tokens_per_s"] == pytest.approx(r["global_batch"] * 32 / (r["ms_per_step"] / 1e3))
+        model = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32)
+        assert r["model_tflops_per_device"] == pytest.approx(
+            r["tokens_per_s"] * flops_per_token(model, r["params"]) / r["devices"] / 1e12)
     assert results[0]["scaling_efficiency"] == 1.0
     assert results[1]["scaling_efficiency"] == pytest.approx(results[1]["tokens_per_s"] / (2 * results[0]["tokens_per_s"]))
     assert results[0]["collectives"] == {"all-gather": 0, "reduce-scatter": 0, "all-reduce": 0}
