@@ -136,8 +136,8 @@ def run_one(argv: list[str], n: int) -> dict:
 
 def table(results: list[dict]) -> str:
     base = results[0]
-    rows = ["devices  mesh              global batch   ms/step      tok/s   efficiency  TFLOP/s/dev  peak mem/device  "
-            "all-gather/reduce-scatter/all-reduce"]
+    rows = ["devices  mesh              global batch   ms/step      tok/s   efficiency  TFLOP/s/dev  "
+            "peak mem/device  all-gather/reduce-scatter/all-reduce"]
     for r in results:
         eff = r["tokens_per_s"] / (r["devices"] / base["devices"] * base["tokens_per_s"])
         r["scaling_efficiency"] = eff

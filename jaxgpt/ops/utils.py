@@ -1,4 +1,5 @@
-"""Helpers shared by the chunked ops: backend dispatch, padding the time axis and splitting it into chunks."""
+"""Helpers shared by the chunked ops: backend dispatch, padding the time axis and splitting it into chunks, and
+reading a row of a value inside a Pallas kernel."""
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +46,9 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     return backend
+
+
+def value_row(x: jax.Array, j) -> jax.Array:
+    """x[j] [D] of a value x [S, D] inside a Pallas Triton kernel, which cannot index a value's row: a masked
+    sum, so exact."""
+    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == j, x, 0.0), axis=0)

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxgpt.ops.l2norm import l2norm
-from jaxgpt.ops.utils import from_chunks, pad_time, to_chunks
+from jaxgpt.ops.utils import from_chunks, pad_time, to_chunks, value_row
 
 F32 = jnp.float32
 CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # dot_general dimension numbers for a^T b of 2-D a, b
@@ -259,7 +259,7 @@ def _tril_inverse_kernel(a_ref, t_ref):
     for r in range(nb):
         a, t_rr = a_ref[block(r, r)], eye
         for row in range(1, SUB):
-            a_row = jnp.sum(jnp.where(rows == row, a, 0.0), axis=0)  # [SUB]
+            a_row = value_row(a, row)  # [SUB]
             t_rr = t_rr - jnp.where(rows == row, jnp.sum(a_row[:, None] * t_rr, axis=0)[None, :], 0.0)
         t[r, r] = t_rr
         for c in range(r):

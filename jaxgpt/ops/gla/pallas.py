@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt.ops.utils import pad_time
+from jaxgpt.ops.utils import pad_time, value_row
 
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
@@ -101,13 +101,8 @@ def _dot(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: 
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
 
 
-def _row(x: jax.Array, j) -> jax.Array:
-    """x[j] [D] of a value x [S, D] (Pallas Triton cannot index a value's row): a masked sum, so exact."""
-    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == j, x, 0.0), axis=0)
-
-
 def _col(x: jax.Array, j) -> jax.Array:
-    """x[:, j] [S] of a value x [S, D], as _row."""
+    """x[:, j] [S] of a value x [S, D], as `value_row`."""
     return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == j, x, 0.0), axis=1)
 
 
@@ -129,7 +124,7 @@ def _intra(q: jax.Array, k: jax.Array, c: jax.Array, dA: jax.Array | None = None
     rows = jax.lax.broadcasted_iota(jnp.int32, (S, 1), 0)
 
     def step(j, carry):
-        k_j, c_j = _row(k, j), _row(c, j)
+        k_j, c_j = value_row(k, j), value_row(c, j)
         decay = jnp.exp(jnp.minimum(c - c_j[None, :], 0.0))  # rows t < j are masked out below / by dA's zeros
         A = jnp.where(cols == j, jnp.sum(q * k_j[None, :] * decay, axis=1)[:, None], carry[0])
         if dA is None:
@@ -163,7 +158,7 @@ def _gate_cumsum(gk: jax.Array) -> tuple[jax.Array, jax.Array]:
     per step) by ~1e-4, which scaled the newest, dominant term of a strongly gated state and gave final-state errors
     of ~1e-5 against the recurrence (~2e-7 with g's own last row)."""
     g = jnp.cumsum(gk, axis=0)
-    return g, _row(g, g.shape[0] - 1)
+    return g, value_row(g, g.shape[0] - 1)
 
 
 def _load_keys(q_ref, k_ref, g_ref, idx, scale):
