@@ -291,9 +291,10 @@ def parse_state_blocks(text):
 
 def variants(op, impls, args):
     """(impl, row label, op keyword options) for the JAX rows of one op: on pallas, one row per combination of the
-    op's swept options (chunk_gla: --state-block x --key-group; chunk_delta_rule: --delta-inverse x
+    op's swept options (chunk_gla: --state-block x --key-group x --gla-warps; chunk_delta_rule: --delta-inverse x
     --delta-block-v); else one row per impl."""
-    sweeps = {"chunk_gla": [("state_block", "sb", args.state_block), ("key_group", "kg", args.key_group)],
+    sweeps = {"chunk_gla": [("state_block", "sb", args.state_block), ("key_group", "kg", args.key_group),
+                            ("num_warps", "w", args.gla_warps)],
               "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse), ("block_v", "bv", args.delta_block_v)]}
     rows = []
     for impl in impls:
@@ -402,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk_gla pallas state tiles to sweep, e.g. none,32,64 (none: the heuristic)")
     p.add_argument("--key-group", type=lambda t: [int(x) for x in t.split(",")], default=None,
                    help="chunk_gla pallas key columns per program to sweep, e.g. 32,64")
+    p.add_argument("--gla-warps", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="chunk_gla pallas num_warps of the output / gradient kernels to sweep, e.g. 2,4,8")
     p.add_argument("--delta-block-v", type=lambda t: [int(x) for x in t.split(",")], default=None,
                    help="chunk_delta_rule pallas state columns per program to sweep, e.g. 16,32")
     p.add_argument("--delta-inverse", type=lambda t: t.split(","), default=None,

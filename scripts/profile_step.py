@@ -1,12 +1,13 @@
 """Where the time of a JAX train step goes: GPU kernel time by kind, from a jax.profiler trace.
 
     python scripts/profile_step.py --variant baseline --model gpt2-124m --batch 12 [--steps 5] [--out DIR]
+    python scripts/profile_step.py --side torch ...     # torch_ref's torch.compile'd step, same table
 
-Traces a few steady-state steps (after compile and warm-up) through bench_train.JaxSide.profile (which also
-writes the optimized HLO, train_step.hlo.txt, to match kernel names against),
-reads the Chrome-format trace it writes, and sums the GPU kernels' durations per step into kinds (matmuls,
-attention, fusions, reductions, copies, ...), then prints the 25 costliest kernels. Random tokens, pre-placed
-on the device, so the loader is not in the numbers.
+Traces a few steady-state steps (after compile and warm-up): the JAX side through bench_train.JaxSide.profile
+(which also writes the optimized HLO, train_step.hlo.txt, to match kernel names against), the torch side
+(torch_ref, torch.compile, as bench_train times it) through torch.profiler. Reads the Chrome-format trace, sums
+the GPU kernels' durations per step into kinds (matmuls, attention, fusions, reductions, copies, ...), then
+prints the 25 costliest kernels. Random tokens, pre-placed on the device, so the loader is not in the numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench_train import JaxSide, RunSpec, build_config, random_batches  # scripts/ is on sys.path
+from bench_train import JaxSide, RunSpec, Side, TorchSide, build_config, random_batches  # scripts/ is on sys.path
 
 from jaxgpt.config import parse_set_args
 
@@ -27,6 +28,8 @@ from jaxgpt.config import parse_set_args
 KINDS = [
     ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa"),
     ("matmul", r"gemm|xmma|cutlass|cublas|sm90_|wgmma|matmul|dot"),
+    ("reduction fusion", r"triton_(red|per)_"),  # torch inductor's generated kernels
+    ("elementwise fusion", r"triton_poi_"),
     ("pallas/triton kernel", r"pallas|triton"),
     ("reduction fusion", r"reduce|reduction"),
     ("scatter/gather", r"scatter|gather|dynamic"),
@@ -41,7 +44,11 @@ def kind_of(name: str) -> str:
 
 
 def gpu_kernels(trace_dir: Path) -> list[tuple[str, float]]:
-    """(kernel name, duration in us) of every event on a GPU stream of the perfetto trace under trace_dir."""
+    """(kernel name, duration in us) of every event on a GPU stream of the trace under trace_dir: torch.profiler's
+    torch_trace.json (its "kernel" events) or else the newest jax.profiler perfetto trace."""
+    if (trace_dir / "torch_trace.json").exists():
+        events = json.loads((trace_dir / "torch_trace.json").read_text())["traceEvents"]
+        return [(e["name"], float(e["dur"])) for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
     path = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime, default=None) or max(
         trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime
     )
@@ -58,8 +65,20 @@ def gpu_kernels(trace_dir: Path) -> list[tuple[str, float]]:
             and (not streams or (e["pid"], e.get("tid")) in streams)]
 
 
+def torch_profile(side: TorchSide, directory: Path, steps: int) -> None:
+    """A torch.profiler trace of `steps` train steps of the torch side, as directory/torch_trace.json."""
+    from torch.profiler import ProfilerActivity, profile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            side.sync(side.run("step", i))
+    prof.export_chrome_trace(str(directory / "torch_trace.json"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", choices=("jax", "torch"), default="jax", help="torch: torch_ref, torch.compile")
     p.add_argument("--variant", default="baseline")
     p.add_argument("--model", default="gpt2-124m")
     p.add_argument("--batch", type=int, default=12)
@@ -71,7 +90,9 @@ def main() -> None:
 
     cfg = build_config(RunSpec(args.model, args.batch), args.variant, args.accum, parse_set_args(args.set))
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
-    side = JaxSide(cfg, *random_batches(cfg, 4, seed=0), breakdown=False)
+    batches = random_batches(cfg, 4, seed=0)
+    side: Side = JaxSide(cfg, *batches, breakdown=False) if args.side == "jax" else \
+        TorchSide(cfg, *batches, breakdown=False, compile=True)
     for i in range(3):  # compile + warm-up
         side.sync(side.run("step", i))
     t0 = time.perf_counter()
@@ -81,7 +102,10 @@ def main() -> None:
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
 
     out = Path(args.out)
-    side.profile(out, args.steps)
+    if args.side == "jax":
+        side.profile(out, args.steps)
+    else:
+        torch_profile(side, out, args.steps)
 
     kernels = gpu_kernels(out)
     by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
@@ -90,7 +114,7 @@ def main() -> None:
         by_name[name][0] += dur / args.steps
         by_name[name][1] += 1
     busy = sum(by_kind.values()) / 1e3
-    print(f"\n{args.variant} {args.model} batch {B}x{A}x{T}: {wall_ms:.2f} ms/step wall (untraced), "
+    print(f"\n{args.side} {args.variant} {args.model} batch {B}x{A}x{T}: {wall_ms:.2f} ms/step wall (untraced), "
           f"{busy:.2f} ms GPU kernel time/step, {len(kernels) // args.steps} kernels/step")
     print("| kind | ms/step | share |\n| --- | ---: | ---: |")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
@@ -98,10 +122,10 @@ def main() -> None:
     print("\n| kernel | kind | ms/step | calls/step |\n| --- | --- | ---: | ---: |")
     for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"| {name[:90]} | {kind_of(name)} | {us / 1e3:.3f} | {n / args.steps:.0f} |")
-    summary = {"variant": args.variant, "model": args.model, "batch": B, "accum": A, "wall_ms": wall_ms,
+    summary = {"side": args.side, "variant": args.variant, "model": args.model, "batch": B, "accum": A, "wall_ms": wall_ms,
                "gpu_ms": busy, "by_kind_ms": {k: v / 1e3 for k, v in by_kind.items()},
-               "top": [(n, us / 1e3, c / args.steps) for n, (us, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:60]]}
-    (out / f"profile_{args.variant}_{args.model}_b{B}.json").write_text(json.dumps(summary, indent=1))
+               "kernels": [(n, us / 1e3, c / args.steps) for n, (us, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])]}
+    (out / f"profile_{args.side}_{args.variant}_{args.model}_b{B}.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state
                  a reverse cumsum carried across the sub-chunks, starting from the last term (S_{n+1} = H_M).
 
 Key groups: _output_fwd and _grad_bwd run one program per key group of G = min(K, key_group) columns as well
-(grid (N, B*H, K/G); key_group None: G = K, one group). The gates are diagonal in the key dim, so c, s, the rows
+(grid (N, B*H, K/G); key_group defaults to KEY_GROUP = 32). The gates are diagonal in the key dim, so c, s, the rows
 of H_a and D_a, dq, dk and dgk belong to one group; o and dv are sums over the groups, which each program writes as
-an fp32 share ([K/G, B, T, H, V], summed afterwards; with one group it writes o / dv itself). key_group = 32 halves
-each program's live state tiles at K = 64 at the cost of that sum; the default stays one group (the layout
-measured in session 5) until a GPU A/B (`bench_linear_attention.py --key-group 32,64`) decides.
+an fp32 share ([K/G, B, T, H, V], summed afterwards; with one group it writes o / dv itself). At K = 64, 32-column
+groups beat one 64-column group by 12-14% per op (H200, session 6, `bench_linear_attention.py --key-group 32,64`):
+twice the programs, each with half the live state tiles, for the cost of that sum.
 
 Key blocks: inside a program each sub-chunk is taken in static blocks of KB = min(G, 32) key columns; as for the
 groups, only A_aa (with A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K
@@ -65,6 +65,7 @@ CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
 M = CHUNK // SUB  # sub-chunks per chunk
 KEY_BLOCK = 32  # key columns per block in _output_fwd / _grad_bwd (bounds their [SUB, SUB, KB] fp32 temporaries)
+KEY_GROUP = 32  # default key columns per program of _output_fwd / _grad_bwd
 MAX_HEAD_DIM = 256
 SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the state-tile heuristic fills them
 f32 = jnp.float32
@@ -91,7 +92,8 @@ class Options(NamedTuple):
 
     scale: float
     state_block: int  # BK = min(K, state_block), BV = min(V, state_block) in _state_fwd / _state_bwd
-    key_group: int | None  # G = min(K, key_group) key columns per program of _output_fwd / _grad_bwd; None: K
+    key_group: int  # G = min(K, key_group) key columns per program of _output_fwd / _grad_bwd
+    num_warps: int | None  # of _output_fwd / _grad_bwd; None: `_warps`
     interpret: bool  # run the kernels in Pallas's interpreter (tests, off GPU)
 
 
@@ -297,14 +299,15 @@ def _precision(dtype) -> jax.lax.Precision:
 
 
 def _warps(G: int, V: int) -> int:
-    """num_warps of _output_fwd / _grad_bwd, whose programs hold [G, V] states. Measured on an H200 (session 5,
-    one key group): at G = V = 64, 2 warps beat 4 by 6% and 8 by 50%; at G = 32, V = 64, 2 and 4 tie."""
+    """num_warps of _output_fwd / _grad_bwd, whose programs hold [G, V] states. Measured on an H200 (fwd+bwd op):
+    G = V = 64 (session 5): 2 warps beat 4 by 6% and 8 by 50%; G = 32, V = 64 (session 6): 4 beat 2 by 10%;
+    G = 32, V = 128 (session 6, T = 16384): 2 warps 11.6 ms, 4 12.0 ms, 8 14.0 ms."""
     return 8 if G * V >= 128 * 128 else 2 if G * V >= 64 * 64 else 4
 
 
 def _key_groups(K: int, options: Options) -> tuple[int, int, jax.typing.DTypeLike | None]:
     """(G, number of key groups, dtype of the per-group partial sums: fp32 when there are several, else None)."""
-    G = min(K, options.key_group or K)
+    G = min(K, options.key_group)
     return G, K // G, (f32 if K > G else None)
 
 
@@ -334,7 +337,7 @@ def _forward(q, k, v, gk, h0, options: Options):
     o = pl.pallas_call(
         functools.partial(_output_fwd_kernel, H=H, G=G, scale=options.scale, precision=prec),
         out_shape=jax.ShapeDtypeStruct((groups, B, Tp, H, V), part_dtype or q.dtype),
-        grid=(N, B * H, groups), **_params(options.interpret, _warps(G, V)),
+        grid=(N, B * H, groups), **_params(options.interpret, options.num_warps or _warps(G, V)),
     )(q, k, v, gk, states)
     return _sum_groups(o, q.dtype), states, ht
 
@@ -356,7 +359,7 @@ def _backward(q, k, v, gk, do, states, dht, options: Options):
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct((groups, *v.shape), part_dtype or v.dtype),
                    jax.ShapeDtypeStruct(gk.shape, f32)),
-        grid=(N, B * H, groups), **_params(options.interpret, _warps(G, V)),
+        grid=(N, B * H, groups), **_params(options.interpret, options.num_warps or _warps(G, V)),
     )(q, k, v, gk, do, states, dstates)
     return dq, dk, _sum_groups(dv, v.dtype), dg, dh0
 
@@ -401,6 +404,7 @@ def chunk_gla_pallas(
     *,
     state_block: int | None = None,
     key_group: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA with the Pallas kernels; arguments and results as `chunk_gla` (q, k, gk: [B, T, H, K], v: [B, T, H, V],
     initial_state [B, H, K, V]; returns o [B, T, H, V] in q's dtype and the fp32 final state or None).
@@ -409,7 +413,8 @@ def chunk_gla_pallas(
     `state_block`: the state kernels' tile, BK = min(K', state_block) and BV = min(V', state_block) on the padded
     head dims K', V' (a power of two >= 16); None: `state_block_for` (64, or 32 when the GPU would sit part idle).
     `key_group`: key columns per program of the output and gradient kernels, G = min(K', key_group) (a power of two
-    >= 16; None: G = K'); with K' > G each program writes an fp32 share of o / dv, summed afterwards.
+    >= 16; None: KEY_GROUP = 32); with K' > G each program writes an fp32 share of o / dv, summed afterwards.
+    `num_warps`: Triton warps of the output and gradient kernels (None: `_warps`, by tile size).
     Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the state); any K, V in
     [1, 256]: padded to the next power of two >= 16 (module docstring).
     """
@@ -422,7 +427,8 @@ def chunk_gla_pallas(
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     Kp, Vp = _padded_dim(K), _padded_dim(V)
     scale = K**-0.5 if scale is None else float(scale)
-    options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), key_group, interpret)
+    state_block = state_block or state_block_for(B, H, Kp, Vp)
+    options = Options(scale, state_block, key_group or KEY_GROUP, num_warps, interpret)
     h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else _pad_trailing(initial_state.astype(f32), Kp, Vp)
     q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk))
     v = _pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
