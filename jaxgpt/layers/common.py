@@ -6,6 +6,7 @@ Modules that are not Linear/Embedding in PyTorch (norms, convolutions, raw param
 """
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +49,27 @@ def linear(
 def embed(num: int, features: int, rngs: nnx.Rngs, std: float = INIT_STD) -> nnx.Embed:
     """nn.Embedding twin: table [num, features] ~ N(0, std), looked up in fp32."""
     return nnx.Embed(num, features, param_dtype=jnp.float32, embedding_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_heads3(x: jax.Array, n_head: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[B, T, 3C] -> q, k, v [B, T, H, C/H] each (thirds of the last axis), as `jnp.split` + reshape.
+
+    The backward concatenates dq, dk, dv once (`optimization_barrier`); left to itself XLA builds the
+    concatenation twice, once for each of its two consumer matmuls (H200, gpt2-124m B=12: copies 1.17 -> 0.85 ms
+    per step).
+    """
+    B, T, C3 = x.shape
+    return tuple(t.reshape(B, T, n_head, C3 // 3 // n_head) for t in jnp.split(x, 3, axis=-1))
+
+
+def _split_heads3_fwd(x, n_head):
+    return split_heads3(x, n_head), None
+
+
+def _split_heads3_bwd(n_head, _, grads):
+    B, T, H, D = grads[0].shape
+    return (jax.lax.optimization_barrier(jnp.concatenate([g.reshape(B, T, H * D) for g in grads], axis=-1)),)
+
+
+split_heads3.defvjp(_split_heads3_fwd, _split_heads3_bwd)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.layers.common import linear, proj_std
+from jaxgpt.layers.common import linear, proj_std, split_heads3
 from jaxgpt.layers.deltanet import DeltaNet
 from jaxgpt.layers.gla import GatedLinearAttention
 from jaxgpt.variants import LINEAR_MIXERS, linear_mixer_layer
@@ -35,7 +35,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, C = x.shape
-        q, k, v = (t.reshape(B, T, self.n_head, C // self.n_head) for t in jnp.split(self.c_attn(x), 3, axis=-1))
+        q, k, v = split_heads3(self.c_attn(x), self.n_head)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
         return self.c_proj(y.reshape(B, T, C))  # y: [B, T, H, D]
 
