@@ -156,7 +156,12 @@ def jax_op(op, impl, sets, options):
 
     from jaxgpt import ops
 
-    if op == "chunk_gla":
+    if op == "chunk_gla" and impl == "pallas_chunk":  # the chunk-level kernels (A/B candidate)
+        from jaxgpt.ops.gla.pallas_chunk import chunk_gla_pallas
+
+        def f(q, k, v, g):
+            return chunk_gla_pallas(q, k, v, g, **options)[0]
+    elif op == "chunk_gla":
         def f(q, k, v, g):
             return ops.chunk_gla(q, k, v, g, backend=impl, **options)[0]
     else:
@@ -298,6 +303,8 @@ def variants(op, impls, args):
               "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse), ("block_v", "bv", args.delta_block_v)]}
     rows = []
     for impl in impls:
+        if impl == "pallas_chunk" and op != "chunk_gla":  # jaxgpt.ops.gla.pallas_chunk: chunk_gla only
+            continue
         swept = [sweep for sweep in sweeps.get(op, []) if sweep[2]] if impl == "pallas" else []
         for combo in itertools.product(*[values for _, _, values in swept]):
             names = [(key, short) for key, short, _ in swept]

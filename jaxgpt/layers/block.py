@@ -39,6 +39,9 @@ def _normalize(x, eps):
 
 def _scaled_normalize_fwd(x, scale, eps):
     x_hat, mean, rstd = _normalize(x, eps)
+    # The barrier stores x, mean and rstd as computed here; without it XLA recomputes the statistics (and x
+    # itself, from the residual add's operands) inside every backward fusion that reads them.
+    x, mean, rstd = jax.lax.optimization_barrier((x, mean, rstd))
     return x_hat * scale, (x, scale, mean, rstd)
 
 
