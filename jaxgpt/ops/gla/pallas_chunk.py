@@ -43,7 +43,7 @@ dtype, do v^T takes do and v as they are; the other products take fp32 operands,
 the GPU for bf16 / fp16 inputs, Precision.HIGHEST for fp32 inputs; here that covers the A v products too).
 
 Tuning (GPU A/B): the module constants BLOCK_K, BLOCK_V and NUM_WARPS (per kernel), or, without editing the file,
-the environment variable JAXGPT_GLA_CHUNK, e.g. "dqkg=8,A=2,block_v=32" (read when a call is traced).
+the environment variable JAXGPT_GLA_CHUNK, e.g. "dqkg=4,A=2,block_v=32" (read when a call is traced).
 """
 
 import functools
