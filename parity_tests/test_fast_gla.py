@@ -1,14 +1,14 @@
 """Parity of the Pallas GLA kernels (jaxgpt.ops.gla.pallas, `chunk_gla(..., backend='pallas')`).
 
-CPU (CI): the kernels in Pallas interpret mode, fp32, against the plain recurrence `naive_recurrent_gla`: outputs,
-final state and the gradients w.r.t. q, k, v, gk and the initial state, at ragged T spanning two or three chunks and
-K = 16, 64, 128 (one, two and four of the kernels' 32-column key blocks, as key groups of one program each or two
-blocks per program), head dims that are zero-padded to powers of two (K = 40, 48, 56; V = 24), and 32 x 32 and
-64 x 64 state tiles at K = V = 64 and 128, with gates weak in some key
-dimensions and strong enough in others (log-decay -20 per step) that any factorisation exp(G_t) * exp(-G_j) over
-more than a few steps would overflow. And the bf16 forward + backward lowers to Triton IR for the GPU (`jax.export`,
-no GPU needed) at both state tile and key group sizes, which catches Pallas-Triton lowering errors that the
-interpreter does not see.
+CPU (CI): the kernels in Pallas interpret mode, fp32, against jaxgpt's XLA chunk_gla (`backend='xla'`, full-precision
+products; itself checked against the recurrence and FLA's in test_ops_parity.py): outputs, final state and the
+gradients w.r.t. q, k, v, gk and the initial state, within 1e-5, at ragged T (1, 70, 100, 130, 150: one to three
+chunks), K != V, head dims zero-padded to powers of two (K = 40, 48, 56; V = 24), K = V = 128 (two key and two value
+blocks), smaller key / value blocks (the module constants BLOCK_K / BLOCK_V patched: more blocks per program on tiny
+shapes), 32 x 32 and 64 x 64 state tiles, and with and without an initial state; gates weak in some key dimensions
+and -20 per step in others (any factorisation exp(G_t) * exp(-G_j) over more than a few steps would overflow). And
+the bf16 forward + backward lowers to Triton IR for the GPU (`jax.export`, no GPU needed), every kernel by name,
+which catches Pallas-Triton lowering errors that the interpreter does not see.
 
 GPU (`pytest -m gpu parity_tests/test_fast_gla.py` on the device): bf16 pallas vs FLA 0.6.0's Triton `chunk_gla`
 (bf16), both against an fp32 reference (jaxgpt's xla chunk_gla in fp32, full-precision products, from the same
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.ops import chunk_gla, naive_recurrent_gla
+from jaxgpt.ops import chunk_gla
+from jaxgpt.ops.gla import pallas
 from jaxgpt.ops.gla.pallas import chunk_gla_pallas, state_block_for
 from parity_tests.helpers import rel_err
 
@@ -64,15 +65,35 @@ def shape_id(shape) -> str:
     return "B{}_T{}_H{}_K{}_V{}".format(*shape)
 
 
-INTERPRET_CASES = [  # ((B, T, H, K, V), chunk_gla_pallas options)
-    ((1, 150, 2, 16, 32), {}),
-    ((1, 100, 1, 64, 64), {"state_block": 64}),  # one 64 x 64 state tile; two key groups
-    ((1, 100, 1, 64, 64), {"state_block": 32, "key_group": 64}),  # 2 x 2 tiles; one group of two key blocks
-    ((1, 70, 1, 128, 32), {"state_block": 64, "key_group": 64}),  # 2 x 2 groups x blocks, V < K; 2 x 1 tiles
-    ((1, 70, 1, 128, 128), {"state_block": 32}),  # 4 x 4 tiles, four key groups
-    ((1, 100, 1, 40, 64), {}),  # K padded to 64 (gla_depth's key dims 40, 48, 56)
-    ((1, 100, 1, 56, 64), {"key_group": 64}),
-    ((1, 100, 2, 48, 24), {}),  # both padded: K to 64, V to 32
+TOL = 1e-5
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def run(op, inputs, cot, initial_state: bool = True):
+    """(o, h_T, dq, dk, dv, dgk, dh0) as outputs_and_grads, or without an initial state (o, dq, dk, dv, dgk);
+    compiled at XLA's lowest backend optimisation level (the interpreted kernels' compile dominates)."""
+
+    def go(inputs, cot):
+        if initial_state:
+            (o, ht), vjp = jax.vjp(lambda *x: op(*x[:4], initial_state=x[4], output_final_state=True), *inputs)
+            return (o, ht, *vjp(tuple(cot)))
+        o, vjp = jax.vjp(lambda *x: op(*x)[0], *inputs[:4])
+        return (o, *vjp(cot[0]))
+
+    return jax.jit(go).lower(inputs, cot).compile(FAST_COMPILE)(inputs, cot)
+
+
+INTERPRET_CASES = [  # ((B, T, H, K, V), options: state_block, BLOCK_K / BLOCK_V overrides, h0 (default True))
+    ((1, 70, 2, 16, 32), {}),
+    ((2, 1, 1, 32, 16), {}),  # T = 1
+    ((1, 150, 1, 64, 32), {"h0": False}),  # K != V, three chunks, no initial state
+    ((1, 70, 1, 128, 128), {"state_block": 32}),  # two key / value blocks; 4 x 4 state tiles
+    ((1, 70, 1, 128, 32), {"state_block": 64}),  # V < K; 2 x 1 state tiles
+    ((1, 100, 1, 64, 64), {"state_block": 64}),  # one 64 x 64 state tile
+    ((1, 100, 2, 40, 24), {}),  # both padded: K to 64, V to 32
+    ((1, 100, 1, 56, 64), {"state_block": 32}),  # K padded to 64 (gla_depth's key dims 40, 48, 56); 2 x 2 tiles
+    ((1, 130, 1, 64, 64), {"BLOCK_K": 16, "BLOCK_V": 32}),  # 4 key blocks, 2 value blocks
+    ((1, 64, 1, 32, 64), {"BLOCK_K": 16, "BLOCK_V": 16, "h0": False}),
 ]
 
 
@@ -82,17 +103,24 @@ def case_id(case) -> str:
 
 
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=case_id)
-def test_interpret_matches_recurrence(case):
+def test_interpret_matches_xla(case, monkeypatch):
     shape, options = case
+    options = dict(options)
+    h0 = options.pop("h0", True)
+    for name in ("BLOCK_K", "BLOCK_V"):
+        if name in options:
+            monkeypatch.setattr(pallas, name, options.pop(name))
     rng = np.random.default_rng(0)
     inputs, cot = random_inputs(rng, *shape, strong=True)
     inputs, cot = [jnp.asarray(x) for x in inputs], [jnp.asarray(x) for x in cot]
-    got = outputs_and_grads(lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True, **options), inputs, cot)
-    ref = outputs_and_grads(naive_recurrent_gla, inputs, cot)
+    got = run(lambda *a, **kw: chunk_gla_pallas(*a, **kw, interpret=True, **options), inputs, cot, h0)
+    with jax.default_matmul_precision("highest"):
+        ref = run(lambda *a, **kw: chunk_gla(*a, **kw, backend="xla"), inputs, cot, h0)
+    names = NAMES if h0 else ("o", "dq", "dk", "dv", "dgk")
     assert [g.shape for g in got] == [r.shape for r in ref]  # the padded head dims are sliced off (and their grads)
-    errs = {n: rel_err(g, r) for n, g, r in zip(NAMES, got, ref)}
     assert all(np.isfinite(np.asarray(g)).all() for g in got)
-    assert max(errs.values()) < 1e-5, errs
+    errs = {n: rel_err(g, r) for n, g, r in zip(names, got, ref)}
+    assert max(errs.values()) < TOL, errs
 
 
 def test_state_block_heuristic():
@@ -102,14 +130,29 @@ def test_state_block_heuristic():
     assert state_block_for(4, 16, 128, 128) == 64  # 256
 
 
-@pytest.mark.parametrize("K,V,state_block,key_group", [(32, 64, None, 32), (64, 64, 64, 32), (64, 64, 32, 64),
-                                                       (128, 128, 64, 64), (128, 128, 32, 32), (40, 24, None, 32)])
-def test_lowers_to_triton(K, V, state_block, key_group):
+def test_pallas_rejects_unsupported_options(monkeypatch):
+    x = jnp.zeros((1, 8, 1, 320))
+    with pytest.raises(ValueError, match="head dims"):
+        chunk_gla_pallas(x, x, x, x)
+    x = jnp.zeros((1, 8, 1, 32))
+    with pytest.raises(ValueError, match="state_block"):
+        chunk_gla_pallas(x, x, x, x, state_block=24)
+    monkeypatch.setattr(pallas, "BLOCK_K", 24)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        chunk_gla_pallas(x, x, x, x)
+
+
+KERNELS = ("_chunk_cumsum_kernel", "_state_fwd_kernel", "_chunk_A_kernel", "_chunk_o_kernel", "_state_bwd_kernel",
+           "_chunk_dv_kernel", "_chunk_dqkg_kernel")
+
+
+@pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),
+                                             (40, 24, None)])
+def test_lowers_to_triton(K, V, state_block):
     """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU)."""
 
     def fwd_bwd(q, k, v, gk, do):
-        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas", state_block=state_block,
-                                                 key_group=key_group)[0], q, k, v, gk)
+        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas", state_block=state_block)[0], q, k, v, gk)
         return o, vjp(do)
 
     bf = jnp.bfloat16
@@ -119,20 +162,9 @@ def test_lowers_to_triton(K, V, state_block, key_group):
     exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
                                  disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
     module = exported.mlir_module()
-    kernels = ("_state_fwd_kernel", "_output_fwd_kernel", "_state_bwd_kernel", "_grad_bwd_kernel")
-    assert all(f'name = "{name}"' in module for name in kernels), "a kernel did not lower to a Triton call"
-    assert module.count(triton) >= len(kernels)
-
-
-def test_pallas_rejects_unsupported_options():
-    x = jnp.zeros((1, 8, 1, 320))
-    with pytest.raises(ValueError, match="head dims"):
-        chunk_gla_pallas(x, x, x, x)
-    x = jnp.zeros((1, 8, 1, 32))
-    with pytest.raises(ValueError, match="state_block"):
-        chunk_gla_pallas(x, x, x, x, state_block=24)
-    with pytest.raises(ValueError, match="key_group"):
-        chunk_gla_pallas(x, x, x, x, key_group=8)
+    missing = [name for name in KERNELS if f'name = "{name}"' not in module]
+    assert not missing, f"kernels that did not lower to a Triton call: {missing}"
+    assert module.count(triton) >= len(KERNELS) + 1  # the gate cumsum runs in the forward and the backward
 
 
 # ------------------------------------------------------------------------------------------------ GPU

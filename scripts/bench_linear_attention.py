@@ -2,14 +2,13 @@
 
     python scripts/bench_linear_attention.py [--ops chunk_gla,gla,gla_conv,...] [--shapes op1,layer1024,...]
                                              [--impl xla,pallas] [--state-block none,32,64]
-                                             [--key-group 32,64] [--delta-inverse pallas,trsm]
+                                             [--delta-inverse pallas,trsm]
                                              [--delta-block-v 16,32] [--out results.json]
                                              [--profile DIR]
 
 Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms / JAX ms (> 1: JAX faster), and the
 JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
-(`chunk_gla(..., state_block=...)`; none: its heuristic) and `--key-group` its key columns per program: one row per
-combination, impl labelled e.g. 'pallas sb=32 kg=64';
+(`chunk_gla(..., state_block=...)`; none: its heuristic): one row per value, impl labelled e.g. 'pallas sb=32';
 `--delta-inverse pallas,trsm` and `--delta-block-v` likewise chunk_delta_rule's per-chunk triangular inverse and
 its recurrences' state columns per program ('pallas inv=trsm bv=16').
 Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
@@ -156,12 +155,7 @@ def jax_op(op, impl, sets, options):
 
     from jaxgpt import ops
 
-    if op == "chunk_gla" and impl == "pallas_chunk":  # the chunk-level kernels (A/B candidate)
-        from jaxgpt.ops.gla.pallas_chunk import chunk_gla_pallas
-
-        def f(q, k, v, g):
-            return chunk_gla_pallas(q, k, v, g, **options)[0]
-    elif op == "chunk_gla":
+    if op == "chunk_gla":
         def f(q, k, v, g):
             return ops.chunk_gla(q, k, v, g, backend=impl, **options)[0]
     else:
@@ -296,15 +290,12 @@ def parse_state_blocks(text):
 
 def variants(op, impls, args):
     """(impl, row label, op keyword options) for the JAX rows of one op: on pallas, one row per combination of the
-    op's swept options (chunk_gla: --state-block x --key-group x --gla-warps; chunk_delta_rule: --delta-inverse x
-    --delta-block-v); else one row per impl."""
-    sweeps = {"chunk_gla": [("state_block", "sb", args.state_block), ("key_group", "kg", args.key_group),
-                            ("num_warps", "w", args.gla_warps)],
+    op's swept options (chunk_gla: --state-block; chunk_delta_rule: --delta-inverse x --delta-block-v); else one
+    row per impl."""
+    sweeps = {"chunk_gla": [("state_block", "sb", args.state_block)],
               "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse), ("block_v", "bv", args.delta_block_v)]}
     rows = []
     for impl in impls:
-        if impl == "pallas_chunk" and op != "chunk_gla":  # jaxgpt.ops.gla.pallas_chunk: chunk_gla only
-            continue
         swept = [sweep for sweep in sweeps.get(op, []) if sweep[2]] if impl == "pallas" else []
         for combo in itertools.product(*[values for _, _, values in swept]):
             names = [(key, short) for key, short, _ in swept]
@@ -408,10 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="xla,pallas")
     p.add_argument("--state-block", type=parse_state_blocks, default=None,
                    help="chunk_gla pallas state tiles to sweep, e.g. none,32,64 (none: the heuristic)")
-    p.add_argument("--key-group", type=lambda t: [int(x) for x in t.split(",")], default=None,
-                   help="chunk_gla pallas key columns per program to sweep, e.g. 32,64")
-    p.add_argument("--gla-warps", type=lambda t: [int(x) for x in t.split(",")], default=None,
-                   help="chunk_gla pallas num_warps of the output / gradient kernels to sweep, e.g. 2,4,8")
     p.add_argument("--delta-block-v", type=lambda t: [int(x) for x in t.split(",")], default=None,
                    help="chunk_delta_rule pallas state columns per program to sweep, e.g. 16,32")
     p.add_argument("--delta-inverse", type=lambda t: t.split(","), default=None,

@@ -24,15 +24,18 @@ def rows(bench, op, *argv):
 
 def test_no_sweep_gives_one_row_per_impl(bench):
     assert rows(bench, "chunk_gla") == [("xla", "xla", {}), ("pallas", "pallas", {})]
-    assert rows(bench, "gla", "--key-group", "32,64") == [("xla", "xla", {}), ("pallas", "pallas", {})]  # layers
+    assert rows(bench, "gla", "--state-block", "32,64") == [("xla", "xla", {}), ("pallas", "pallas", {})]  # layers
 
 
 def test_sweeps_cross_on_pallas_only(bench):
-    got = rows(bench, "chunk_gla", "--state-block", "none,32", "--key-group", "32,64")
-    assert got[0] == ("xla", "xla", {})
-    assert [label for _, label, _ in got[1:]] == ["pallas sb=none kg=32", "pallas sb=none kg=64",
-                                                  "pallas sb=32 kg=32", "pallas sb=32 kg=64"]
-    assert got[-1][2] == {"state_block": 32, "key_group": 64}
+    got = rows(bench, "chunk_gla", "--state-block", "none,32")
+    assert got == [("xla", "xla", {}), ("pallas", "pallas sb=none", {"state_block": None}),
+                   ("pallas", "pallas sb=32", {"state_block": 32})]
     got = rows(bench, "chunk_delta_rule", "--impl", "pallas", "--delta-inverse", "pallas,trsm", "--delta-block-v", "16")
     assert got == [("pallas", "pallas inv=pallas bv=16", {"tril_inverse": "pallas", "block_v": 16}),
                    ("pallas", "pallas inv=trsm bv=16", {"tril_inverse": "trsm", "block_v": 16})]
+
+
+def test_removed_sweeps_are_gone(bench):
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--key-group", "32"])

@@ -30,8 +30,6 @@ def chunk_gla(
     backend: str = "auto",
     *,
     state_block: int | None = None,
-    key_group: int | None = None,
-    num_warps: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA in chunked form; same math and API as `naive_recurrent_gla` (and FLA's `chunk_gla`).
 
@@ -48,8 +46,8 @@ def chunk_gla(
             kernels of jaxgpt.ops.gla.pallas (head dims up to 256, the default chunk sizes); 'xla' is this module's
             chunked form, differentiated by JAX; 'auto' is 'pallas' on GPU for the head dims and chunk sizes the
             kernels take, else 'xla'.
-        state_block, key_group, num_warps: the pallas kernels' state tile, key columns per program and warps
-            (`pallas.chunk_gla_pallas`). The xla path ignores them.
+        state_block: the pallas state kernels' tile (`pallas.chunk_gla_pallas`; None: its heuristic). The xla
+            path ignores it.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
@@ -60,8 +58,7 @@ def chunk_gla(
         if (chunk_size, sub_chunk_size) != (pallas.CHUNK, pallas.SUB):
             raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, sub_chunk_size={pallas.SUB}")
         return pallas.chunk_gla_pallas(q, k, v, gk, scale, initial_state, output_final_state,
-                                       state_block=state_block, key_group=key_group,
-                                       num_warps=num_warps)
+                                       state_block=state_block)
     if chunk_size % sub_chunk_size:
         raise ValueError(f"sub_chunk_size {sub_chunk_size} must divide chunk_size {chunk_size}")
     B, T, H, K = q.shape

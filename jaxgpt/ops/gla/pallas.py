@@ -1,54 +1,67 @@
 """Gated Linear Attention with Pallas (Triton backend) kernels and a hand-written backward (`jax.custom_vjp`).
 
-Same math and API as `jaxgpt.ops.gla.chunk.chunk_gla` (FLA layout [B, T, H, D], chunk-local gate cumsum, 64-step
-chunks, exact pairwise gating inside 16-step sub-chunks). Four kernels, none materialises a [..., S, S, K] tensor:
+Same math and API as `jaxgpt.ops.gla.chunk.chunk_gla` (FLA layout [B, T, H, D], 64-step chunks, exact pairwise
+gating inside 16-step sub-chunks). The kernels are structured as FLA's `chunk_gla`: whole 64-step chunks, 64-row
+products, one job per kernel, and nothing [.., S, S, K]-sized in memory.
+
+Notation, per chunk n of C = 64 steps and key dimension: g = the chunk-local cumsum of the log-gates gk (fp32,
+written once per pass by _chunk_cumsum so that every kernel reads the same values), g_last = g's last row in the
+chunk (read as a row of g, so g_last - g is exactly 0 at the chunk's last step), q~ = scale * q, S_n the state
+entering chunk n (S_0 = h0) and dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
 
 forward
-    _state_fwd   grid (B*H, K/BK, V/BV), sequential over chunks n:   S_{n+1} = diag(e^{G_C}) S_n + (k e^{G_C - G})^T v
-                 writes S_n (the state entering chunk n, fp32) and the final state.
-    _output_fwd  grid (N, B*H), parallel over chunks. Inside a chunk it walks the 16-step sub-chunks a with a local
-                 state H_a (H_0 = S_n), so every exponent stays <= 0 (no overflow for any gate strength):
-                     c = cumsum of gk inside the sub-chunk, s = its sum
-                     o_a = scale * [ (q_a e^{c}) H_a + A_aa v_a ],  A_aa[t, j] = sum_k q_tk k_jk e^{c_tk - c_jk} (j <= t)
-                     H_{a+1} = diag(e^{s}) H_a + (k_a e^{s - c})^T v_a
-backward (dS_n: gradient w.r.t. the state entering chunk n; dS_N = d(final state))
-    _state_bwd   grid (B*H, K/BK, V/BV), reverse over chunks:        dS_n = diag(e^{G_C}) dS_{n+1} + scale (q e^{G})^T do
-    _grad_bwd    grid (N, B*H). A forward walk over sub-chunks gives dq's first term (from H_a), a reverse walk the
-                 rest of dq and dk, dv (from D_a, the gradient w.r.t. H_{a+1}, D_{M-1} = dS_{n+1}):
-                     dq_a = scale [ e^{c} (do_a H_a^T) + sum_j dA_tj k_j e^{c_t - c_j} ],   dA = do_a v_a^T (j <= t)
-                     dk_a = e^{s - c} (v_a D_a^T) + sum_t dA_tj q_t e^{c_t - c_j}
-                     dv_a = (k_a e^{s - c}) D_a + A_aa^T do_a
-                     D_{a-1} = diag(e^{s}) D_a + scale (q_a e^{c})^T do_a
-                 and the gate gradient from the identity (per key dimension, u inside chunk n)
-                     dgk_u = sum_{s >= u in the chunk} (q_s dq_s - k_s dk_s) + sum_v S_{n+1} * dS_{n+1},
-                 a reverse cumsum carried across the sub-chunks, starting from the last term (S_{n+1} = H_M).
+    _chunk_cumsum  grid (N, B*H)              g
+    _state_fwd     grid (B*H, K/SK, V/SV),    S_{n+1} = diag(e^{g_last}) S_n + (k e^{g_last - g})^T v
+                   sequential over chunks     writes S_n (fp32 [B, N, H, K, V]) and the final state
+    _chunk_A       grid (N, B*H)              A[t, j] = sum_k q~_tk k_jk e^{g_tk - g_jk} (j <= t, else 0), [C, C]
+                                              per chunk, stored in v's dtype (a residual for the backward)
+    _chunk_o       grid (N, B*H, V/BV)        o = (q~ e^{g}) S_n + A v
+backward (g again from _chunk_cumsum instead of a residual)
+    _state_bwd     grid (B*H, K/SK, V/SV),    dS_n = diag(e^{g_last}) dS_{n+1} + (q~ e^{g})^T do
+                   reverse over chunks        writes dS_{n+1} (fp32) and dh0 = dS_0
+    _chunk_dv      grid (N, B*H, V/BV)        dv = A^T do + (k e^{g_last - g}) dS_{n+1}
+    _chunk_dqkg    grid (N, B*H, K/BK)        dA = do v^T (j <= t), then
+                                              dq~ = e^{g} (do S_n^T) + [sum_j dA_tj k_j e^{g_t - g_j}]
+                                              dk  = e^{g_last - g} (v dS_{n+1}^T) + [sum_t dA_tj q~_t e^{g_t - g_j}]
+                                              dgk = reverse cumsum over the chunk of (q~ dq~ - k dk)
+                                                    + e^{g_last} sum_v (S_n * dS_{n+1})
+                                                    + sum_t k_t (e^{g_last - g_t} v_t dS_{n+1}^T)
+The gate gradient comes from the identity (per key dimension, u in chunk n)
+    dgk_u = sum_{s >= u in the chunk} (q~_s dq~_s - k_s dk_s) + sum_v S_{n+1} * dS_{n+1},
+whose last term is written with S_n as FLA does (the last two terms of dgk above; k dk there is dk's inter part).
 
-Key groups: _output_fwd and _grad_bwd run one program per key group of G = min(K, key_group) columns as well
-(grid (N, B*H, K/G); key_group defaults to KEY_GROUP = 32). The gates are diagonal in the key dim, so c, s, the rows
-of H_a and D_a, dq, dk and dgk belong to one group; o and dv are sums over the groups, which each program writes as
-an fp32 share ([K/G, B, T, H, V], summed afterwards; with one group it writes o / dv itself). At K = 64, 32-column
-groups beat one 64-column group by 12-14% per op (H200, session 6, `bench_linear_attention.py --key-group 32,64`):
-twice the programs, each with half the live state tiles, for the cost of that sum.
+Stability, the reference-row trick: gk <= 0, so g falls along the chunk and e^{g_t - g_j} <= 1 for j <= t, but a
+factorisation e^{g_t} e^{-g_j} over the whole chunk would overflow for strong gates (-20 per step: |g| ~ 1e3). The
+bracketed intra-chunk sums (and A) are therefore built from the 16 x 16 sub-blocks (a, b) of the chunk, in [64, .]
+frames:
+  * off-diagonal blocks (a > b) as products through a reference row r between the two sub-chunks, so that both
+    factors are <= 1 for any gate strength: for A and dq~, r = g at the first row of sub-chunk a,
+        A_ab = (q~_a e^{g_a - r}) (k_b e^{r - g_b})^T,      dq~_a += e^{g_a - r} (dA_ab (k_b e^{r - g_b})),
+    one masked [64, 64] x [64, BK] product per a; for dk, r = g at the last row of sub-chunk b,
+        dk_b += e^{r - g_b} (dA_ab^T (q~_a e^{g_a - r})),
+    one product per b. Exponents are clamped at 0 (`_decay`) where a row is masked out, so nothing overflows.
+  * diagonal blocks by a loop over the 16 steps jj of a sub-chunk (as FLA's intra kernels): row t of the frame
+    pairs with step 16 (t // 16) + jj of its own sub-chunk, whose k / q~ / g rows are loaded (four row loads), so
+    every step costs one [64, BK] decay e^{g_t - g_j}, and no [S, S, K] temporary exists.
+The inter-chunk factors e^{g}, e^{g_last - g}, e^{g_last} are <= 1 as they stand.
 
-Key blocks: inside a program each sub-chunk is taken in static blocks of KB = min(G, 32) key columns; as for the
-groups, only A_aa (with A_aa v_a and A_aa^T do_a), o and dv are sums over the blocks, and dA does not involve K
-(once per sub-chunk). The pairwise-gated terms of the diagonal sub-chunk (A_aa and, backward, their share of dq
-and dk) come from `_intra`: a loop over the key step j with one [S, KB] decay e^{c - c_j} per step, as FLA's intra
-kernels, so no [S, S, KB] temporary exists. In _grad_bwd the forward walk keeps only dq's inter part,
-e^{c} (do_a H_a^T); the reverse walk adds the intra terms, from the same decays as dk.
+Tiles: key blocks of BK = min(K, BLOCK_K) columns (a loop inside _chunk_A / _chunk_o / _chunk_dv, the grid axis of
+_chunk_dqkg), value blocks of BV = min(V, BLOCK_V) (the grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dqkg).
+The state kernels split each head's [K, V] state into SK x SV tiles, SK = min(K, state_block), SV = min(V,
+state_block), one program per tile; `state_block` None picks 64, or 32 when 64 x 64 tiles give fewer programs than
+the GPU has SMs (SM_COUNT). Warps per kernel: NUM_WARPS (_chunk_dqkg holds ~6 live [64, 64] fp32 tiles: 8 warps;
+4 were slower on an H200).
 
-State tiles: _state_fwd / _state_bwd split each head's [K, V] state into BK x BV tiles, BK = min(K, state_block),
-BV = min(V, state_block), one program per tile. `state_block` None picks 64, or 32 when 64 x 64 tiles give fewer
-programs than the GPU has SMs (SM_COUNT): 4x the programs, each walking the same N chunks.
+Padding: the kernels take head dims that are powers of two from 16 (Triton tiles) and T a multiple of 64. Any K, V
+in [1, 256] is zero-padded to the next one, K' and V', and T to a multiple of 64, outside the custom_vjp (q, k, gk
+and h0's rows to K'; v and h0's columns to V'; the time axis with zeros), and o and the final state are sliced back.
+Padded key columns have q = k = 0 and gate 0 (no decay), padded value columns v = 0, padded steps zero inputs and
+zero log-gates (the state passes through unchanged), so they add nothing to the real outputs; their gradients are
+dropped by the slice's transpose (the pad).
 
-Head dims: the kernels take powers of two from 16 (Triton tiles); any K, V in [1, 256] is zero-padded to the next
-one, K' and V', outside the custom_vjp (q, k, gk and h0's rows to K'; v and h0's columns to V'), and o and the final
-state are sliced back. Padded key columns have q = k = 0 (and gate 0: no decay), padded value columns v = 0, so they
-add nothing to the real outputs; their gradients are dropped by the slice's transpose (the pad).
-
-Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32; the A v / A^T do products take
-A in v's dtype (bf16 operands, fp32 accumulation); the other products take fp32 operands (TF32 on the GPU for
-bf16 / fp16 inputs, full fp32 for fp32 inputs).
+Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32; A v and A^T do take A in v's
+dtype, do v^T takes do and v as they are; the other products take fp32 operands, at `_precision` (TF32 on the GPU
+for bf16 / fp16 inputs, Precision.HIGHEST for fp32 inputs, which then covers the A v products too).
 """
 
 import functools
@@ -64,11 +77,14 @@ from jaxgpt.ops.utils import pad_time, value_row
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
 M = CHUNK // SUB  # sub-chunks per chunk
-KEY_BLOCK = 32  # key columns per block in _output_fwd / _grad_bwd (bounds their [SUB, SUB, KB] fp32 temporaries)
-KEY_GROUP = 32  # default key columns per program of _output_fwd / _grad_bwd
+BLOCK_K = 64  # key columns per block (the key grid axis of _chunk_dqkg, a loop elsewhere); a power of two >= 16
+BLOCK_V = 64  # value columns per block (the value grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dqkg)
+NUM_WARPS = {"state": 4, "cumsum": 4, "A": 4, "o": 4, "dv": 4, "dqkg": 8}  # dqkg 4: op1 +15-20%, op3 +16% (H200)
 MAX_HEAD_DIM = 256
 SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the state-tile heuristic fills them
 f32 = jnp.float32
+
+__all__ = ["chunk_gla_pallas", "supported"]
 
 
 def supported(K: int, V: int) -> bool:
@@ -91,67 +107,19 @@ class Options(NamedTuple):
     """Static (hashable) options of `_gla`."""
 
     scale: float
-    state_block: int  # BK = min(K, state_block), BV = min(V, state_block) in _state_fwd / _state_bwd
-    key_group: int  # G = min(K, key_group) key columns per program of _output_fwd / _grad_bwd
-    num_warps: int | None  # of _output_fwd / _grad_bwd; None: `_warps`
+    state_block: int  # SK = min(K, state_block), SV = min(V, state_block) in _state_fwd / _state_bwd
+    block_k: int  # BK = min(K, block_k)
+    block_v: int  # BV = min(V, block_v)
     interpret: bool  # run the kernels in Pallas's interpreter (tests, off GPU)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
 
 
 def _dot(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """a @ b (optionally transposed operands) with fp32 accumulation."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
-
-
-def _col(x: jax.Array, j) -> jax.Array:
-    """x[:, j] [S] of a value x [S, D], as `value_row`."""
-    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == j, x, 0.0), axis=1)
-
-
-def _causal(S: int) -> jax.Array:
-    """[S, S] mask of j <= t."""
-    return jax.lax.broadcasted_iota(jnp.int32, (S, S), 0) >= jax.lax.broadcasted_iota(jnp.int32, (S, S), 1)
-
-
-def _intra(q: jax.Array, k: jax.Array, c: jax.Array, dA: jax.Array | None = None):
-    """The diagonal sub-chunk's pairwise-gated terms, by a loop over the key step j (as FLA's intra kernels): one
-    [S, KB] decay E_j = e^{c - c_j} per j (exponents <= 0 where t >= j), no [S, S, KB] temporaries.
-
-        A[t, j] = sum_k q_tk k_jk E_j[t, k]                       (j <= t, else 0)
-    and, given dA [S, S] (the gradient w.r.t. A, zero above the diagonal), the gradients through A:
-        dq_t = sum_j dA_tj k_j E_j[t],     dk_j = sum_t dA_tj q_t E_j[t]
-    q, k, c: [S, KB] (c the gate cumsum). Returns A, or (A, dq, dk) when dA is given."""
-    S = q.shape[0]
-    cols = jax.lax.broadcasted_iota(jnp.int32, (1, S), 1)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (S, 1), 0)
-
-    def step(j, carry):
-        k_j, c_j = value_row(k, j), value_row(c, j)
-        decay = jnp.exp(jnp.minimum(c - c_j[None, :], 0.0))  # rows t < j are masked out below / by dA's zeros
-        A = jnp.where(cols == j, jnp.sum(q * k_j[None, :] * decay, axis=1)[:, None], carry[0])
-        if dA is None:
-            return (A,)
-        dA_j = _col(dA, j)[:, None]
-        dq = carry[1] + dA_j * k_j[None, :] * decay
-        dk = jnp.where(rows == j, jnp.sum(dA_j * q * decay, axis=0)[None, :], carry[2])
-        return A, dq, dk
-
-    zeros = jnp.zeros_like(q)
-    carry = jax.lax.fori_loop(0, S, step, (jnp.zeros((S, S), f32),) + (() if dA is None else (zeros, zeros)))
-    A = jnp.where(_causal(S), carry[0], 0.0)
-    return A if dA is None else (A, *carry[1:])
-
-
-def _key_blocks(group, G: int) -> list[pl.Slice]:
-    """Slices of the key dim for key group `group` (G columns, one program's share), in static blocks of
-    min(G, KEY_BLOCK) columns."""
-    KB = min(G, KEY_BLOCK)
-    return [pl.ds(group * G + i * KB, KB) for i in range(G // KB)]
-
-
-def _sub_chunk(n, a: int) -> pl.Slice:
-    """Time steps of sub-chunk a of chunk n."""
-    return pl.ds(n * CHUNK + a * SUB, SUB)
 
 
 def _gate_cumsum(gk: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -163,23 +131,56 @@ def _gate_cumsum(gk: jax.Array) -> tuple[jax.Array, jax.Array]:
     return g, value_row(g, g.shape[0] - 1)
 
 
-def _load_keys(q_ref, k_ref, g_ref, idx, scale):
-    """q * scale, k, the gate cumsum c ([S, KB] fp32 each) and the gate sum s ([KB]) at idx = (b, t, h, key block)."""
-    gk = g_ref[idx].astype(f32)
-    return q_ref[idx].astype(f32) * scale, k_ref[idx].astype(f32), jnp.cumsum(gk, axis=0), jnp.sum(gk, axis=0)
+def _iota(shape, dim) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _decay_add(state: jax.Array, s: jax.Array, x: jax.Array, y: jax.Array, precision) -> jax.Array:
-    """diag(e^{s}) state + x^T y: a local state (or its gradient) carried over one sub-chunk."""
-    return state * jnp.exp(s)[:, None] + _dot(x, y, precision, trans_a=True)
+def _frame():
+    """(rows, cols, row sub-chunk, col sub-chunk) of a [C, C] frame."""
+    rows, cols = _iota((CHUNK, CHUNK), 0), _iota((CHUNK, CHUNK), 1)
+    return rows, cols, jax.lax.div(rows, SUB), jax.lax.div(cols, SUB)
+
+
+def _blocks(D: int, BD: int) -> list[pl.Slice]:
+    return [pl.ds(i * BD, BD) for i in range(D // BD)]
+
+
+def _sub_rows(ref, b, h, cols, start, jj) -> jax.Array:
+    """[C, D] fp32 whose row t is ref[b, start + SUB * (t // SUB) + jj, h, cols]: each row paired with step jj of
+    its own sub-chunk (four row loads)."""
+    block = jax.lax.div(_iota((CHUNK, 1), 0), SUB)
+    out = None
+    for a in range(M):
+        row = ref[b, start + a * SUB + jj, h, cols].astype(f32)[None, :]
+        out = row if out is None else jnp.where(block == a, row, out)
+    return out
+
+
+def _decay(x: jax.Array) -> jax.Array:
+    """e^{min(x, 0)}: a gate factor whose masked-out entries (x > 0) must not overflow."""
+    return jnp.exp(jnp.minimum(x, 0.0))
+
+
+def _pick(x: jax.Array, cols: jax.Array, target: jax.Array) -> jax.Array:
+    """[C] of x[t, target[t]] (x [C, C]; cols its column iota), a masked sum."""
+    return jnp.sum(jnp.where(cols == target, x, 0.0), axis=1)
 
 
 def _add(total: jax.Array | None, x: jax.Array) -> jax.Array:
-    """total + x for a sum over key blocks (None: nothing yet, so one block gives x itself)."""
+    """total + x for a sum over blocks (None: nothing yet, so one block gives x itself)."""
     return x if total is None else total + x
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
+
+
+def _chunk_cumsum_kernel(gk_ref, g_ref, *, H, BK, K):
+    """g = cumsum of gk over the steps of chunk program_id(0) (fp32), head program_id(1)."""
+    n, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // H, bh % H
+    t = pl.ds(n * CHUNK, CHUNK)
+    for ks in _blocks(K, BK):
+        g_ref[b, t, h, ks] = jnp.cumsum(gk_ref[b, t, h, ks].astype(f32), axis=0)
 
 
 def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, BK, BV, precision):
@@ -196,27 +197,6 @@ def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, 
         return state * jnp.exp(g_last)[:, None] + _dot(k, v_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
     ht_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, h0_ref[b, h, ks, vs])
-
-
-def _output_fwd_kernel(q_ref, k_ref, v_ref, g_ref, states_ref, o_ref, *, H, G, scale, precision):
-    """o for chunk n = program_id(0), head program_id(1), by a walk over its sub-chunks, each in key blocks; key
-    group program_id(2) writes its share of o (o_ref [key groups, B, T, H, V])."""
-    n, bh, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    b, h = bh // H, bh % H
-    blocks = _key_blocks(group, G)
-    states = [states_ref[b, n, h, ks, :] for ks in blocks]  # H_0 = S_n: a [KB, V] fp32 tile per key block
-    for a in range(M):
-        t = _sub_chunk(n, a)
-        v = v_ref[b, t, h, :]  # [S, V]
-        o = scores = None
-        for i, ks in enumerate(blocks):
-            q, k, c, s = _load_keys(q_ref, k_ref, g_ref, (b, t, h, ks), scale)
-            scores = _add(scores, _intra(q, k, c))  # A_aa
-            o = _add(o, _dot(q * jnp.exp(c), states[i], precision))
-            if a < M - 1:
-                states[i] = _decay_add(states[i], s, k * jnp.exp(s[None, :] - c), v.astype(f32), precision)
-        o = o + _dot(scores.astype(v.dtype), v, None)
-        o_ref[group, b, t, h, :] = o.astype(o_ref.dtype)
 
 
 def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H, N, BK, BV, scale, precision):
@@ -236,52 +216,112 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
     dh0_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, dht_ref[b, h, ks, vs])
 
 
-def _grad_bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref, dg_ref, *,
-                     H, G, scale, precision):
-    """dq, dk, dgk of key group program_id(2) and its share of dv (dv_ref [key groups, B, T, H, V]) for chunk
-    n = program_id(0), head program_id(1), each sub-chunk in key blocks (module docstring)."""
-    n, bh, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _chunk_A_kernel(q_ref, k_ref, g_ref, A_ref, *, H, BK, K, scale, precision):
+    """A [C, C] (scale included, zero above the diagonal) of chunk program_id(0), head program_id(1)."""
+    n, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
-    blocks = _key_blocks(group, G)
+    start = n * CHUNK
+    t = pl.ds(start, CHUNK)
+    rows, cols, row_sub, col_sub = _frame()
+    A = jnp.zeros((CHUNK, CHUNK), f32)
+    for ks in _blocks(K, BK):
+        q = q_ref[b, t, h, ks].astype(f32) * scale
+        k = k_ref[b, t, h, ks].astype(f32)
+        g = g_ref[b, t, h, ks]
+        for a in range(1, M):  # blocks (a, b < a), reference: g at the first row of sub-chunk a
+            r = g_ref[b, start + a * SUB, h, ks][None, :]
+            block = _dot(q * _decay(g - r), k * _decay(r - g), precision, trans_b=True)
+            A = A + jnp.where((row_sub == a) & (col_sub < a), block, 0.0)
 
-    # Forward walk: the inter-sub-chunk part of dq, from H_a.
-    states = [states_ref[b, n, h, ks, :] for ks in blocks]
-    dq_inter = {}  # (a, key block) -> e^{c} (do_a H_a^T): [S, KB]
-    for a in range(M):
-        t = _sub_chunk(n, a)
-        v, do = v_ref[b, t, h, :], do_ref[b, t, h, :]
-        for i, ks in enumerate(blocks):
-            q, k, c, s = _load_keys(q_ref, k_ref, g_ref, (b, t, h, ks), scale)
-            dq_inter[a, i] = jnp.exp(c) * _dot(do.astype(f32), states[i], precision, trans_b=True)
-            states[i] = _decay_add(states[i], s, k * jnp.exp(s[None, :] - c), v.astype(f32), precision)
+        def diagonal(jj, A, q=q, g=g, ks=ks):  # column 16 (t // 16) + jj of row t
+            k_j, g_j = _sub_rows(k_ref, b, h, ks, start, jj), _sub_rows(g_ref, b, h, ks, start, jj)
+            scores = jnp.sum(q * k_j * _decay(g - g_j), axis=1)
+            return A + jnp.where(cols == row_sub * SUB + jj, scores[:, None], 0.0)
 
-    # Reverse walk: the intra terms, dk, dv from D_a; the gate gradient's reverse cumsum starts from
-    # sum_v S_{n+1} * dS_{n+1}.
-    dstates = [dstates_ref[b, n, h, ks, :] for ks in blocks]  # D_{M-1} = dS_{n+1}
-    carries = [jnp.sum(st * dst, axis=1) for st, dst in zip(states, dstates)]  # states are now H_M = S_{n+1}
-    for a in reversed(range(M)):
-        t = _sub_chunk(n, a)
-        v, do = v_ref[b, t, h, :], do_ref[b, t, h, :]
-        dscores = jnp.where(_causal(SUB), _dot(do, v, None, trans_b=True), 0.0)  # dA: [S, S]
-        scores = dv = None
-        for i, ks in enumerate(blocks):
-            q, k, c, s = _load_keys(q_ref, k_ref, g_ref, (b, t, h, ks), scale)
-            A, dq_intra, dk_intra = _intra(q, k, c, dscores)
-            scores = _add(scores, A)  # A_aa
-            dq = dq_inter[a, i] + dq_intra  # d(q * scale)
-            dq_ref[b, t, h, ks] = (dq * scale).astype(dq_ref.dtype)
-            k_gate = jnp.exp(s[None, :] - c)
-            dk = k_gate * _dot(v.astype(f32), dstates[i], precision, trans_b=True) + dk_intra
-            dk_ref[b, t, h, ks] = dk.astype(dk_ref.dtype)
-            dv = _add(dv, _dot(k * k_gate, dstates[i], precision))
-            dg = q * dq - k * dk
-            total = jnp.sum(dg, axis=0)
-            dg_ref[b, t, h, ks] = (carries[i] + total)[None, :] - jnp.cumsum(dg, axis=0) + dg  # sum over steps >= u
-            carries[i] = carries[i] + total
-            if a > 0:
-                dstates[i] = _decay_add(dstates[i], s, q * jnp.exp(c), do.astype(f32), precision)
-        dv = dv + _dot(scores.astype(do.dtype), do, None, trans_a=True)
-        dv_ref[group, b, t, h, :] = dv.astype(dv_ref.dtype)
+        A = jax.lax.fori_loop(0, SUB, diagonal, A)
+    A_ref[b, t, h, :] = jnp.where(rows >= cols, A, 0.0).astype(A_ref.dtype)
+
+
+def _chunk_o_kernel(q_ref, v_ref, g_ref, A_ref, states_ref, o_ref, *, H, BK, BV, K, scale, precision):
+    """o [C, BV] of chunk program_id(0), head program_id(1), value block program_id(2)."""
+    n, bh, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    t, vs = pl.ds(n * CHUNK, CHUNK), pl.ds(iv * BV, BV)
+    o = _dot(A_ref[b, t, h, :], v_ref[b, t, h, vs], precision)
+    for ks in _blocks(K, BK):
+        q = q_ref[b, t, h, ks].astype(f32) * scale
+        o = o + _dot(q * jnp.exp(g_ref[b, t, h, ks]), states_ref[b, n, h, ks, vs], precision)
+    o_ref[b, t, h, vs] = o.astype(o_ref.dtype)
+
+
+def _chunk_dv_kernel(k_ref, g_ref, A_ref, do_ref, dstates_ref, dv_ref, *, H, BK, BV, K, precision):
+    """dv [C, BV] of chunk program_id(0), head program_id(1), value block program_id(2)."""
+    n, bh, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    start = n * CHUNK
+    t, vs = pl.ds(start, CHUNK), pl.ds(iv * BV, BV)
+    dv = _dot(A_ref[b, t, h, :], do_ref[b, t, h, vs], precision, trans_a=True)
+    for ks in _blocks(K, BK):
+        g_last = g_ref[b, start + CHUNK - 1, h, ks][None, :]
+        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last - g_ref[b, t, h, ks])
+        dv = dv + _dot(k, dstates_ref[b, n, h, ks, vs], precision)
+    dv_ref[b, t, h, vs] = dv.astype(dv_ref.dtype)
+
+
+def _chunk_dqkg_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dg_ref, *,
+                       H, BK, BV, V, scale, precision):
+    """dq, dk, dgk [C, BK] of chunk program_id(0), head program_id(1), key block program_id(2)."""
+    n, bh, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    start = n * CHUNK
+    t, ks = pl.ds(start, CHUNK), pl.ds(ik * BK, BK)
+
+    # The value-sized work, in value blocks: dA, dA^T, the inter-chunk products and sum_v S_n * dS_{n+1}.
+    dA = dAT = dq = dk = state_term = None
+    for vs in _blocks(V, BV):
+        do, v = do_ref[b, t, h, vs], v_ref[b, t, h, vs]
+        state, dstate = states_ref[b, n, h, ks, vs], dstates_ref[b, n, h, ks, vs]
+        dA = _add(dA, _dot(do, v, precision, trans_b=True))
+        dAT = _add(dAT, _dot(v, do, precision, trans_b=True))
+        dq = _add(dq, _dot(do.astype(f32), state, precision, trans_b=True))
+        dk = _add(dk, _dot(v.astype(f32), dstate, precision, trans_b=True))
+        state_term = _add(state_term, jnp.sum(state * dstate, axis=1))
+    rows, cols, row_sub, col_sub = _frame()
+    dA = jnp.where(rows >= cols, dA, 0.0)  # dA[t, j]
+    dAT = jnp.where(rows <= cols, dAT, 0.0)  # dA[t, j] at [j, t]
+
+    q = q_ref[b, t, h, ks].astype(f32) * scale
+    k = k_ref[b, t, h, ks].astype(f32)
+    g = g_ref[b, t, h, ks]
+    g_last = g_ref[b, start + CHUNK - 1, h, ks]
+    dq = jnp.exp(g) * dq  # d(q~), inter-chunk
+    dk = jnp.exp(g_last[None, :] - g) * dk
+    state_term = jnp.exp(g_last) * state_term + jnp.sum(k * dk, axis=0)  # sum_v S_{n+1} * dS_{n+1}
+
+    for a in range(1, M):  # dq~ of sub-chunk a from the blocks (a, b < a); reference: g at a's first row
+        r = g_ref[b, start + a * SUB, h, ks][None, :]
+        dA_a = jnp.where((row_sub == a) & (col_sub < a), dA, 0.0)
+        dq = dq + _decay(g - r) * _dot(dA_a, k * _decay(r - g), precision)
+    for a in range(M - 1):  # dk of sub-chunk a from the blocks (c > a, a); reference: g at a's last row
+        r = g_ref[b, start + a * SUB + SUB - 1, h, ks][None, :]
+        dAT_a = jnp.where((row_sub == a) & (col_sub > a), dAT, 0.0)
+        dk = dk + _decay(r - g) * _dot(dAT_a, q * _decay(g - r), precision)
+
+    def diagonal(jj, carry):  # dq~ row t with step j = 16 (t // 16) + jj <= t, dk row j with t = 16 (j // 16) + jj
+        dq, dk = carry
+        g_s = _sub_rows(g_ref, b, h, ks, start, jj)  # g at the paired step s (j for dq~, t for dk)
+        k_s, q_s = _sub_rows(k_ref, b, h, ks, start, jj), _sub_rows(q_ref, b, h, ks, start, jj) * scale
+        target = row_sub * SUB + jj
+        dq = dq + _pick(dA, cols, target)[:, None] * k_s * _decay(g - g_s)
+        dk = dk + _pick(dAT, cols, target)[:, None] * q_s * _decay(g_s - g)
+        return dq, dk
+
+    dq, dk = jax.lax.fori_loop(0, SUB, diagonal, (dq, dk))
+    dq_ref[b, t, h, ks] = (dq * scale).astype(dq_ref.dtype)
+    dk_ref[b, t, h, ks] = dk.astype(dk_ref.dtype)
+    dg = q * dq - k * dk
+    dg_ref[b, t, h, ks] = jnp.sum(dg, axis=0)[None, :] - jnp.cumsum(dg, axis=0) + dg + state_term[None, :]
+
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -298,88 +338,83 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else jax.lax.Precision.DEFAULT
 
 
-def _warps(G: int, V: int) -> int:
-    """num_warps of _output_fwd / _grad_bwd, whose programs hold [G, V] states. Measured on an H200 (fwd+bwd op):
-    G = V = 64 (session 5): 2 warps beat 4 by 6% and 8 by 50%; G = 32, V = 64 (session 6): 4 beat 2 by 10%;
-    G = 32, V = 128 (session 6, T = 16384): 2 warps 11.6 ms, 4 12.0 ms, 8 14.0 ms."""
-    return 8 if G * V >= 128 * 128 else 2 if G * V >= 64 * 64 else 4
+def _launch(kernel, name, out_shape, grid, options: Options, num_stages: int = 1, **kw):
+    return pl.pallas_call(functools.partial(kernel, **kw), out_shape=out_shape, grid=grid,
+                          **_params(options.interpret, NUM_WARPS[name], num_stages))
 
 
-def _key_groups(K: int, options: Options) -> tuple[int, int, jax.typing.DTypeLike | None]:
-    """(G, number of key groups, dtype of the per-group partial sums: fp32 when there are several, else None)."""
-    G = min(K, options.key_group)
-    return G, K // G, (f32 if K > G else None)
+def _cumsum(gk, options: Options):
+    """g [B, Tp, H, K] fp32: the chunk-local cumsum of gk."""
+    B, Tp, H, K = gk.shape
+    return _launch(_chunk_cumsum_kernel, "cumsum", jax.ShapeDtypeStruct(gk.shape, f32), (Tp // CHUNK, B * H),
+                   options, H=H, BK=min(K, options.block_k), K=K)(gk)
 
 
-def _sum_groups(parts: jax.Array, dtype) -> jax.Array:
-    """o or dv from its per-key-group shares [groups, B, T, H, V]."""
-    return parts[0] if parts.shape[0] == 1 else jnp.sum(parts, axis=0).astype(dtype)
+def _state_shapes(B, N, H, K, V):
+    """out_shape of _state_fwd / _state_bwd: per-chunk states [B, N, H, K, V] and one [B, H, K, V] (fp32)."""
+    return jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)
 
 
 def _state_grid(B: int, H: int, K: int, V: int, options: Options) -> tuple[tuple[int, int, int], int, int]:
-    """(grid, BK, BV) of _state_fwd / _state_bwd: one program per (b, h) and BK x BV state tile."""
-    BK, BV = min(K, options.state_block), min(V, options.state_block)
-    return (B * H, K // BK, V // BV), BK, BV
+    """(grid, SK, SV) of _state_fwd / _state_bwd: one program per (b, h) and SK x SV state tile."""
+    SK, SV = min(K, options.state_block), min(V, options.state_block)
+    return (B * H, K // SK, V // SV), SK, SV
 
 
 def _forward(q, k, v, gk, h0, options: Options):
-    """Padded inputs [B, Tp, H, D] -> (o [B, Tp, H, V], states [B, N, H, K, V], final state [B, H, K, V])."""
+    """Padded inputs [B, Tp, H, D] -> (o, states [B, N, H, K, V], final state, A [B, Tp, H, C])."""
     B, Tp, H, K = q.shape
     V, N = v.shape[-1], Tp // CHUNK
-    grid, BK, BV = _state_grid(B, H, K, V, options)
+    BK, BV = min(K, options.block_k), min(V, options.block_v)
     prec = _precision(q.dtype)
-    states, ht = pl.pallas_call(
-        functools.partial(_state_fwd_kernel, H=H, N=N, BK=BK, BV=BV, precision=prec),
-        out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
-        grid=grid, **_params(options.interpret, 4, 2),
-    )(k, v, gk, h0)
-    G, groups, part_dtype = _key_groups(K, options)
-    o = pl.pallas_call(
-        functools.partial(_output_fwd_kernel, H=H, G=G, scale=options.scale, precision=prec),
-        out_shape=jax.ShapeDtypeStruct((groups, B, Tp, H, V), part_dtype or q.dtype),
-        grid=(N, B * H, groups), **_params(options.interpret, options.num_warps or _warps(G, V)),
-    )(q, k, v, gk, states)
-    return _sum_groups(o, q.dtype), states, ht
+    grid, SK, SV = _state_grid(B, H, K, V, options)
+    states, ht = _launch(_state_fwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
+                         H=H, N=N, BK=SK, BV=SV, precision=prec)(k, v, gk, h0)
+    g = _cumsum(gk, options)
+    A = _launch(_chunk_A_kernel, "A", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), v.dtype), (N, B * H), options,
+                H=H, BK=BK, K=K, scale=options.scale, precision=prec)(q, k, g)
+    o = _launch(_chunk_o_kernel, "o", jax.ShapeDtypeStruct(v.shape, q.dtype), (N, B * H, V // BV), options,
+                H=H, BK=BK, BV=BV, K=K, scale=options.scale, precision=prec)(q, v, g, A, states)
+    return o, states, ht, A
 
 
-def _backward(q, k, v, gk, do, states, dht, options: Options):
+def _backward(q, k, v, gk, A, do, states, dht, options: Options):
     """Padded inputs -> (dq, dk, dv, dgk, dh0)."""
     B, Tp, H, K = q.shape
     V, N = v.shape[-1], Tp // CHUNK
-    grid, BK, BV = _state_grid(B, H, K, V, options)
+    BK, BV = min(K, options.block_k), min(V, options.block_v)
     prec = _precision(q.dtype)
-    dstates, dh0 = pl.pallas_call(
-        functools.partial(_state_bwd_kernel, H=H, N=N, BK=BK, BV=BV, scale=options.scale, precision=prec),
-        out_shape=(jax.ShapeDtypeStruct((B, N, H, K, V), f32), jax.ShapeDtypeStruct((B, H, K, V), f32)),
-        grid=grid, **_params(options.interpret, 4, 2),
-    )(q, gk, do, dht)
-    G, groups, part_dtype = _key_groups(K, options)
-    dq, dk, dv, dg = pl.pallas_call(
-        functools.partial(_grad_bwd_kernel, H=H, G=G, scale=options.scale, precision=prec),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct((groups, *v.shape), part_dtype or v.dtype),
-                   jax.ShapeDtypeStruct(gk.shape, f32)),
-        grid=(N, B * H, groups), **_params(options.interpret, options.num_warps or _warps(G, V)),
-    )(q, k, v, gk, do, states, dstates)
-    return dq, dk, _sum_groups(dv, v.dtype), dg, dh0
+    grid, SK, SV = _state_grid(B, H, K, V, options)
+    dstates, dh0 = _launch(_state_bwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
+                           H=H, N=N, BK=SK, BV=SV, scale=options.scale, precision=prec)(q, gk, do, dht)
+    g = _cumsum(gk, options)
+    dv = _launch(_chunk_dv_kernel, "dv", jax.ShapeDtypeStruct(v.shape, v.dtype), (N, B * H, V // BV), options,
+                 H=H, BK=BK, BV=BV, K=K, precision=prec)(k, g, A, do, dstates)
+    dq, dk, dg = _launch(
+        _chunk_dqkg_kernel, "dqkg",
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+         jax.ShapeDtypeStruct(gk.shape, f32)),
+        (N, B * H, K // BK), options, H=H, BK=BK, BV=BV, V=V, scale=options.scale, precision=prec,
+    )(q, k, v, g, do, states, dstates)
+    return dq, dk, dv, dg, dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gla(q, k, v, gk, h0, options: Options):
-    """GLA on padded inputs (T a multiple of CHUNK, head dims the kernels take) -> (o, final state)."""
-    o, _, ht = _forward(q, k, v, gk, h0, options)
+    """GLA on padded inputs (T a multiple of CHUNK, head dims powers of two >= 16) -> (o, final state)."""
+    o, _, ht, _ = _forward(q, k, v, gk, h0, options)
     return o, ht
 
 
 def _gla_fwd(q, k, v, gk, h0, options: Options):
-    o, states, ht = _forward(q, k, v, gk, h0, options)
-    return (o, ht), (q, k, v, gk, states)
+    o, states, ht, A = _forward(q, k, v, gk, h0, options)
+    return (o, ht), (q, k, v, gk, A, states)
 
 
 def _gla_bwd(options: Options, residuals, cotangents):
-    q, k, v, gk, states = residuals
+    q, k, v, gk, A, states = residuals
     do, dht = cotangents
-    dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, do.astype(q.dtype), states, dht.astype(f32), options)
+    dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, A, do.astype(q.dtype), states, dht.astype(f32), options)
     return dq, dk, dv, dg.astype(gk.dtype), dh0
 
 
@@ -403,32 +438,27 @@ def chunk_gla_pallas(
     interpret: bool = False,
     *,
     state_block: int | None = None,
-    key_group: int | None = None,
-    num_warps: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA with the Pallas kernels; arguments and results as `chunk_gla` (q, k, gk: [B, T, H, K], v: [B, T, H, V],
     initial_state [B, H, K, V]; returns o [B, T, H, V] in q's dtype and the fp32 final state or None).
 
     `interpret=True` runs the kernels in Pallas interpret mode (any device; used by the CPU tests).
-    `state_block`: the state kernels' tile, BK = min(K', state_block) and BV = min(V', state_block) on the padded
+    `state_block`: the state kernels' tile, SK = min(K', state_block) and SV = min(V', state_block) on the padded
     head dims K', V' (a power of two >= 16); None: `state_block_for` (64, or 32 when the GPU would sit part idle).
-    `key_group`: key columns per program of the output and gradient kernels, G = min(K', key_group) (a power of two
-    >= 16; None: KEY_GROUP = 32); with K' > G each program writes an fp32 share of o / dv, summed afterwards.
-    `num_warps`: Triton warps of the output and gradient kernels (None: `_warps`, by tile size).
-    Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the state); any K, V in
-    [1, 256]: padded to the next power of two >= 16 (module docstring).
+    Key / value blocks and warps of the other kernels: the module constants BLOCK_K, BLOCK_V, NUM_WARPS (read when
+    a call is traced). Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the
+    state); any K, V in [1, 256]: padded to the next power of two >= 16 (module docstring).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     if not supported(K, V):
         raise ValueError(f"pallas chunk_gla needs head dims in [1, {MAX_HEAD_DIM}], got K={K}, V={V}")
-    for name, value in (("state_block", state_block), ("key_group", key_group)):
+    for name, value in (("state_block", state_block), ("BLOCK_K", BLOCK_K), ("BLOCK_V", BLOCK_V)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
     Kp, Vp = _padded_dim(K), _padded_dim(V)
     scale = K**-0.5 if scale is None else float(scale)
-    state_block = state_block or state_block_for(B, H, Kp, Vp)
-    options = Options(scale, state_block, key_group or KEY_GROUP, num_warps, interpret)
+    options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), BLOCK_K, BLOCK_V, interpret)
     h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else _pad_trailing(initial_state.astype(f32), Kp, Vp)
     q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk))
     v = _pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
