@@ -5,9 +5,11 @@ gating inside 16-step sub-chunks). The kernels are structured as FLA's `chunk_gl
 products, one job per kernel, and nothing [.., S, S, K]-sized in memory.
 
 Notation, per chunk n of C = 64 steps and key dimension: g = the chunk-local cumsum of the log-gates gk (fp32,
-written once per pass by _chunk_cumsum so that every kernel reads the same values), g_last = g's last row in the
-chunk (read as a row of g, so g_last - g is exactly 0 at the chunk's last step), q~ = scale * q, S_n the state
-entering chunk n (S_0 = h0) and dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
+written once per pass by _chunk_cumsum, first, so that every kernel, the state kernels included, reads the same
+values and no kernel scans inside its loop), g_last = g's last row in the chunk (read as a row of g, so g_last - g is
+exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4 at |g| ~ 1e3, and that error scaled
+the newest, dominant term of a strongly gated state), q~ = scale * q, S_n the state entering chunk n (S_0 = h0) and
+dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
 
 forward
     _chunk_cumsum  grid (N, B*H)              g
@@ -16,7 +18,8 @@ forward
     _chunk_A       grid (N, B*H)              A[t, j] = sum_k q~_tk k_jk e^{g_tk - g_jk} (j <= t, else 0), [C, C]
                                               per chunk, stored in v's dtype (a residual for the backward)
     _chunk_o       grid (N, B*H, V/BV)        o = (q~ e^{g}) S_n + A v
-backward (g again from _chunk_cumsum instead of a residual)
+backward (g again from _chunk_cumsum, first, instead of a residual)
+    _chunk_cumsum  grid (N, B*H)              g
     _state_bwd     grid (B*H, K/SK, V/SV),    dS_n = diag(e^{g_last}) dS_{n+1} + (q~ e^{g})^T do
                    reverse over chunks        writes dS_{n+1} (fp32) and dh0 = dS_0
     _chunk_dv      grid (N, B*H, V/BV)        dv = A^T do + (k e^{g_last - g}) dS_{n+1}
@@ -72,7 +75,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt.ops.utils import pad_time, value_row
+from jaxgpt.ops.utils import pad_time
 
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
@@ -120,15 +123,6 @@ def _dot(a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: 
     """a @ b (optionally transposed operands) with fp32 accumulation."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
-
-
-def _gate_cumsum(gk: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The cumsum g [C, K] of log-gates gk [C, K] over steps and its last row g_last [K], read from g (as FLA does)
-    so that g_last - g is exactly 0 at the last step. A separate sum rounds differently: at |g| ~ 1e3 (gates of -20
-    per step) by ~1e-4, which scaled the newest, dominant term of a strongly gated state and gave final-state errors
-    of ~1e-5 against the recurrence (~2e-7 with g's own last row)."""
-    g = jnp.cumsum(gk, axis=0)
-    return g, value_row(g, g.shape[0] - 1)
 
 
 def _iota(shape, dim) -> jax.Array:
@@ -184,7 +178,7 @@ def _chunk_cumsum_kernel(gk_ref, g_ref, *, H, BK, K):
 
 
 def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, BK, BV, precision):
-    """states[b, n, h] = S_n (fp32 [BK, BV] tile), ht = S_N."""
+    """states[b, n, h] = S_n (fp32 [BK, BV] tile), ht = S_N; g_ref: the gate cumsum g (fp32, `_chunk_cumsum`)."""
     bh, ik, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // H, bh % H
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
@@ -192,15 +186,15 @@ def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, 
     def step(n, state):
         states_ref[b, n, h, ks, vs] = state
         t = pl.ds(n * CHUNK, CHUNK)
-        g, g_last = _gate_cumsum(g_ref[b, t, h, ks].astype(f32))  # [C, BK], [BK]
-        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last[None, :] - g)
+        g_last = g_ref[b, n * CHUNK + CHUNK - 1, h, ks]  # [BK]: g's last row of the chunk
+        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last[None, :] - g_ref[b, t, h, ks])
         return state * jnp.exp(g_last)[:, None] + _dot(k, v_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
     ht_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, h0_ref[b, h, ks, vs])
 
 
 def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H, N, BK, BV, scale, precision):
-    """dstates[b, n, h] = dS_{n+1} (gradient w.r.t. the state after chunk n), dh0 = dS_0."""
+    """dstates[b, n, h] = dS_{n+1} (gradient w.r.t. the state after chunk n), dh0 = dS_0; g_ref: g (fp32)."""
     bh, ik, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // H, bh % H
     ks, vs = pl.ds(ik * BK, BK), pl.ds(iv * BV, BV)
@@ -209,8 +203,8 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
         n = N - 1 - i
         dstates_ref[b, n, h, ks, vs] = dstate
         t = pl.ds(n * CHUNK, CHUNK)
-        g, g_last = _gate_cumsum(g_ref[b, t, h, ks].astype(f32))
-        q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp(g))
+        g_last = g_ref[b, n * CHUNK + CHUNK - 1, h, ks]
+        q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp(g_ref[b, t, h, ks]))
         return dstate * jnp.exp(g_last)[:, None] + _dot(q, do_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
     dh0_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, dht_ref[b, h, ks, vs])
@@ -368,9 +362,9 @@ def _forward(q, k, v, gk, h0, options: Options):
     BK, BV = min(K, options.block_k), min(V, options.block_v)
     prec = _precision(q.dtype)
     grid, SK, SV = _state_grid(B, H, K, V, options)
-    states, ht = _launch(_state_fwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
-                         H=H, N=N, BK=SK, BV=SV, precision=prec)(k, v, gk, h0)
     g = _cumsum(gk, options)
+    states, ht = _launch(_state_fwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
+                         H=H, N=N, BK=SK, BV=SV, precision=prec)(k, v, g, h0)
     A = _launch(_chunk_A_kernel, "A", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), v.dtype), (N, B * H), options,
                 H=H, BK=BK, K=K, scale=options.scale, precision=prec)(q, k, g)
     o = _launch(_chunk_o_kernel, "o", jax.ShapeDtypeStruct(v.shape, q.dtype), (N, B * H, V // BV), options,
@@ -385,9 +379,9 @@ def _backward(q, k, v, gk, A, do, states, dht, options: Options):
     BK, BV = min(K, options.block_k), min(V, options.block_v)
     prec = _precision(q.dtype)
     grid, SK, SV = _state_grid(B, H, K, V, options)
-    dstates, dh0 = _launch(_state_bwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
-                           H=H, N=N, BK=SK, BV=SV, scale=options.scale, precision=prec)(q, gk, do, dht)
     g = _cumsum(gk, options)
+    dstates, dh0 = _launch(_state_bwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
+                           H=H, N=N, BK=SK, BV=SV, scale=options.scale, precision=prec)(q, g, do, dht)
     dv = _launch(_chunk_dv_kernel, "dv", jax.ShapeDtypeStruct(v.shape, v.dtype), (N, B * H, V // BV), options,
                  H=H, BK=BK, BV=BV, K=K, precision=prec)(k, g, A, do, dstates)
     dq, dk, dg = _launch(
