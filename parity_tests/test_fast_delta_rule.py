@@ -1,4 +1,4 @@
-"""The fast delta rule (`chunk_delta_rule(..., backend='pallas')`: hand-written backward, Pallas recurrences).
+"""The fast delta rule (`chunk_delta_rule(..., backend='pallas')`: hand-written backward, Pallas kernels).
 
 CPU: in fp32 with the kernels interpreted it must match the 'xla' reference path (itself checked against FLA's
 naive ops in test_ops_parity.py) to rel < 1e-5 in the output, the final state and every gradient, ragged T included.
@@ -25,9 +25,10 @@ def delta_inputs(rng, B, T, H, K, V):
 
 
 @pytest.mark.parametrize("shape,block_v", [((2, 130, 2, 16, 32), None), ((2, 130, 2, 16, 32), 16),
-                                           ((1, 1, 2, 16, 16), None)],
+                                           ((1, 1, 2, 16, 16), None), ((1, 130, 2, 128, 128), None)],
                          ids=lambda s: "B{}T{}H{}K{}V{}".format(*s) if isinstance(s, tuple) else f"bv{s}")
 def test_pallas_matches_xla_fp32(shape, block_v):
+    """K = V = 128: the per-chunk kernels take the head dims in 64-column blocks (grid axes and loops)."""
     inputs, do, dht = delta_inputs(np.random.default_rng(shape[1]), *shape)
     flag = {"use_qk_l2norm_in_kernel": True}
     ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla", **flag)
@@ -35,49 +36,67 @@ def test_pallas_matches_xla_fp32(shape, block_v):
     assert_close({"pallas_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
 
 
-def test_trsm_option_matches_xla_fp32(monkeypatch):
-    """The 'trsm' triangular inverse (XLA's solve) kept as the option to time against: same results."""
+@pytest.mark.parametrize("chunk_size,tril_inverse", [(64, "trsm"), (24, "pallas")])
+def test_xla_wy_fallback_matches_xla_fp32(monkeypatch, chunk_size, tril_inverse):
+    """The forward WY step in XLA (`wy_fwd_xla`: the 'trsm' option, and chunk sizes that are not multiples of 16),
+    the other kernels as usual: same results."""
     inputs, do, dht = delta_inputs(np.random.default_rng(1), 1, 70, 2, 16, 16)
-    ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla")
-    monkeypatch.setattr(delta_pallas, "tril_inverse_pallas", None)  # fails if the 'pallas' inverse were used
-    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas", tril_inverse="trsm")
-    assert_close({"trsm_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
+    ref = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="xla", chunk_size=chunk_size)
+    monkeypatch.setattr(delta_pallas, "wy_fwd_pallas", None)  # fails if the fused WY kernel were used
+    got = jax_outputs_and_grads(chunk_delta_rule, inputs, do, dht, backend="pallas", chunk_size=chunk_size,
+                                tril_inverse=tril_inverse)
+    assert_close({"xla_wy_vs_xla": got}, ref, ["q", "k", "v", "beta", "h0"])
 
 
 @pytest.mark.parametrize("C,correlated", [(64, False), (64, True), (32, False)])
-def test_tril_inverse(C, correlated):
-    """(I + A)^{-1} by the Pallas kernel (interpreted) against the fp64 inverse, as accurate as XLA's solve.
-    Correlated keys (all near one direction) make A close to beta * ones below the diagonal: the hard case."""
+def test_wy_fwd_inverse(C, correlated):
+    """T = (I + strict_tril(diag(beta) K K^T))^{-1} from `_wy_fwd_kernel` (interpreted, fp32) against the fp64
+    inverse (errors 3e-8 .. 2e-7); W, U against T diag(beta) K, T diag(beta) V. Correlated keys (all near one
+    direction) make A close to beta * ones below the diagonal: the hard case."""
     rng = np.random.default_rng(C)
-    k = rng.standard_normal((3, C, 64)) + (4.0 if correlated else 0.0)
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    a = np.tril(rng.uniform(0.2, 1.0, (3, C, 1)) * (k @ k.swapaxes(-1, -2)), -1)
-    exact = np.linalg.inv(a + np.eye(C))
-    got = np.asarray(delta_pallas.tril_inverse_pallas(jnp.asarray(a, jnp.float32), interpret=True), np.float64)
-    assert rel_err(got, exact) < 1e-6
-    assert np.array_equal(np.triu(got, 1), np.zeros_like(got))
+    k = rng.standard_normal((1, 2 * C, 3, 64)) + (4.0 if correlated else 0.0)  # [B, T, H, K], two chunks
+    k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
+    v = rng.standard_normal((1, 2 * C, 3, 32)).astype(np.float32)
+    beta = rng.uniform(0.2, 1.0, (1, 2 * C, 3)).astype(np.float32)
+    options = delta_pallas.Options(scale=1.0, chunk=C, block_v=32, tril_inverse="pallas", interpret=True)
+    t_inv, w, u = (np.asarray(x, np.float64) for x in delta_pallas.wy_fwd_pallas(*map(jnp.asarray, (k, v, beta)),
+                                                                                 options))
+
+    def chunked(x):  # [1, 2C, 3, D] -> [N, H, C, D] fp64
+        return x.reshape(2, C, 3, -1).transpose(0, 2, 1, 3).astype(np.float64)
+
+    kc, vc, bc, tc = chunked(k), chunked(v), chunked(beta[..., None]), chunked(t_inv)
+    exact = np.linalg.inv(np.tril(bc * (kc @ kc.swapaxes(-1, -2)), -1) + np.eye(C))
+    assert rel_err(tc, exact) < 1e-6
+    assert np.array_equal(np.triu(tc, 1), np.zeros_like(tc))
+    assert rel_err(chunked(w), exact @ (bc * kc)) < 2e-6 and rel_err(chunked(u), exact @ (bc * vc)) < 2e-6  # 5e-7
 
 
-def test_lowers_to_triton():
-    """The bf16 forward + backward export for CUDA: all three kernels lower to Triton IR (compiling needs a GPU)."""
-    options = delta_pallas.Options(scale=0.125, block_v=32, tril_inverse="pallas", interpret=False)
+KERNELS = ("_wy_fwd_kernel", "_state_fwd_kernel", "_output_fwd_kernel", "_dv_local_kernel", "_state_bwd_kernel",
+           "_dqkw_kernel", "_wy_bwd_kernel")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_lowers_to_triton(D):
+    """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling needs a GPU)."""
+    options = delta_pallas.Options(scale=0.125, chunk=64, block_v=32, tril_inverse="pallas", interpret=False)
 
     def fwd_bwd(q, k, v, beta, h0, do):
         (o, ht), vjp = jax.vjp(lambda *x: delta_pallas.delta_rule(*x, options), q, k, v, beta, h0)
         return o, vjp((do, jnp.zeros_like(ht)))
 
     bf = jnp.bfloat16
-    chunks = (2, 2, 3, 64)  # B, H, N, C
-    args = [jax.ShapeDtypeStruct(chunks + (64,), bf) for _ in range(3)] + [
-        jax.ShapeDtypeStruct(chunks, bf), jax.ShapeDtypeStruct((2, 2, 64, 64), jnp.float32),
-        jax.ShapeDtypeStruct(chunks + (64,), bf)]
+    B, T, H = 2, 192, 2
+    args = [jax.ShapeDtypeStruct((B, T, H, D), bf) for _ in range(3)] + [
+        jax.ShapeDtypeStruct((B, T, H), bf), jax.ShapeDtypeStruct((B, H, D, D), jnp.float32),
+        jax.ShapeDtypeStruct((B, T, H, D), bf)]
     triton = "__gpu$xla.gpu.triton"
     exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
                                  disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
     module = exported.mlir_module()
-    kernels = ("_tril_inverse_kernel", "_state_fwd_kernel", "_state_bwd_kernel")
-    assert all(f'name = "{name}"' in module for name in kernels), "a kernel did not lower to a Triton call"
-    assert "triangular_solve" not in module
+    missing = [name for name in KERNELS if f'name = "{name}"' not in module]
+    assert not missing, f"kernels that did not lower to a Triton call: {missing}"
+    assert not any(f"stablehlo.{op}" in module for op in ("transpose", "triangular_solve", "dot_general"))
 
 
 @pytest.mark.gpu

@@ -1,17 +1,16 @@
-"""Delta rule for GPUs: the chunked WY form with a hand-written backward (`jax.custom_vjp`) and the two chunk-to-chunk
-recurrences and the per-chunk triangular inverse as Pallas (Triton) kernels; everything else parallel over chunks stays
-batched XLA matrix products.
+"""Delta rule for GPUs: the chunked WY form with a hand-written backward (`jax.custom_vjp`), all per-chunk work in
+Pallas (Triton) kernels that read and write the [B, T, H, D] layout directly (T padded to a multiple of C).
 
 The structure is FLA's (`fla/ops/delta_rule/chunk.py`), the math is the one in `chunk.py`. Per chunk n of C steps
-(rows of q, k [C, K], v [C, V], beta [C]; all chunks at once unless said otherwise):
+(rows of q, k [C, K], v [C, V], beta [C]):
 
 forward
-    A   = strict_tril(diag(beta) K K^T)          T = (I + A)^{-1}      (fp32, Pallas kernel: blockwise substitution)
+    A   = strict_tril(diag(beta) K K^T)          T = (I + A)^{-1}      (fp32, blockwise substitution)
     W   = T diag(beta) K                         U = T diag(beta) V
-    S_0 = h0;  V'_n = U_n - W_n S_n;  S_{n+1} = S_n + K_n^T V'_n             (sequential: Pallas kernel)
+    S_0 = h0;  V'_n = U_n - W_n S_n;  S_{n+1} = S_n + K_n^T V'_n             (sequential over chunks)
     O   = scale (Q S_n + tril(Q K^T) V'_n)
 backward (G_{n+1} = dL/dS_{n+1}, G_N = dht)
-    dV'_n = scale triu(K Q^T) dO + K G_{n+1}                                   (sequential: Pallas kernel,
+    dV'_n = scale triu(K Q^T) dO + K G_{n+1}                                   (sequential over chunks,
     G_n   = G_{n+1} + scale Q^T dO - W^T dV'_n                                   reverse order, dh0 = G_0)
     dQ    = scale (dO S_n^T + tril(dO V'^T) K)
     dK    = V' G_{n+1}^T + scale tril(dO V'^T)^T Q  (+ the WY terms below)
@@ -19,6 +18,21 @@ backward (G_{n+1} = dL/dS_{n+1}, G_N = dht)
     WY:  dKb = T^T dW,  dVb = T^T dU,  dT = dW Kb^T + dU Vb^T,  dA = strict_tril(-T^T dT T^T),
          dKb += dA K,  dK += dA^T Kb + diag(beta) dKb,  dV = diag(beta) dVb,  dbeta = rowsum(dKb*K + dVb*V)
          (Kb = diag(beta) K, Vb = diag(beta) V)
+
+Kernels (N = T / C chunks; "V/BV" etc. a grid axis over column blocks, BK = `_block(K)`, BV = `_block(V)`: 64
+columns, or the whole head dim when 64 does not divide it):
+
+    forward   _wy_fwd      (N, B*H)            A, T (in 16 x 16 blocks, `_tril_inverse`), W, U; writes T (fp32), W, U
+              _state_fwd   (B*H, V/block_v)    the forward recurrence; writes S_n, V', the final state
+              _output_fwd  (N, B*H, V/BV)      O
+    backward  _dv_local    (N, B*H, V/BV)      scale triu(K Q^T) dO (fp32), the input of the reverse recurrence
+              _state_bwd   (B*H, V/block_v)    the reverse recurrence; writes G_{n+1}, dV' (fp32), dh0
+              _dqkw        (N, B*H, K/BK)      dQ, dK without the WY terms (fp32), dW
+              _wy_bwd      (N, B*H)            the WY step; writes the final dK, dV, dbeta
+
+Residuals: q, k, v, beta, T, W, S_n, V' (as FLA). With tril_inverse='trsm', or a chunk size that is not a multiple
+of 16, the forward WY step runs in XLA instead (`wy_fwd_xla`: batched products and XLA's triangular solve on the
+chunked layout; for timing against, and the fallback); every other kernel is the same.
 
 Precision as FLA: matrix-product operands in the inputs' dtype (bf16 under mixed precision), fp32 accumulation
 (`preferred_element_type`), T and the running state S / its gradient G in fp32; S_n and V' are stored in the
@@ -39,7 +53,9 @@ from jaxgpt.ops.utils import from_chunks, pad_time, to_chunks, value_row
 
 F32 = jnp.float32
 CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # dot_general dimension numbers for a^T b of 2-D a, b
+CONTRACT_COLS = (((1,), (1,)), ((), ()))  # a b^T
 SUB = 16  # diagonal block size of the triangular inverse
+BLOCK = 64  # head-dim columns per block of the per-chunk kernels (`_block`)
 
 
 def chunk_delta_rule_pallas(
@@ -59,8 +75,8 @@ def chunk_delta_rule_pallas(
     """`chunk_delta_rule` on the fast path; arguments as there (q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H]).
 
     block_v: state columns per recurrence program (a power of 2 dividing V); None: min(V, 32).
-    tril_inverse: how T = (I + A)^{-1} is computed: 'pallas' (`tril_inverse_pallas`, blockwise forward
-    substitution; chunk sizes that are multiples of 16) or 'trsm' (XLA's batched triangular solve).
+    tril_inverse: how T = (I + A)^{-1} is computed: 'pallas' (inside `_wy_fwd_kernel`, blockwise forward
+    substitution; chunk sizes that are multiples of 16) or 'trsm' (`wy_fwd_xla`, XLA's batched triangular solve).
     Off GPU the kernels run in Pallas's interpreter (slow; for tests).
     """
     if tril_inverse not in ("pallas", "trsm"):
@@ -75,123 +91,83 @@ def chunk_delta_rule_pallas(
         raise ValueError(f"block_v must be a power of two >= 16 dividing V={V}, got {block_v}")
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
-    q, k, v, beta = (to_chunks(pad_time(x, chunk_size), chunk_size) for x in (q, k, v, beta[..., None]))
+    q, k, v, beta = (pad_time(x, chunk_size) for x in (q, k, v, beta))
     h0 = jnp.zeros((B, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
-    options = Options(scale, block_v, tril_inverse, jax.default_backend() != "gpu")
-    o, final_state = delta_rule(q, k, v, beta[..., 0], h0, options)
-    return from_chunks(o, T), (final_state if output_final_state else None)
+    options = Options(scale, chunk_size, block_v, tril_inverse, jax.default_backend() != "gpu")
+    o, final_state = delta_rule(q, k, v, beta, h0, options)
+    return o[:, :T], (final_state if output_final_state else None)
 
 
 class Options(NamedTuple):
     """Static (hashable) options of `delta_rule`."""
 
     scale: float
+    chunk: int  # C, steps per chunk
     block_v: int  # state columns per recurrence program
     tril_inverse: str  # 'pallas' or 'trsm'
     interpret: bool  # run the kernels in Pallas's interpreter (off GPU)
 
 
-def mm(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
-    """einsum of two operands in their (common) dtype with fp32 accumulation; full fp32 precision for fp32."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
-    return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
-
-
-def strict_tril(x: jax.Array) -> jax.Array:
-    """Entries strictly below the diagonal of the last two axes."""
-    return jnp.tril(x, -1)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def delta_rule(q, k, v, beta, h0, options: Options):
-    """Chunked delta rule on chunked inputs.
+    """Chunked delta rule on time-padded inputs.
 
     Args:
-        q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; beta: [B, H, N, C]; h0: [B, H, K, V] fp32.
+        q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; h0: [B, H, K, V] fp32 (T a multiple of options.chunk).
 
     Returns:
-        o: [B, H, N, C, V] in q's dtype; final state [B, H, K, V] fp32.
+        o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32.
     """
     return delta_rule_fwd(q, k, v, beta, h0, options)[0]
 
 
 def delta_rule_fwd(q, k, v, beta, h0, options: Options):
-    dt = q.dtype
-    t_inv, w, u = wy_fwd(k, v, beta, options)
-    states, v_new, final_state = state_recurrence(k, w, u, h0, options)
-    scores = jnp.tril(mm(q, k, "...ik,...jk->...ij")).astype(dt)  # [..., C, C]
-    o = options.scale * (mm(q, states, "...ck,...kv->...cv") + mm(scores, v_new, "...ij,...jv->...iv"))
-    return (o.astype(dt), final_state), (q, k, v, beta, t_inv, w, states, v_new)
+    if options.tril_inverse == "pallas":
+        t_inv, w, u = wy_fwd_pallas(k, v, beta, options)
+    else:
+        t_inv, w, u = wy_fwd_xla(k, v, beta, options.chunk)
+    states, v_new, final_state = state_fwd(k, w, u, h0, options)
+    o = output_fwd(q, k, states, v_new, options)
+    return (o, final_state), (q, k, v, beta, t_inv, w, states, v_new)
 
 
 def delta_rule_bwd(options: Options, residuals, cotangents):
     q, k, v, beta, t_inv, w, states, v_new = residuals
     do, dht = cotangents
-    dt, scale = q.dtype, options.scale
-    do = do.astype(dt)
-    scores = jnp.tril(mm(q, k, "...ik,...jk->...ij")).astype(dt)
-    dv_local = scale * mm(scores, do, "...ij,...iv->...jv")  # scale tril(Q K^T)^T dO: [..., C, V]
-    dstates, dv, dh0 = state_recurrence_bwd(q, k, w, do, dv_local, dht.astype(F32), options)  # G_{n+1}, dV'
-    dscores = (scale * jnp.tril(mm(do, v_new, "...iv,...jv->...ij"))).astype(dt)  # dL/d(Q K^T), masked
-    dq = scale * mm(do, states, "...iv,...kv->...ik") + mm(dscores, k, "...ij,...jk->...ik")
-    dk = mm(v_new, dstates, "...cv,...kv->...ck") + mm(dscores, q, "...ij,...ik->...jk")
-    dw = -mm(dv.astype(dt), states, "...cv,...kv->...ck")
-    dk_wy, dv_in, dbeta = wy_bwd(k, v, beta, t_inv, dw, dv)
-    dk = dk + dk_wy
-    return dq.astype(dt), dk.astype(dt), dv_in.astype(v.dtype), dbeta.astype(beta.dtype), dh0
+    do = do.astype(q.dtype)
+    dv_local = dv_local_bwd(q, k, do, options)
+    dstates, dv_new, dh0 = state_bwd(q, k, w, do, dv_local, dht.astype(F32), options)
+    dq, dk, dw = dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options)
+    dk, dv, dbeta = wy_bwd(k, v, beta, t_inv, dk, dw, dv_new, options)
+    return dq, dk, dv, dbeta.astype(beta.dtype), dh0
 
 
 delta_rule.defvjp(delta_rule_fwd, delta_rule_bwd)
 
 
-def wy_fwd(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """T = (I + strict_tril(diag(beta) K K^T))^{-1} (fp32), W = T diag(beta) K, U = T diag(beta) V.
+def wy_fwd_xla(k: jax.Array, v: jax.Array, beta: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward WY step in XLA (XLA's triangular solve; the 'trsm' option and any chunk size): as `_wy_fwd_kernel`.
 
     Args:
-        k: [..., C, K]; v: [..., C, V]; beta: [..., C].
+        k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H].
 
     Returns:
-        T [..., C, C] fp32; W [..., C, K] and U [..., C, V] in k's dtype.
+        T [B, T, H, C] fp32 (row t: the row of its chunk's T); W [B, T, H, K] and U [B, T, H, V] in k's dtype.
     """
-    dt, C = k.dtype, k.shape[-2]
-    b = beta.astype(F32)[..., None]
-    kb = (k.astype(F32) * b).astype(dt)
-    a = strict_tril(mm(kb, k, "...ik,...jk->...ij"))
-    if options.tril_inverse == "pallas":
-        t_inv = tril_inverse_pallas(a, options.interpret)
-    else:
-        eye = jnp.broadcast_to(jnp.eye(C, dtype=F32), a.shape)
-        t_inv = jax.lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
-    tc = t_inv.astype(dt)
-    w = mm(tc, kb, "...ij,...jk->...ik").astype(dt)
-    u = mm(tc, (v.astype(F32) * b).astype(dt), "...ij,...jv->...iv").astype(dt)
-    return t_inv, w, u
-
-
-def wy_bwd(
-    k: jax.Array, v: jax.Array, beta: jax.Array, t_inv: jax.Array, dw: jax.Array, du: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients of (W, U) = wy_fwd(k, v, beta) w.r.t. k, v, beta (the module docstring's WY step).
-
-    Args:
-        k: [..., C, K]; v: [..., C, V]; beta: [..., C]; t_inv: [..., C, C] fp32; dw: [..., C, K]; du: [..., C, V].
-
-    Returns:
-        dk [..., C, K], dv [..., C, V], dbeta [..., C], all fp32.
-    """
-    dt = k.dtype
-    b = beta.astype(F32)[..., None]
+    dt, Tp = k.dtype, k.shape[1]
+    precision = jax.lax.Precision.HIGHEST if dt == F32 else None
+    mm = functools.partial(jnp.einsum, preferred_element_type=F32, precision=precision)
+    k, v, b = (to_chunks(x, chunk) for x in (k, v, beta[..., None].astype(F32)))
     kb, vb = (k.astype(F32) * b).astype(dt), (v.astype(F32) * b).astype(dt)
-    tc, dw, du = t_inv.astype(dt), dw.astype(dt), du.astype(dt)
-    dkb = mm(tc, dw, "...ij,...ik->...jk")  # T^T dW
-    dvb = mm(tc, du, "...ij,...iv->...jv")  # T^T dU
-    dt_inv = mm(dw, kb, "...ik,...jk->...ij") + mm(du, vb, "...iv,...jv->...ij")  # dT = dW Kb^T + dU Vb^T
-    x = mm(dt_inv.astype(dt), tc, "...ij,...kj->...ik")  # dT T^T
-    da = strict_tril(-mm(tc, x.astype(dt), "...ji,...jk->...ik")).astype(dt)  # strict_tril(-T^T dT T^T)
-    dkb = dkb + mm(da, k, "...ij,...jk->...ik")
-    dk = mm(da, kb, "...ij,...ik->...jk") + dkb * b
-    dbeta = jnp.sum(dkb * k.astype(F32), -1) + jnp.sum(dvb * v.astype(F32), -1)
-    return dk, dvb * b, dbeta
+    a = jnp.tril(mm("...ik,...jk->...ij", kb, k), -1)
+    eye = jnp.broadcast_to(jnp.eye(chunk, dtype=F32), a.shape)
+    t_inv = jax.lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
+    tc = t_inv.astype(dt)
+    w, u = (mm("...ij,...jd->...id", tc, x).astype(dt) for x in (kb, vb))
+    return tuple(from_chunks(x, Tp) for x in (t_inv, w, u))
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
 
 
 def _dot(a: jax.Array, b: jax.Array, dimension_numbers=(((1,), (0,)), ((), ()))) -> jax.Array:
@@ -200,134 +176,302 @@ def _dot(a: jax.Array, b: jax.Array, dimension_numbers=(((1,), (0,)), ((), ())))
     return jax.lax.dot_general(a, b, dimension_numbers, precision=precision, preferred_element_type=F32)
 
 
-def _state_fwd_kernel(k_ref, w_ref, u_ref, h0_ref, h_ref, vn_ref, ht_ref, *, chunk: int, block_v: int):
+def _tril_mask(C: int, diagonal: int = 0) -> jax.Array:
+    """[C, C] mask of column <= row + diagonal (jnp.tril's)."""
+    rows, cols = (jax.lax.broadcasted_iota(jnp.int32, (C, C), d) for d in (0, 1))
+    return cols <= rows + diagonal
+
+
+def _tril_inverse(a: dict) -> dict:
+    """T = (I + A)^{-1} of a strictly lower-triangular fp32 A given as SUB x SUB blocks a[r, c] (c <= r); returns
+    T's blocks t[r, c] (c <= r; those above the diagonal are zero).
+
+    Each diagonal block by forward substitution, row i: T_i = e_i - sum_{j<i} A_ij T_j; then the blocks below the
+    diagonal by block forward substitution: T_rc = -T_rr sum_{c<=m<r} A_rm T_mc.
+    """
+    nb = max(r for r, _ in a) + 1
+    rows = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
+    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)).astype(F32)
+    t = {}
+    for r in range(nb):
+        t_rr = eye
+        for row in range(1, SUB):
+            a_row = value_row(a[r, r], row)  # [SUB]
+            t_rr = t_rr - jnp.where(rows == row, jnp.sum(a_row[:, None] * t_rr, axis=0)[None, :], 0.0)
+        t[r, r] = t_rr
+        for c in range(r):
+            acc = _dot(a[r, c], t[c, c])
+            for m in range(c + 1, r):
+                acc = acc + _dot(a[r, m], t[m, c])
+            t[r, c] = -_dot(t_rr, acc)
+    return t
+
+
+def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: int):
+    """Chunk n = program_id(0), head program_id(1), in blocks of SUB rows: A_rc = strict_tril(Kb_r K_c^T),
+    T = (I + A)^{-1} (`_tril_inverse`), W_r = sum_{c<=r} T_rc Kb_c, U_r = sum_{c<=r} T_rc Vb_c.
+
+    Refs: k, w [B, T, H, K]; v, u [B, T, H, V]; beta [B, T, H]; t [B, T, H, C] fp32 (row t: its chunk's T row).
+    """
+    n, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // H, bh % H
+    nb, dt = C // SUB, k_ref.dtype
+    rows = [pl.ds(n * C + r * SUB, SUB) for r in range(nb)]
+    betas = [beta_ref[b, t, h].astype(F32)[:, None] for t in rows]  # [SUB, 1]
+    ks = [k_ref[b, t, h, :] for t in rows]  # [SUB, K]
+    kbs = [(x.astype(F32) * beta).astype(dt) for x, beta in zip(ks, betas)]
+    a = {(r, c): _dot(kbs[r], ks[c], CONTRACT_COLS) for r in range(nb) for c in range(r + 1)}
+    for r in range(nb):
+        a[r, r] = jnp.where(_tril_mask(SUB, -1), a[r, r], 0.0)
+    t_inv = _tril_inverse(a)
+    for r in range(nb):
+        for c in range(nb):
+            t_ref[b, rows[r], h, pl.ds(c * SUB, SUB)] = t_inv[r, c] if c <= r else jnp.zeros((SUB, SUB), F32)
+    tcs = {rc: x.astype(dt) for rc, x in t_inv.items()}
+    vbs = [(v_ref[b, t, h, :].astype(F32) * beta).astype(dt) for t, beta in zip(rows, betas)]
+    for out_ref, xbs in ((w_ref, kbs), (u_ref, vbs)):
+        for r in range(nb):
+            acc = _dot(tcs[r, 0], xbs[0])
+            for c in range(1, r + 1):
+                acc = acc + _dot(tcs[r, c], xbs[c])
+            out_ref[b, rows[r], h, :] = acc.astype(out_ref.dtype)
+
+
+def _state_fwd_kernel(k_ref, w_ref, u_ref, h0_ref, h_ref, vn_ref, ht_ref, *, H: int, C: int, block_v: int):
     """One (batch*head, block of V columns): S_n stored, V'_n = U_n - W_n S_n, S_{n+1} = S_n + K_n^T V'_n.
 
-    Refs: k, w [BH, N*C, K]; u, v' [BH, N*C, V]; h0, ht [BH, K, V] fp32; h (the S_n) [BH, N, K, V].
+    Refs: k, w [B, T, H, K]; u, v' [B, T, H, V]; h0, ht [B, H, K, V] fp32; h (the S_n) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
+    b, h = bh // H, bh % H
 
     def step(n, state):  # state: [K, block_v] fp32, S_n
-        rows = pl.ds(n * chunk, chunk)
+        t = pl.ds(n * C, C)
         s = state.astype(h_ref.dtype)
-        h_ref[bh, n, :, cols] = s
-        v_new = (u_ref[bh, rows, cols].astype(F32) - _dot(w_ref[bh, rows, :], s)).astype(vn_ref.dtype)
-        vn_ref[bh, rows, cols] = v_new
-        return state + _dot(k_ref[bh, rows, :], v_new, CONTRACT_ROWS)
+        h_ref[b, n, h, :, cols] = s
+        v_new = (u_ref[b, t, h, cols].astype(F32) - _dot(w_ref[b, t, h, :], s)).astype(vn_ref.dtype)
+        vn_ref[b, t, h, cols] = v_new
+        return state + _dot(k_ref[b, t, h, :], v_new, CONTRACT_ROWS)
 
-    ht_ref[bh, :, cols] = jax.lax.fori_loop(0, h_ref.shape[1], step, h0_ref[bh, :, cols])
+    ht_ref[b, h, :, cols] = jax.lax.fori_loop(0, h_ref.shape[1], step, h0_ref[b, h, :, cols])
+
+
+def _output_fwd_kernel(q_ref, k_ref, h_ref, vn_ref, o_ref, *, H: int, C: int, BV: int, scale: float):
+    """Chunk n = program_id(0), head program_id(1), value block program_id(2): O = scale (Q S_n + tril(Q K^T) V').
+
+    Refs: q, k [B, T, H, K]; h (the S_n) [B, N, H, K, V]; v', o [B, T, H, V].
+    """
+    n, bh, vs = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BV, BV)
+    b, h, t = bh // H, bh % H, pl.ds(n * C, C)
+    q = q_ref[b, t, h, :]
+    scores = jnp.where(_tril_mask(C), _dot(q, k_ref[b, t, h, :], CONTRACT_COLS), 0.0).astype(q.dtype)
+    o = _dot(q, h_ref[b, n, h, :, vs]) + _dot(scores, vn_ref[b, t, h, vs])
+    o_ref[b, t, h, vs] = (scale * o).astype(o_ref.dtype)
+
+
+def _dv_local_kernel(q_ref, k_ref, do_ref, dvl_ref, *, H: int, C: int, BV: int, scale: float):
+    """Chunk n = program_id(0), head program_id(1), value block program_id(2): dV_local = scale triu(K Q^T) dO.
+
+    Refs: q, k [B, T, H, K]; do [B, T, H, V]; dv_local [B, T, H, V] fp32.
+    """
+    n, bh, vs = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BV, BV)
+    b, h, t = bh // H, bh % H, pl.ds(n * C, C)
+    k = k_ref[b, t, h, :]
+    triu = jnp.logical_not(_tril_mask(C, -1))
+    scores_t = jnp.where(triu, _dot(k, q_ref[b, t, h, :], CONTRACT_COLS), 0.0).astype(k.dtype)  # [j, i]: k_j . q_i
+    dvl_ref[b, t, h, vs] = scale * _dot(scores_t, do_ref[b, t, h, vs])
 
 
 def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_ref, dh0_ref, *,
-                      chunk: int, block_v: int, scale: float):
+                      H: int, C: int, block_v: int, scale: float):
     """One (batch*head, block of V columns), chunks in reverse: G_{n+1} stored, dV'_n = dV_local + K_n G_{n+1},
     G_n = G_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n.
 
-    Refs: q, k, w [BH, N*C, K]; do [BH, N*C, V]; dv_local, dv' [BH, N*C, V] fp32; dht, dh0 [BH, K, V] fp32;
-    dh (the G_{n+1}) [BH, N, K, V].
+    Refs: q, k, w [B, T, H, K]; do [B, T, H, V]; dv_local, dv' [B, T, H, V] fp32; dht, dh0 [B, H, K, V] fp32;
+    dh (the G_{n+1}) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
+    b, h = bh // H, bh % H
     n_chunks = dh_ref.shape[1]
 
     def step(i, grad):  # grad: [K, block_v] fp32, G_{n+1}
         n = n_chunks - 1 - i
-        rows = pl.ds(n * chunk, chunk)
+        t = pl.ds(n * C, C)
         g = grad.astype(dh_ref.dtype)
-        dh_ref[bh, n, :, cols] = g
-        dv = dvl_ref[bh, rows, cols] + _dot(k_ref[bh, rows, :], g)
-        dv_ref[bh, rows, cols] = dv
-        dq_term = _dot(q_ref[bh, rows, :], do_ref[bh, rows, cols], CONTRACT_ROWS)
-        return grad + scale * dq_term - _dot(w_ref[bh, rows, :], dv.astype(w_ref.dtype), CONTRACT_ROWS)
+        dh_ref[b, n, h, :, cols] = g
+        dv = dvl_ref[b, t, h, cols] + _dot(k_ref[b, t, h, :], g)
+        dv_ref[b, t, h, cols] = dv
+        dq_term = _dot(q_ref[b, t, h, :], do_ref[b, t, h, cols], CONTRACT_ROWS)
+        return grad + scale * dq_term - _dot(w_ref[b, t, h, :], dv.astype(w_ref.dtype), CONTRACT_ROWS)
 
-    dh0_ref[bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, dht_ref[bh, :, cols])
+    dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, n_chunks, step, dht_ref[b, h, :, cols])
 
 
-def _tril_inverse_kernel(a_ref, t_ref):
-    """One chunk's T = (I + A)^{-1}, A [C, C] fp32 strictly lower triangular, C a multiple of SUB.
+def _dqkw_kernel(q_ref, k_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq_ref, dk_ref, dw_ref, *,
+                 H: int, C: int, BK: int, scale: float):
+    """Chunk n = program_id(0), head program_id(1), key block program_id(2): with dS = scale tril(dO V'^T),
+    dQ = scale dO S_n^T + dS K,  dK = V' G_{n+1}^T + dS^T Q (before the WY terms),  dW = -dV' S_n^T.
 
-    Each SUB x SUB diagonal block by forward substitution, row i: T_i = e_i - sum_{j<i} A_ij T_j; then the blocks
-    below the diagonal by block forward substitution: T_rc = -T_rr sum_{c<=m<r} A_rm T_mc.
+    Refs: q, k, dq, dw [B, T, H, K]; v', do [B, T, H, V]; h (S_n), dh (G_{n+1}) [B, N, H, K, V];
+    dv' [B, T, H, V] fp32; dk [B, T, H, K] fp32.
     """
-    i, nb = pl.program_id(0), a_ref.shape[-1] // SUB
-    rows = jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
-    eye = (rows == jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1)).astype(F32)
-
-    def block(r, c):
-        return i, pl.ds(r * SUB, SUB), pl.ds(c * SUB, SUB)
-
-    t = {}
-    for r in range(nb):
-        a, t_rr = a_ref[block(r, r)], eye
-        for row in range(1, SUB):
-            a_row = value_row(a, row)  # [SUB]
-            t_rr = t_rr - jnp.where(rows == row, jnp.sum(a_row[:, None] * t_rr, axis=0)[None, :], 0.0)
-        t[r, r] = t_rr
-        for c in range(r):
-            acc = _dot(a_ref[block(r, c)], t[c, c])
-            for m in range(c + 1, r):
-                acc = acc + _dot(a_ref[block(r, m)], t[m, c])
-            t[r, c] = -_dot(t_rr, acc)
-    for r in range(nb):
-        for c in range(nb):
-            t_ref[block(r, c)] = t[r, c] if c <= r else jnp.zeros((SUB, SUB), F32)
+    n, bh, ks = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BK, BK)
+    b, h, t = bh // H, bh % H, pl.ds(n * C, C)
+    do, v_new, s = do_ref[b, t, h, :], vn_ref[b, t, h, :], h_ref[b, n, h, ks, :]  # s: [BK, V]
+    dt = do.dtype
+    dscores = (scale * jnp.where(_tril_mask(C), _dot(do, v_new, CONTRACT_COLS), 0.0)).astype(dt)
+    dq = scale * _dot(do, s, CONTRACT_COLS) + _dot(dscores, k_ref[b, t, h, ks])
+    dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
+    dk_ref[b, t, h, ks] = _dot(v_new, dh_ref[b, n, h, ks, :], CONTRACT_COLS) + _dot(dscores, q_ref[b, t, h, ks],
+                                                                                    CONTRACT_ROWS)
+    dw_ref[b, t, h, ks] = (-_dot(dvn_ref[b, t, h, :].astype(dt), s, CONTRACT_COLS)).astype(dw_ref.dtype)
 
 
-def tril_inverse_pallas(a: jax.Array, interpret: bool) -> jax.Array:
-    """(I + A)^{-1} for strictly lower-triangular A [..., C, C] (fp32, C a multiple of 16), one program per matrix.
+def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out_ref, dv_ref, dbeta_ref, *,
+                   H: int, C: int, BK: int, BV: int):
+    """Chunk n = program_id(0), head program_id(1): the WY step of the module docstring, over key and value
+    blocks of BK and BV columns; adds its dK terms to dk (the _dqkw part).
 
-    Replaces XLA's batched triangular solve (cuBLAS trsm), which at B*H*N ~ 1.5k-4k 64x64 matrices runs slowly;
-    the same blockwise scheme as FLA's `solve_tril`.
+    Refs: k, dw [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; t [B, T, H, C] fp32; dk [B, T, H, K] fp32;
+    du (= dV') [B, T, H, V] fp32. Outputs dk_out [B, T, H, K], dv [B, T, H, V], dbeta [B, T, H] fp32.
     """
-    *batch, C, _ = a.shape
-    flat = a.reshape(-1, C, C).astype(F32)
-    t = _call(_tril_inverse_kernel, (flat.shape[0],), jax.ShapeDtypeStruct(flat.shape, F32), interpret, 2, flat)
-    return t.reshape(*batch, C, C)
+    n, bh = pl.program_id(0), pl.program_id(1)
+    b, h, t = bh // H, bh % H, pl.ds(n * C, C)
+    K, V, dt = k_ref.shape[-1], v_ref.shape[-1], k_ref.dtype
+    key_blocks = [pl.ds(i * BK, BK) for i in range(K // BK)]
+    value_blocks = [pl.ds(i * BV, BV) for i in range(V // BV)]
+    beta = beta_ref[b, t, h].astype(F32)[:, None]  # [C, 1]
+    tc = t_ref[b, t, h, :].astype(dt)
+
+    def load(ref, cols):  # (x, diag(beta) x in the operand dtype)
+        x = ref[b, t, h, cols]
+        return x, (x.astype(F32) * beta).astype(dt)
+
+    dt_inv = jnp.zeros((C, C), F32)  # dT = dW Kb^T + dU Vb^T
+    for cols in key_blocks:
+        dt_inv = dt_inv + _dot(dw_ref[b, t, h, cols], load(k_ref, cols)[1], CONTRACT_COLS)
+    for cols in value_blocks:
+        dt_inv = dt_inv + _dot(du_ref[b, t, h, cols].astype(dt), load(v_ref, cols)[1], CONTRACT_COLS)
+    x = _dot(dt_inv.astype(dt), tc, CONTRACT_COLS)  # dT T^T
+    da = jnp.where(_tril_mask(C, -1), -_dot(tc, x.astype(dt), CONTRACT_ROWS), 0.0).astype(dt)
+    dbeta = jnp.zeros((C,), F32)
+    for cols in key_blocks:
+        k, kb = load(k_ref, cols)
+        dkb = _dot(tc, dw_ref[b, t, h, cols], CONTRACT_ROWS) + _dot(da, k)  # T^T dW + dA K
+        dk = dk_ref[b, t, h, cols] + _dot(da, kb, CONTRACT_ROWS) + dkb * beta
+        dk_out_ref[b, t, h, cols] = dk.astype(dk_out_ref.dtype)
+        dbeta = dbeta + jnp.sum(dkb * k.astype(F32), axis=1)
+    for cols in value_blocks:
+        dvb = _dot(tc, du_ref[b, t, h, cols].astype(dt), CONTRACT_ROWS)  # T^T dU
+        dv_ref[b, t, h, cols] = (dvb * beta).astype(dv_ref.dtype)
+        dbeta = dbeta + jnp.sum(dvb * v_ref[b, t, h, cols].astype(F32), axis=1)
+    dbeta_ref[b, t, h] = dbeta
 
 
-def _flat(x: jax.Array) -> jax.Array:
-    """[B, H, N, C, D] -> [B*H, N*C, D] (free: a reshape)."""
-    B, H, N, C, D = x.shape
-    return x.reshape(B * H, N * C, D)
+# ---------------------------------------------------------------------------------------------------- launchers
 
 
-def _call(kernel, grid, out_shape, interpret: bool, num_warps: int, *args):
+def _block(d: int) -> int:
+    """Head-dim columns per block of the per-chunk kernels: BLOCK, or all d when BLOCK does not divide it."""
+    return BLOCK if d % BLOCK == 0 else d
+
+
+def _warps(d: int) -> int:
+    """num_warps of a per-chunk kernel whose programs hold [C, d]-sized fp32 tiles (a guess; not GPU-tuned)."""
+    return 4 if d <= 64 else 8
+
+
+def _call(kernel, grid, out_shape, options: Options, num_warps: int, *args, **static):
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        functools.partial(kernel, **static), out_shape=out_shape, grid=grid, interpret=options.interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
     )(*args)
 
 
-def state_recurrence(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: Options):
-    """Forward recurrence (Pallas). k, w: [B, H, N, C, K]; u: [B, H, N, C, V]; h0: [B, H, K, V] fp32.
+def _like(x: jax.Array, dtype=None, last: int | None = None) -> jax.ShapeDtypeStruct:
+    """Output shape of x's shape (its last dim replaced by `last`) in `dtype` (None: x's)."""
+    shape = x.shape if last is None else (*x.shape[:-1], last)
+    return jax.ShapeDtypeStruct(shape, dtype or x.dtype)
+
+
+def wy_fwd_pallas(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options):
+    """T, W, U of every chunk (`_wy_fwd_kernel`). k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H].
 
     Returns:
-        S_n [B, H, N, K, V] and V' [B, H, N, C, V] in k's dtype; final state [B, H, K, V] fp32.
+        T [B, T, H, C] fp32; W [B, T, H, K] and U [B, T, H, V] in k's dtype.
     """
-    B, H, N, C, K = k.shape
-    V = u.shape[-1]
-    dt = k.dtype
-    out_shape = (jax.ShapeDtypeStruct((B * H, N, K, V), dt), jax.ShapeDtypeStruct((B * H, N * C, V), dt),
-                 jax.ShapeDtypeStruct((B * H, K, V), F32))
-    kernel = functools.partial(_state_fwd_kernel, chunk=C, block_v=options.block_v)
-    grid = (B * H, V // options.block_v)
-    h, v_new, ht = _call(kernel, grid, out_shape, options.interpret, 4 if K * options.block_v <= 4096 else 8,
-                         _flat(k), _flat(w), _flat(u), h0.reshape(B * H, K, V))
-    return h.reshape(B, H, N, K, V), v_new.reshape(B, H, N, C, V), ht.reshape(B, H, K, V)
+    B, Tp, H, K = k.shape
+    C = options.chunk
+    out_shape = (_like(k, F32, C), _like(k), _like(v, k.dtype))
+    return _call(_wy_fwd_kernel, (Tp // C, B * H), out_shape, options, 4, k, v, beta, H=H, C=C)
 
 
-def state_recurrence_bwd(q, k, w, do, dv_local, dht, options: Options):
-    """Backward recurrence (Pallas). q, k, w: [B, H, N, C, K]; do: [B, H, N, C, V]; dv_local: same, fp32;
-    dht: [B, H, K, V] fp32.
+def state_fwd(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: Options):
+    """Forward recurrence. k, w: [B, T, H, K]; u: [B, T, H, V]; h0: [B, H, K, V] fp32.
 
     Returns:
-        G_{n+1} [B, H, N, K, V] in q's dtype; dV' [B, H, N, C, V] fp32; dh0 = G_0 [B, H, K, V] fp32.
+        S_n [B, N, H, K, V] and V' [B, T, H, V] in k's dtype; final state [B, H, K, V] fp32.
     """
-    B, H, N, C, K = k.shape
-    V = do.shape[-1]
-    out_shape = (jax.ShapeDtypeStruct((B * H, N, K, V), q.dtype), jax.ShapeDtypeStruct((B * H, N * C, V), F32),
-                 jax.ShapeDtypeStruct((B * H, K, V), F32))
-    kernel = functools.partial(_state_bwd_kernel, chunk=C, block_v=options.block_v, scale=options.scale)
-    grid = (B * H, V // options.block_v)
-    dh, dv, dh0 = _call(kernel, grid, out_shape, options.interpret, 4 if K * options.block_v <= 4096 else 8,
-                        _flat(q), _flat(k), _flat(w), _flat(do), _flat(dv_local), dht.reshape(B * H, K, V))
-    return dh.reshape(B, H, N, K, V), dv.reshape(B, H, N, C, V), dh0.reshape(B, H, K, V)
+    B, Tp, H, K = k.shape
+    V, N, bv = u.shape[-1], Tp // options.chunk, options.block_v
+    out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype), _like(u, k.dtype), _like(h0))
+    return _call(_state_fwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
+                 k, w, u, h0, H=H, C=options.chunk, block_v=bv)
+
+
+def output_fwd(q: jax.Array, k: jax.Array, states: jax.Array, v_new: jax.Array, options: Options) -> jax.Array:
+    """O [B, T, H, V] in q's dtype (`_output_fwd_kernel`). q, k: [B, T, H, K]; states: [B, N, H, K, V];
+    v': [B, T, H, V]."""
+    B, Tp, H, K = q.shape
+    V, BV = v_new.shape[-1], _block(v_new.shape[-1])
+    return _call(_output_fwd_kernel, (Tp // options.chunk, B * H, V // BV), _like(v_new, q.dtype), options, 4,
+                 q, k, states, v_new, H=H, C=options.chunk, BV=BV, scale=options.scale)
+
+
+def dv_local_bwd(q: jax.Array, k: jax.Array, do: jax.Array, options: Options) -> jax.Array:
+    """scale triu(K Q^T) dO per chunk, [B, T, H, V] fp32 (`_dv_local_kernel`)."""
+    B, Tp, H, K = q.shape
+    V, BV = do.shape[-1], _block(do.shape[-1])
+    return _call(_dv_local_kernel, (Tp // options.chunk, B * H, V // BV), _like(do, F32), options, 4,
+                 q, k, do, H=H, C=options.chunk, BV=BV, scale=options.scale)
+
+
+def state_bwd(q, k, w, do, dv_local, dht, options: Options):
+    """Backward recurrence. q, k, w: [B, T, H, K]; do: [B, T, H, V]; dv_local: same, fp32; dht: [B, H, K, V] fp32.
+
+    Returns:
+        G_{n+1} [B, N, H, K, V] in q's dtype; dV' [B, T, H, V] fp32; dh0 = G_0 [B, H, K, V] fp32.
+    """
+    B, Tp, H, K = k.shape
+    V, N, bv = do.shape[-1], Tp // options.chunk, options.block_v
+    out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), q.dtype), _like(dv_local), _like(dht))
+    return _call(_state_bwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
+                 q, k, w, do, dv_local, dht, H=H, C=options.chunk, block_v=bv, scale=options.scale)
+
+
+def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options):
+    """dQ, dK (before the WY terms, fp32) and dW (`_dqkw_kernel`). q, k: [B, T, H, K]; v', do: [B, T, H, V];
+    states, dstates: [B, N, H, K, V]; dv': [B, T, H, V] fp32.
+
+    Returns:
+        dq [B, T, H, K] in q's dtype, dk [B, T, H, K] fp32, dw [B, T, H, K] in q's dtype.
+    """
+    B, Tp, H, K = q.shape
+    V, BK = do.shape[-1], _block(K)
+    out_shape = (_like(q), _like(k, F32), _like(q))
+    return _call(_dqkw_kernel, (Tp // options.chunk, B * H, K // BK), out_shape, options, _warps(V),
+                 q, k, v_new, do, states, dstates, dv_new, H=H, C=options.chunk, BK=BK, scale=options.scale)
+
+
+def wy_bwd(k, v, beta, t_inv, dk, dw, du, options: Options):
+    """The WY step backward (`_wy_bwd_kernel`). k, dw: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H];
+    t_inv: [B, T, H, C] fp32; dk (the _dqkw part): [B, T, H, K] fp32; du = dV': [B, T, H, V] fp32.
+
+    Returns:
+        dk [B, T, H, K] in k's dtype, dv [B, T, H, V] in v's dtype, dbeta [B, T, H] fp32.
+    """
+    B, Tp, H, K = k.shape
+    V = v.shape[-1]
+    out_shape = (_like(k), _like(v), _like(beta, F32))
+    return _call(_wy_bwd_kernel, (Tp // options.chunk, B * H), out_shape, options, _warps(max(K, V)),
+                 k, v, beta, t_inv, dk, dw, du, H=H, C=options.chunk, BK=_block(K), BV=_block(V))
