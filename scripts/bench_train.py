@@ -185,6 +185,16 @@ class TorchSide:
 
             torch.cuda.synchronize()
 
+    def profile(self, directory: Path, steps: int) -> None:
+        """A torch.profiler trace of `steps` train steps, as directory/torch_trace.json."""
+        from torch.profiler import ProfilerActivity, profile
+
+        directory.mkdir(parents=True, exist_ok=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                self.sync(self.run("step", i))
+        prof.export_chrome_trace(str(directory / "torch_trace.json"))
+
     def close(self) -> None:
         del self.step, self.x, self.y
         gc.collect()

@@ -3,11 +3,12 @@
     python scripts/profile_step.py --variant baseline --model gpt2-124m --batch 12 [--steps 5] [--out DIR]
     python scripts/profile_step.py --side torch ...     # torch_ref's torch.compile'd step, same table
 
-Traces a few steady-state steps (after compile and warm-up): the JAX side through bench_train.JaxSide.profile
-(which also writes the optimized HLO, train_step.hlo.txt, to match kernel names against), the torch side
-(torch_ref, torch.compile, as bench_train times it) through torch.profiler. Reads the Chrome-format trace, sums
-the GPU kernels' durations per step into kinds (matmuls, attention, fusions, reductions, copies, ...), then
-prints the 25 costliest kernels. Random tokens, pre-placed on the device, so the loader is not in the numbers.
+Traces a few steady-state steps (after compile and warm-up) through the side's `profile` (bench_train: JaxSide's
+jax.profiler trace, which also writes the optimized HLO, train_step.hlo.txt, to match kernel names against;
+TorchSide's torch.profiler trace of torch_ref's torch.compile'd step, as bench_train times it). Reads the
+Chrome-format trace, sums the GPU kernels' durations per step into kinds (matmuls, attention, fusions, reductions,
+copies, ...), then prints the 25 costliest kernels. Random tokens, pre-placed on the device, so the loader is not
+in the numbers.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ def kind_of(name: str) -> str:
     return next((kind for kind, pattern in KINDS if re.search(pattern, low)), "other")
 
 
-def gpu_kernels(trace_dir: Path) -> list[tuple[str, float]]:
-    """(kernel name, duration in us) of every event on a GPU stream of the trace under trace_dir: torch.profiler's
-    torch_trace.json (its "kernel" events) or else the newest jax.profiler perfetto trace."""
-    if (trace_dir / "torch_trace.json").exists():
+def gpu_kernels(trace_dir: Path, torch: bool = False) -> list[tuple[str, float]]:
+    """(kernel name, duration in us) of every event on a GPU stream of the trace under trace_dir: the newest
+    jax.profiler perfetto trace, or with `torch` torch.profiler's torch_trace.json (its "kernel" events)."""
+    if torch:
         events = json.loads((trace_dir / "torch_trace.json").read_text())["traceEvents"]
         return [(e["name"], float(e["dur"])) for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
     path = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime, default=None) or max(
@@ -63,17 +64,6 @@ def gpu_kernels(trace_dir: Path) -> list[tuple[str, float]]:
     print("trace lines used:", sorted(names[k] for k in streams) or sorted(names[(p, None)] for p in gpu_pids))
     return [(e["name"], float(e["dur"])) for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids
             and (not streams or (e["pid"], e.get("tid")) in streams)]
-
-
-def torch_profile(side: TorchSide, directory: Path, steps: int) -> None:
-    """A torch.profiler trace of `steps` train steps of the torch side, as directory/torch_trace.json."""
-    from torch.profiler import ProfilerActivity, profile
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            side.sync(side.run("step", i))
-    prof.export_chrome_trace(str(directory / "torch_trace.json"))
 
 
 def main() -> None:
@@ -102,12 +92,9 @@ def main() -> None:
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
 
     out = Path(args.out)
-    if args.side == "jax":
-        side.profile(out, args.steps)
-    else:
-        torch_profile(side, out, args.steps)
+    side.profile(out, args.steps)
 
-    kernels = gpu_kernels(out)
+    kernels = gpu_kernels(out, torch=args.side == "torch")
     by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for name, dur in kernels:
         by_kind[kind_of(name)] += dur / args.steps
@@ -119,12 +106,13 @@ def main() -> None:
     print("| kind | ms/step | share |\n| --- | ---: | ---: |")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {us / 1e3:.2f} | {us / 1e3 / busy:.0%} |")
+    ranked = [(name, us / 1e3, n / args.steps) for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])]
     print("\n| kernel | kind | ms/step | calls/step |\n| --- | --- | ---: | ---: |")
-    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
-        print(f"| {name[:90]} | {kind_of(name)} | {us / 1e3:.3f} | {n / args.steps:.0f} |")
-    summary = {"side": args.side, "variant": args.variant, "model": args.model, "batch": B, "accum": A, "wall_ms": wall_ms,
-               "gpu_ms": busy, "by_kind_ms": {k: v / 1e3 for k, v in by_kind.items()},
-               "kernels": [(n, us / 1e3, c / args.steps) for n, (us, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])]}
+    for name, ms, calls in ranked[:25]:
+        print(f"| {name[:90]} | {kind_of(name)} | {ms:.3f} | {calls:.0f} |")
+    summary = {"side": args.side, "variant": args.variant, "model": args.model, "batch": B, "accum": A,
+               "wall_ms": wall_ms, "gpu_ms": busy, "by_kind_ms": {k: v / 1e3 for k, v in by_kind.items()},
+               "kernels": ranked}
     (out / f"profile_{args.side}_{args.variant}_{args.model}_b{B}.json").write_text(json.dumps(summary, indent=1))
 
 

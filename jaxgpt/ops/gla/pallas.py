@@ -317,7 +317,6 @@ def _chunk_dqkg_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_r
     dg_ref[b, t, h, ks] = jnp.sum(dg, axis=0)[None, :] - jnp.cumsum(dg, axis=0) + dg + state_term[None, :]
 
 
-
 # ---------------------------------------------------------------------------------------------------- launchers
 
 
