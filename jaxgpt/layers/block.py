@@ -13,63 +13,38 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.layers.common import linear, proj_std
+from jaxgpt.layers.common import compute_dtype, linear, proj_std
 from jaxgpt.layers.mixers import MIXERS
+from jaxgpt.ops.layernorm import add_layer_norm, scaled_normalize  # noqa: F401 (scaled_normalize: re-exported)
 
 NormFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def scaled_normalize(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x_hat * scale in fp32, x_hat = (x - mean) / sqrt(var + eps) over the last axis.   x [..., C], scale [C].
-
-    The backward is torch's layer-norm backward from the saved mean and 1/std ([..., 1] each), with g = dy * scale:
-        dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std,    dscale = sum over rows of dy * x_hat
-    so the statistics are not recomputed and no [..., C] intermediate is stored besides x itself.
-    """
-    return _normalize(x, eps)[0] * scale
-
-
-def _normalize(x, eps):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    return (xf - mean) * rstd, mean, rstd
-
-
-def _scaled_normalize_fwd(x, scale, eps):
-    x_hat, mean, rstd = _normalize(x, eps)
-    # The barrier stores x, mean and rstd as computed here; without it XLA recomputes the statistics (and x
-    # itself, from the residual add's operands) inside every backward fusion that reads them.
-    x, mean, rstd = jax.lax.optimization_barrier((x, mean, rstd))
-    return x_hat * scale, (x, scale, mean, rstd)
-
-
-def _scaled_normalize_bwd(eps, residuals, dy):
-    x, scale, mean, rstd = residuals
-    x_hat = (x.astype(jnp.float32) - mean) * rstd
-    dy = dy.astype(jnp.float32)
-    g = dy * scale
-    dx = rstd * (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True))
-    dscale = (dy * x_hat).reshape(-1, scale.shape[-1]).sum(0)
-    return dx.astype(x.dtype), dscale.astype(scale.dtype)
-
-
-scaled_normalize.defvjp(_scaled_normalize_fwd, _scaled_normalize_bwd)
-
-
 class LayerNorm(nnx.LayerNorm):
     """nnx.LayerNorm's parameters and init (weight `scale`, optional `bias`), computed in fp32 as torch autocast
-    does, with `scaled_normalize`'s hand-written backward."""
+    does, with torch's backward (`jaxgpt.ops.layernorm`). `add` fuses a residual add into the norm: on GPU one
+    Pallas kernel each way, which writes the output in `out_dtype` (the compute dtype of the matmul it feeds);
+    elsewhere XLA's add and `scaled_normalize`, fp32 output."""
+
+    def __init__(self, *args, out_dtype: jnp.dtype = jnp.float32, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out_dtype = jnp.dtype(out_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = scaled_normalize(x, self.scale[...].astype(jnp.float32), self.epsilon)
-        return y + self.bias[...].astype(jnp.float32) if self.use_bias else y
+        return self.add(x, None, residual_out=False)[1]
+
+    def add(self, x: jax.Array, r: jax.Array | None, residual_out: bool = True) -> tuple[jax.Array | None, jax.Array]:
+        """(x + r, self(x + r)); r None: (x, self(x)), and the gradient reaching the returned x is summed into x's
+        in the norm's backward kernel."""
+        bias = self.bias[...].astype(jnp.float32) if self.use_bias else None
+        return add_layer_norm(x, r, self.scale[...].astype(jnp.float32), bias, self.epsilon, self.out_dtype,
+                              residual_out)
 
 
 def layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
     """LayerNorm (weight, optional bias, eps 1e-5) computed in fp32, as torch autocast does."""
-    return LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs)
+    return LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs,
+                     out_dtype=compute_dtype(cfg))
 
 
 def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -135,6 +110,10 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if isinstance(self.ln_2, LayerNorm):  # the same, with the attention branch's residual add inside ln_2
+            x, h = self.ln_1.add(x, None)
+            x, h = self.ln_2.add(x, self.attn(h))
+            return x + self.mlp(h)
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
