@@ -143,7 +143,7 @@ def test_pallas_rejects_unsupported_options(monkeypatch):
 
 
 KERNELS = ("_chunk_cumsum_kernel", "_state_fwd_kernel", "_chunk_A_kernel", "_chunk_o_kernel", "_state_bwd_kernel",
-           "_chunk_dv_kernel", "_chunk_dqkg_kernel")
+           "_chunk_dv_kernel", "_chunk_dA_kernel", "_chunk_dqk_intra_kernel", "_chunk_dqkg_kernel")
 
 
 @pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),

@@ -1,59 +1,67 @@
 """Gated Linear Attention with Pallas (Triton backend) kernels and a hand-written backward (`jax.custom_vjp`).
 
 Same math and API as `jaxgpt.ops.gla.chunk.chunk_gla` (FLA layout [B, T, H, D], 64-step chunks, exact pairwise
-gating inside 16-step sub-chunks). The kernels are structured as FLA's `chunk_gla`: whole 64-step chunks, 64-row
-products, one job per kernel, and nothing [.., S, S, K]-sized in memory.
+gating inside 16-step sub-chunks). The kernels are structured as FLA's `chunk_gla`: 64-row products for the
+chunk-level work, 16-row programs (one per sub-chunk) for the intra-chunk scores and their gradients, one job per
+kernel, and nothing [.., S, S, K]-sized in memory.
 
-Notation, per chunk n of C = 64 steps and key dimension: g = the chunk-local cumsum of the log-gates gk (fp32,
-written once per pass by _chunk_cumsum, first, so that every kernel, the state kernels included, reads the same
-values and no kernel scans inside its loop), g_last = g's last row in the chunk (read as a row of g, so g_last - g is
-exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4 at |g| ~ 1e3, and that error scaled
-the newest, dominant term of a strongly gated state), q~ = scale * q, S_n the state entering chunk n (S_0 = h0) and
-dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
+Notation, per chunk n of C = 64 steps and key dimension: g = the chunk-local cumsum of the log-gates gk, in log2
+units (log2(e) gk summed, fp32), so that every gate factor e^{x} is one exp2 2^{x / ln 2} (written e^{.} below, in
+natural units); g is written once per pass by _chunk_cumsum, first, so that every kernel, the state kernels
+included, reads the same values and no kernel scans inside its loop. g_last = g's last row in the chunk (read as a
+row of g, so g_last - g is exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4 at
+|g| ~ 1e3, and that error scaled the newest, dominant term of a strongly gated state), q~ = scale * q, S_n the state
+entering chunk n (S_0 = h0) and dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
 
 forward
-    _chunk_cumsum  grid (N, B*H)              g
-    _state_fwd     grid (B*H, K/SK, V/SV),    S_{n+1} = diag(e^{g_last}) S_n + (k e^{g_last - g})^T v
-                   sequential over chunks     writes S_n (fp32 [B, N, H, K, V]) and the final state
-    _chunk_A       grid (N, B*H)              A[t, j] = sum_k q~_tk k_jk e^{g_tk - g_jk} (j <= t, else 0), [C, C]
-                                              per chunk, stored in v's dtype (a residual for the backward)
-    _chunk_o       grid (N, B*H, V/BV)        o = (q~ e^{g}) S_n + A v
+    _chunk_cumsum     grid (N, B*H)             g
+    _state_fwd        grid (B*H, K/SK, V/SV),   S_{n+1} = diag(e^{g_last}) S_n + (k e^{g_last - g})^T v
+                      sequential over chunks    writes S_n (fp32 [B, N, H, K, V]) and the final state
+    _chunk_A          grid (N*M, B*H)           rows [16, C] of A[t, j] = sum_k q~_tk k_jk e^{g_tk - g_jk} (j <= t,
+                                                else 0) per sub-chunk, stored in v's dtype (a residual for the
+                                                backward)
+    _chunk_o          grid (N, B*H, V/BV)       o = (q~ e^{g}) S_n + A v
 backward (g again from _chunk_cumsum, first, instead of a residual)
-    _chunk_cumsum  grid (N, B*H)              g
-    _state_bwd     grid (B*H, K/SK, V/SV),    dS_n = diag(e^{g_last}) dS_{n+1} + (q~ e^{g})^T do
-                   reverse over chunks        writes dS_{n+1} (fp32) and dh0 = dS_0
-    _chunk_dv      grid (N, B*H, V/BV)        dv = A^T do + (k e^{g_last - g}) dS_{n+1}
-    _chunk_dqkg    grid (N, B*H, K/BK)        dA = do v^T (j <= t), then
-                                              dq~ = e^{g} (do S_n^T) + [sum_j dA_tj k_j e^{g_t - g_j}]
-                                              dk  = e^{g_last - g} (v dS_{n+1}^T) + [sum_t dA_tj q~_t e^{g_t - g_j}]
-                                              dgk = reverse cumsum over the chunk of (q~ dq~ - k dk)
-                                                    + e^{g_last} sum_v (S_n * dS_{n+1})
-                                                    + sum_t k_t (e^{g_last - g_t} v_t dS_{n+1}^T)
+    _chunk_cumsum     grid (N, B*H)             g
+    _state_bwd        grid (B*H, K/SK, V/SV),   dS_n = diag(e^{g_last}) dS_{n+1} + (q~ e^{g})^T do
+                      reverse over chunks       writes dS_{n+1} (fp32) and dh0 = dS_0
+    _chunk_dv         grid (N, B*H, V/BV)       dv = A^T do + (k e^{g_last - g}) dS_{n+1}
+    _chunk_dA         grid (N, B*H)             dA = do v^T (j <= t, else 0), fp32 [B, Tp, H, C]
+    _chunk_dqk_intra  grid (N*M, B*H, K/BK)     per sub-chunk, fp32: dq~_intra = [sum_j dA_tj k_j e^{g_t - g_j}],
+                                                dk_intra = [sum_t dA_tj q~_t e^{g_t - g_j}]
+    _chunk_dqkg       grid (N, B*H, K/BK)       dq~ = e^{g} (do S_n^T) + dq~_intra
+                                                dk  = e^{g_last - g} (v dS_{n+1}^T) + dk_intra
+                                                dgk = reverse cumsum over the chunk of (q~ dq~ - k dk)
+                                                      + e^{g_last} sum_v (S_n * dS_{n+1})
+                                                      + sum_t k_t (e^{g_last - g_t} v_t dS_{n+1}^T)
 The gate gradient comes from the identity (per key dimension, u in chunk n)
     dgk_u = sum_{s >= u in the chunk} (q~_s dq~_s - k_s dk_s) + sum_v S_{n+1} * dS_{n+1},
 whose last term is written with S_n as FLA does (the last two terms of dgk above; k dk there is dk's inter part).
 
 Stability, the reference-row trick: gk <= 0, so g falls along the chunk and e^{g_t - g_j} <= 1 for j <= t, but a
 factorisation e^{g_t} e^{-g_j} over the whole chunk would overflow for strong gates (-20 per step: |g| ~ 1e3). The
-bracketed intra-chunk sums (and A) are therefore built from the 16 x 16 sub-blocks (a, b) of the chunk, in [64, .]
-frames:
-  * off-diagonal blocks (a > b) as products through a reference row r between the two sub-chunks, so that both
-    factors are <= 1 for any gate strength: for A and dq~, r = g at the first row of sub-chunk a,
-        A_ab = (q~_a e^{g_a - r}) (k_b e^{r - g_b})^T,      dq~_a += e^{g_a - r} (dA_ab (k_b e^{r - g_b})),
-    one masked [64, 64] x [64, BK] product per a; for dk, r = g at the last row of sub-chunk b,
-        dk_b += e^{r - g_b} (dA_ab^T (q~_a e^{g_a - r})),
-    one product per b. Exponents are clamped at 0 (`_decay`) where a row is masked out, so nothing overflows.
-  * diagonal blocks by a loop over the 16 steps jj of a sub-chunk (as FLA's intra kernels): row t of the frame
-    pairs with step 16 (t // 16) + jj of its own sub-chunk, whose k / q~ / g rows are loaded (four row loads), so
-    every step costs one [64, BK] decay e^{g_t - g_j}, and no [S, S, K] temporary exists.
+bracketed intra-chunk sums (and A) are therefore built from the 16 x 16 sub-blocks (i, j) of the chunk, in the
+program of sub-chunk i (M = 4 per chunk, 16 rows each):
+  * off-diagonal blocks as products through a reference row r between the two sub-chunks, so that both factors
+    are <= 1 for any gate strength. For A and dq~ (blocks (i, j < i)), r = g at i's first row:
+        A_ij = (q~_i e^{g_i - r}) (k_j e^{r - g_j})^T,      dq~_i += e^{g_i - r} sum_{j < i} dA_ij (k_j e^{r - g_j});
+    A's row block is one [16, BK] x [BK, 64] product against the whole chunk's k, with the exponent clamped at 0
+    (`_decay`) at columns j >= i (masked out, so nothing overflows); dq~ is a loop over j < i of [16, 16] x
+    [16, BK] products. For dk (blocks (j > i, i)), r = g at i's last row:
+        dk_i += e^{r - g_i} sum_{j > i} dA_ji^T (q~_j e^{g_j - r}).
+  * diagonal blocks by a loop over the 16 steps s of the sub-chunk (as FLA's intra kernels), each reading s's k /
+    q / g rows and dA's column s (for dq~) / row s (for dk) from memory: per step one [16, BK] decay. In
+    _chunk_dqk_intra it is e^{-|g_t - g_s|}, which is e^{g_t - g_s} at the rows t >= s that dq~ takes and
+    e^{g_s - g_t} at the rows t <= s that dk takes (dA is zero elsewhere), so one exp2 serves both; in _chunk_A
+    column s is the row sum of q~ k_s e^{min(g - g_s, 0)}, stored straight to A (rows t < s zeroed), and the row
+    block's store skips i's own columns.
 The inter-chunk factors e^{g}, e^{g_last - g}, e^{g_last} are <= 1 as they stand.
 
 Tiles: key blocks of BK = min(K, BLOCK_K) columns (a loop inside _chunk_A / _chunk_o / _chunk_dv, the grid axis of
-_chunk_dqkg), value blocks of BV = min(V, BLOCK_V) (the grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dqkg).
-The state kernels split each head's [K, V] state into SK x SV tiles, SK = min(K, state_block), SV = min(V,
-state_block), one program per tile; `state_block` None picks 64, or 32 when 64 x 64 tiles give fewer programs than
-the GPU has SMs (SM_COUNT). Warps per kernel: NUM_WARPS (_chunk_dqkg holds ~6 live [64, 64] fp32 tiles: 8 warps;
-4 were slower on an H200).
+_chunk_dqk_intra / _chunk_dqkg), value blocks of BV = min(V, BLOCK_V) (the grid axis of _chunk_o / _chunk_dv, a
+loop in _chunk_dA / _chunk_dqkg). The state kernels split each head's [K, V] state into SK x SV tiles, SK = min(K,
+state_block), SV = min(V, state_block), one program per tile; `state_block` None picks 64, or 32 when 64 x 64 tiles
+give fewer programs than the GPU has SMs (SM_COUNT). Warps and pipelining stages per kernel: NUM_WARPS, NUM_STAGES.
 
 Padding: the kernels take head dims that are powers of two from 16 (Triton tiles) and T a multiple of 64. Any K, V
 in [1, 256] is zero-padded to the next one, K' and V', and T to a multiple of 64, outside the custom_vjp (q, k, gk
@@ -80,11 +88,16 @@ from jaxgpt.ops.utils import pad_time
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
 M = CHUNK // SUB  # sub-chunks per chunk
-BLOCK_K = 64  # key columns per block (the key grid axis of _chunk_dqkg, a loop elsewhere); a power of two >= 16
-BLOCK_V = 64  # value columns per block (the value grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dqkg)
-NUM_WARPS = {"state": 4, "cumsum": 4, "A": 4, "o": 4, "dv": 4, "dqkg": 8}  # dqkg 4: op1 +15-20%, op3 +16% (H200)
+BLOCK_K = 64  # key columns per block (a grid axis of _chunk_dqk_intra / _chunk_dqkg, a loop elsewhere); >= 16
+BLOCK_V = 64  # value columns per block (a grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dA / _chunk_dqkg)
+# Warps and Triton pipelining depth per kernel (stages 1 where not named), from H200 sweeps at the three bench shapes
+# (session 7, docs/kernels.md): A at 1 warp -10% (op3) to -25% (op1) against 2, 4 slower; intra 2 or 8 slower than
+# 4; dqkg 2 14x slower, 8 +45%; stages 3 -10% on intra and -5% on the state kernels, nothing elsewhere.
+NUM_WARPS = {"state": 4, "cumsum": 4, "A": 1, "o": 4, "dv": 4, "dA": 4, "intra": 4, "dqkg": 4}
+NUM_STAGES = {"state": 3, "intra": 3}
 MAX_HEAD_DIM = 256
 SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the state-tile heuristic fills them
+LOG2E = 1.4426950408889634  # g is kept in log2 units: every gate factor is one exp2
 f32 = jnp.float32
 
 __all__ = ["chunk_gla_pallas", "supported"]
@@ -129,35 +142,13 @@ def _iota(shape, dim) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _frame():
-    """(rows, cols, row sub-chunk, col sub-chunk) of a [C, C] frame."""
-    rows, cols = _iota((CHUNK, CHUNK), 0), _iota((CHUNK, CHUNK), 1)
-    return rows, cols, jax.lax.div(rows, SUB), jax.lax.div(cols, SUB)
-
-
 def _blocks(D: int, BD: int) -> list[pl.Slice]:
     return [pl.ds(i * BD, BD) for i in range(D // BD)]
 
 
-def _sub_rows(ref, b, h, cols, start, jj) -> jax.Array:
-    """[C, D] fp32 whose row t is ref[b, start + SUB * (t // SUB) + jj, h, cols]: each row paired with step jj of
-    its own sub-chunk (four row loads)."""
-    block = jax.lax.div(_iota((CHUNK, 1), 0), SUB)
-    out = None
-    for a in range(M):
-        row = ref[b, start + a * SUB + jj, h, cols].astype(f32)[None, :]
-        out = row if out is None else jnp.where(block == a, row, out)
-    return out
-
-
 def _decay(x: jax.Array) -> jax.Array:
     """e^{min(x, 0)}: a gate factor whose masked-out entries (x > 0) must not overflow."""
-    return jnp.exp(jnp.minimum(x, 0.0))
-
-
-def _pick(x: jax.Array, cols: jax.Array, target: jax.Array) -> jax.Array:
-    """[C] of x[t, target[t]] (x [C, C]; cols its column iota), a masked sum."""
-    return jnp.sum(jnp.where(cols == target, x, 0.0), axis=1)
+    return jnp.exp2(jnp.minimum(x, 0.0))
 
 
 def _add(total: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -174,7 +165,7 @@ def _chunk_cumsum_kernel(gk_ref, g_ref, *, H, BK, K):
     b, h = bh // H, bh % H
     t = pl.ds(n * CHUNK, CHUNK)
     for ks in _blocks(K, BK):
-        g_ref[b, t, h, ks] = jnp.cumsum(gk_ref[b, t, h, ks].astype(f32), axis=0)
+        g_ref[b, t, h, ks] = jnp.cumsum(gk_ref[b, t, h, ks].astype(f32) * LOG2E, axis=0)
 
 
 def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, BK, BV, precision):
@@ -187,8 +178,8 @@ def _state_fwd_kernel(k_ref, v_ref, g_ref, h0_ref, states_ref, ht_ref, *, H, N, 
         states_ref[b, n, h, ks, vs] = state
         t = pl.ds(n * CHUNK, CHUNK)
         g_last = g_ref[b, n * CHUNK + CHUNK - 1, h, ks]  # [BK]: g's last row of the chunk
-        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last[None, :] - g_ref[b, t, h, ks])
-        return state * jnp.exp(g_last)[:, None] + _dot(k, v_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
+        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp2(g_last[None, :] - g_ref[b, t, h, ks])
+        return state * jnp.exp2(g_last)[:, None] + _dot(k, v_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
     ht_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, h0_ref[b, h, ks, vs])
 
@@ -204,36 +195,39 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
         dstates_ref[b, n, h, ks, vs] = dstate
         t = pl.ds(n * CHUNK, CHUNK)
         g_last = g_ref[b, n * CHUNK + CHUNK - 1, h, ks]
-        q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp(g_ref[b, t, h, ks]))
-        return dstate * jnp.exp(g_last)[:, None] + _dot(q, do_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
+        q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp2(g_ref[b, t, h, ks]))
+        return dstate * jnp.exp2(g_last)[:, None] + _dot(q, do_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
 
     dh0_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, dht_ref[b, h, ks, vs])
 
 
 def _chunk_A_kernel(q_ref, k_ref, g_ref, A_ref, *, H, BK, K, scale, precision):
-    """A [C, C] (scale included, zero above the diagonal) of chunk program_id(0), head program_id(1)."""
-    n, bh = pl.program_id(0), pl.program_id(1)
+    """Rows [SUB, C] of A (scale included, zero above the diagonal): sub-chunk i = program_id(0) % M of chunk
+    program_id(0) // M, head program_id(1)."""
+    c, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
-    start = n * CHUNK
-    t = pl.ds(start, CHUNK)
-    rows, cols, row_sub, col_sub = _frame()
-    A = jnp.zeros((CHUNK, CHUNK), f32)
-    for ks in _blocks(K, BK):
-        q = q_ref[b, t, h, ks].astype(f32) * scale
-        k = k_ref[b, t, h, ks].astype(f32)
-        g = g_ref[b, t, h, ks]
-        for a in range(1, M):  # blocks (a, b < a), reference: g at the first row of sub-chunk a
-            r = g_ref[b, start + a * SUB, h, ks][None, :]
-            block = _dot(q * _decay(g - r), k * _decay(r - g), precision, trans_b=True)
-            A = A + jnp.where((row_sub == a) & (col_sub < a), block, 0.0)
+    start, i = (c // M) * CHUNK, c % M
+    first = start + i * SUB
+    t, chunk = pl.ds(first, SUB), pl.ds(start, CHUNK)
+    cols = _iota((SUB, CHUNK), 1)
+    A, blocks = None, []
+    for ks in _blocks(K, BK):  # blocks (i, j < i) in one product, reference: g at i's first row
+        q, g = q_ref[b, t, h, ks].astype(f32) * scale, g_ref[b, t, h, ks]
+        r = g_ref[b, first, h, ks][None, :]
+        k = k_ref[b, chunk, h, ks].astype(f32) * _decay(r - g_ref[b, chunk, h, ks])  # clamped at j >= first
+        A = _add(A, _dot(q * jnp.exp2(g - r), k, precision, trans_b=True))
+        blocks.append((q, g, ks))
+    # blocks j < i, and zeros right of i's own block (which the step loop writes, column by column)
+    plgpu.store(A_ref.at[b, t, h, :], jnp.where(cols < i * SUB, A, 0.0).astype(A_ref.dtype), mask=cols // SUB != i)
+    row = _iota((SUB,), 0)
 
-        def diagonal(jj, A, q=q, g=g, ks=ks):  # column 16 (t // 16) + jj of row t
-            k_j, g_j = _sub_rows(k_ref, b, h, ks, start, jj), _sub_rows(g_ref, b, h, ks, start, jj)
-            scores = jnp.sum(q * k_j * _decay(g - g_j), axis=1)
-            return A + jnp.where(cols == row_sub * SUB + jj, scores[:, None], 0.0)
+    def diagonal(jj, _):  # column first + jj: rows t >= first + jj
+        j = first + jj
+        scores = jnp.sum(sum(q * k_ref[b, j, h, ks].astype(f32)[None, :] * _decay(g - g_ref[b, j, h, ks][None, :])
+                             for q, g, ks in blocks), axis=1)
+        A_ref[b, t, h, i * SUB + jj] = jnp.where(row >= jj, scores, 0.0).astype(A_ref.dtype)
 
-        A = jax.lax.fori_loop(0, SUB, diagonal, A)
-    A_ref[b, t, h, :] = jnp.where(rows >= cols, A, 0.0).astype(A_ref.dtype)
+    jax.lax.fori_loop(0, SUB, diagonal, None)
 
 
 def _chunk_o_kernel(q_ref, v_ref, g_ref, A_ref, states_ref, o_ref, *, H, BK, BV, K, scale, precision):
@@ -244,7 +238,7 @@ def _chunk_o_kernel(q_ref, v_ref, g_ref, A_ref, states_ref, o_ref, *, H, BK, BV,
     o = _dot(A_ref[b, t, h, :], v_ref[b, t, h, vs], precision)
     for ks in _blocks(K, BK):
         q = q_ref[b, t, h, ks].astype(f32) * scale
-        o = o + _dot(q * jnp.exp(g_ref[b, t, h, ks]), states_ref[b, n, h, ks, vs], precision)
+        o = o + _dot(q * jnp.exp2(g_ref[b, t, h, ks]), states_ref[b, n, h, ks, vs], precision)
     o_ref[b, t, h, vs] = o.astype(o_ref.dtype)
 
 
@@ -257,60 +251,88 @@ def _chunk_dv_kernel(k_ref, g_ref, A_ref, do_ref, dstates_ref, dv_ref, *, H, BK,
     dv = _dot(A_ref[b, t, h, :], do_ref[b, t, h, vs], precision, trans_a=True)
     for ks in _blocks(K, BK):
         g_last = g_ref[b, start + CHUNK - 1, h, ks][None, :]
-        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp(g_last - g_ref[b, t, h, ks])
+        k = k_ref[b, t, h, ks].astype(f32) * jnp.exp2(g_last - g_ref[b, t, h, ks])
         dv = dv + _dot(k, dstates_ref[b, n, h, ks, vs], precision)
     dv_ref[b, t, h, vs] = dv.astype(dv_ref.dtype)
 
 
-def _chunk_dqkg_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dg_ref, *,
-                       H, BK, BV, V, scale, precision):
-    """dq, dk, dgk [C, BK] of chunk program_id(0), head program_id(1), key block program_id(2)."""
+def _chunk_dA_kernel(v_ref, do_ref, dA_ref, *, H, BV, V, precision):
+    """dA [C, C] = do v^T (zero above the diagonal, fp32) of chunk program_id(0), head program_id(1)."""
+    n, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // H, bh % H
+    t = pl.ds(n * CHUNK, CHUNK)
+    dA = None
+    for vs in _blocks(V, BV):
+        dA = _add(dA, _dot(do_ref[b, t, h, vs], v_ref[b, t, h, vs], precision, trans_b=True))
+    dA_ref[b, t, h, :] = jnp.where(_iota((CHUNK, CHUNK), 0) >= _iota((CHUNK, CHUNK), 1), dA, 0.0)
+
+
+def _chunk_dqk_intra_kernel(q_ref, k_ref, g_ref, dA_ref, dq_ref, dk_ref, *, H, BK, scale, precision):
+    """Intra-chunk parts of dq~ and dk [SUB, BK] (fp32) of sub-chunk i = program_id(0) % M of chunk
+    program_id(0) // M, head program_id(1), key block program_id(2)."""
+    c, bh, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h = bh // H, bh % H
+    start, i = (c // M) * CHUNK, c % M
+    first = start + i * SUB
+    t, ks, own = pl.ds(first, SUB), pl.ds(ik * BK, BK), pl.ds(i * SUB, SUB)  # own: sub-chunk i's columns of dA
+    g = g_ref[b, t, h, ks]
+    zeros = jnp.zeros((SUB, BK), f32)
+
+    r = g_ref[b, first, h, ks][None, :]  # blocks (i, j < i), reference: g at i's first row
+
+    def dq_block(j, dq):
+        s = pl.ds(start + j * SUB, SUB)
+        k = k_ref[b, s, h, ks].astype(f32) * jnp.exp2(r - g_ref[b, s, h, ks])
+        return dq + _dot(dA_ref[b, t, h, pl.ds(j * SUB, SUB)], k, precision)
+
+    dq = jnp.exp2(g - r) * jax.lax.fori_loop(0, i, dq_block, zeros)
+
+    r = g_ref[b, first + SUB - 1, h, ks][None, :]  # blocks (j > i, i), reference: g at i's last row
+
+    def dk_block(j, dk):
+        s = pl.ds(start + j * SUB, SUB)
+        q = q_ref[b, s, h, ks].astype(f32) * jnp.exp2(g_ref[b, s, h, ks] - r)
+        return dk + _dot(dA_ref[b, s, h, own], q, precision, trans_a=True)
+
+    dk = jnp.exp2(r - g) * jax.lax.fori_loop(i + 1, M, dk_block, zeros)
+
+    def diagonal(jj, carry):  # step s = first + jj: dq~ rows t >= s (dA's column s), dk rows j <= s (dA's row s)
+        dq, dk = carry
+        s = first + jj
+        decay = jnp.exp2(-jnp.abs(g - g_ref[b, s, h, ks][None, :]))  # both sides of s (module docstring)
+        dq = dq + dA_ref[b, t, h, i * SUB + jj][:, None] * (k_ref[b, s, h, ks].astype(f32)[None, :] * decay)
+        dk = dk + dA_ref[b, s, h, own][:, None] * (q_ref[b, s, h, ks].astype(f32)[None, :] * decay)
+        return dq, dk
+
+    dq, dk = jax.lax.fori_loop(0, SUB, diagonal, (dq, dk))
+    dq_ref[b, t, h, ks] = dq
+    dk_ref[b, t, h, ks] = dk * scale
+
+
+def _chunk_dqkg_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_intra_ref, dk_intra_ref,
+                       dq_ref, dk_ref, dg_ref, *, H, BK, BV, V, scale, precision):
+    """dq, dk, dgk [C, BK] of chunk program_id(0), head program_id(1), key block program_id(2): the inter-chunk
+    terms plus the intra parts (`_chunk_dqk_intra`)."""
     n, bh, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h = bh // H, bh % H
     start = n * CHUNK
     t, ks = pl.ds(start, CHUNK), pl.ds(ik * BK, BK)
 
-    # The value-sized work, in value blocks: dA, dA^T, the inter-chunk products and sum_v S_n * dS_{n+1}.
-    dA = dAT = dq = dk = state_term = None
+    dq = dk = state_term = None  # the value-sized work, in value blocks
     for vs in _blocks(V, BV):
-        do, v = do_ref[b, t, h, vs], v_ref[b, t, h, vs]
         state, dstate = states_ref[b, n, h, ks, vs], dstates_ref[b, n, h, ks, vs]
-        dA = _add(dA, _dot(do, v, precision, trans_b=True))
-        dAT = _add(dAT, _dot(v, do, precision, trans_b=True))
-        dq = _add(dq, _dot(do.astype(f32), state, precision, trans_b=True))
-        dk = _add(dk, _dot(v.astype(f32), dstate, precision, trans_b=True))
+        dq = _add(dq, _dot(do_ref[b, t, h, vs].astype(f32), state, precision, trans_b=True))
+        dk = _add(dk, _dot(v_ref[b, t, h, vs].astype(f32), dstate, precision, trans_b=True))
         state_term = _add(state_term, jnp.sum(state * dstate, axis=1))
-    rows, cols, row_sub, col_sub = _frame()
-    dA = jnp.where(rows >= cols, dA, 0.0)  # dA[t, j]
-    dAT = jnp.where(rows <= cols, dAT, 0.0)  # dA[t, j] at [j, t]
 
     q = q_ref[b, t, h, ks].astype(f32) * scale
     k = k_ref[b, t, h, ks].astype(f32)
     g = g_ref[b, t, h, ks]
     g_last = g_ref[b, start + CHUNK - 1, h, ks]
-    dq = jnp.exp(g) * dq  # d(q~), inter-chunk
-    dk = jnp.exp(g_last[None, :] - g) * dk
-    state_term = jnp.exp(g_last) * state_term + jnp.sum(k * dk, axis=0)  # sum_v S_{n+1} * dS_{n+1}
-
-    for a in range(1, M):  # dq~ of sub-chunk a from the blocks (a, b < a); reference: g at a's first row
-        r = g_ref[b, start + a * SUB, h, ks][None, :]
-        dA_a = jnp.where((row_sub == a) & (col_sub < a), dA, 0.0)
-        dq = dq + _decay(g - r) * _dot(dA_a, k * _decay(r - g), precision)
-    for a in range(M - 1):  # dk of sub-chunk a from the blocks (c > a, a); reference: g at a's last row
-        r = g_ref[b, start + a * SUB + SUB - 1, h, ks][None, :]
-        dAT_a = jnp.where((row_sub == a) & (col_sub > a), dAT, 0.0)
-        dk = dk + _decay(r - g) * _dot(dAT_a, q * _decay(g - r), precision)
-
-    def diagonal(jj, carry):  # dq~ row t with step j = 16 (t // 16) + jj <= t, dk row j with t = 16 (j // 16) + jj
-        dq, dk = carry
-        g_s = _sub_rows(g_ref, b, h, ks, start, jj)  # g at the paired step s (j for dq~, t for dk)
-        k_s, q_s = _sub_rows(k_ref, b, h, ks, start, jj), _sub_rows(q_ref, b, h, ks, start, jj) * scale
-        target = row_sub * SUB + jj
-        dq = dq + _pick(dA, cols, target)[:, None] * k_s * _decay(g - g_s)
-        dk = dk + _pick(dAT, cols, target)[:, None] * q_s * _decay(g_s - g)
-        return dq, dk
-
-    dq, dk = jax.lax.fori_loop(0, SUB, diagonal, (dq, dk))
+    dq = jnp.exp2(g) * dq + dq_intra_ref[b, t, h, ks]  # d(q~)
+    dk = jnp.exp2(g_last[None, :] - g) * dk
+    state_term = jnp.exp2(g_last) * state_term + jnp.sum(k * dk, axis=0)  # sum_v S_{n+1} * dS_{n+1}
+    dk = dk + dk_intra_ref[b, t, h, ks]
     dq_ref[b, t, h, ks] = (dq * scale).astype(dq_ref.dtype)
     dk_ref[b, t, h, ks] = dk.astype(dk_ref.dtype)
     dg = q * dq - k * dk
@@ -320,7 +342,7 @@ def _chunk_dqkg_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_r
 # ---------------------------------------------------------------------------------------------------- launchers
 
 
-def _params(interpret: bool, num_warps: int, num_stages: int = 1) -> dict:
+def _params(interpret: bool, num_warps: int, num_stages: int) -> dict:
     if interpret:
         return {"interpret": True}
     return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
@@ -331,9 +353,9 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else jax.lax.Precision.DEFAULT
 
 
-def _launch(kernel, name, out_shape, grid, options: Options, num_stages: int = 1, **kw):
+def _launch(kernel, name, out_shape, grid, options: Options, **kw):
     return pl.pallas_call(functools.partial(kernel, **kw), out_shape=out_shape, grid=grid,
-                          **_params(options.interpret, NUM_WARPS[name], num_stages))
+                          **_params(options.interpret, NUM_WARPS[name], NUM_STAGES.get(name, 1)))
 
 
 def _cumsum(gk, options: Options):
@@ -362,9 +384,9 @@ def _forward(q, k, v, gk, h0, options: Options):
     prec = _precision(q.dtype)
     grid, SK, SV = _state_grid(B, H, K, V, options)
     g = _cumsum(gk, options)
-    states, ht = _launch(_state_fwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
+    states, ht = _launch(_state_fwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options,
                          H=H, N=N, BK=SK, BV=SV, precision=prec)(k, v, g, h0)
-    A = _launch(_chunk_A_kernel, "A", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), v.dtype), (N, B * H), options,
+    A = _launch(_chunk_A_kernel, "A", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), v.dtype), (N * M, B * H), options,
                 H=H, BK=BK, K=K, scale=options.scale, precision=prec)(q, k, g)
     o = _launch(_chunk_o_kernel, "o", jax.ShapeDtypeStruct(v.shape, q.dtype), (N, B * H, V // BV), options,
                 H=H, BK=BK, BV=BV, K=K, scale=options.scale, precision=prec)(q, v, g, A, states)
@@ -379,16 +401,22 @@ def _backward(q, k, v, gk, A, do, states, dht, options: Options):
     prec = _precision(q.dtype)
     grid, SK, SV = _state_grid(B, H, K, V, options)
     g = _cumsum(gk, options)
-    dstates, dh0 = _launch(_state_bwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options, num_stages=2,
+    dstates, dh0 = _launch(_state_bwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options,
                            H=H, N=N, BK=SK, BV=SV, scale=options.scale, precision=prec)(q, g, do, dht)
     dv = _launch(_chunk_dv_kernel, "dv", jax.ShapeDtypeStruct(v.shape, v.dtype), (N, B * H, V // BV), options,
                  H=H, BK=BK, BV=BV, K=K, precision=prec)(k, g, A, do, dstates)
+    dA = _launch(_chunk_dA_kernel, "dA", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), f32), (N, B * H), options,
+                 H=H, BV=BV, V=V, precision=prec)(v, do)
+    dq_intra, dk_intra = _launch(
+        _chunk_dqk_intra_kernel, "intra", (jax.ShapeDtypeStruct(q.shape, f32),) * 2, (N * M, B * H, K // BK), options,
+        H=H, BK=BK, scale=options.scale, precision=prec,
+    )(q, k, g, dA)
     dq, dk, dg = _launch(
         _chunk_dqkg_kernel, "dqkg",
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
          jax.ShapeDtypeStruct(gk.shape, f32)),
         (N, B * H, K // BK), options, H=H, BK=BK, BV=BV, V=V, scale=options.scale, precision=prec,
-    )(q, k, v, g, do, states, dstates)
+    )(q, k, v, g, do, states, dstates, dq_intra, dk_intra)
     return dq, dk, dv, dg, dh0
 
 
