@@ -22,22 +22,23 @@ backward (G_{n+1} = dL/dS_{n+1}, G_N = dht)
 Kernels (N = T / C chunks; "V/BV" etc. a grid axis over column blocks, BK = `_block(K)`, BV = `_block(V)`: 64
 columns, or the whole head dim when 64 does not divide it):
 
-    forward   _wy_fwd      (N, B*H)            A, T (in 16 x 16 blocks, `_tril_inverse`), W, U; writes T (fp32), W, U
+    forward   _wy_fwd      (N, B*H)            A, T (in 16 x 16 blocks, `_tril_inverse`), W, U; writes T, W, U
               _state_fwd   (B*H, V/block_v)    the forward recurrence; writes S_n, V', the final state
               _output_fwd  (N, B*H, V/BV)      O
     backward  _dv_local    (N, B*H, V/BV)      scale triu(K Q^T) dO (fp32), the input of the reverse recurrence
-              _state_bwd   (B*H, V/block_v)    the reverse recurrence; writes G_{n+1}, dV' (fp32), dh0
-              _dqkw        (N, B*H, K/BK)      dQ, dK without the WY terms (fp32), dW
+              _state_bwd   (B*H, V/block_v)    the reverse recurrence; writes G_{n+1}, dV', dh0
+              _dqkw        (N, B*H, K/BKQ)     dQ, dK without the WY terms (fp32), dW (BKQ = `_dqkw_block(K)`)
               _wy_bwd      (N, B*H)            the WY step; writes the final dK, dV, dbeta
 
-Residuals: q, k, v, beta, T, W, S_n, V' (as FLA). With tril_inverse='trsm', or a chunk size that is not a multiple
-of 16, the forward WY step runs in XLA instead (`wy_fwd_xla`: batched products and XLA's triangular solve on the
-chunked layout; for timing against, and the fallback); every other kernel is the same.
+Residuals: q, k, v, beta, T, W, S_n, V' (FLA recomputes S_n in its backward). With tril_inverse='trsm', or a chunk
+size that is not a multiple of 16, the forward WY step runs in XLA instead (`wy_fwd_xla`: batched products and XLA's
+triangular solve on the chunked layout; for timing against, and the fallback); every other kernel is the same.
 
 Precision as FLA: matrix-product operands in the inputs' dtype (bf16 under mixed precision), fp32 accumulation
-(`preferred_element_type`), T and the running state S / its gradient G in fp32; S_n and V' are stored in the
-operand dtype. With fp32 inputs every product runs at full fp32 precision (`Precision.HIGHEST`), which is how the
-CPU tests check this path against `chunk.py` (Pallas in interpret mode).
+(`preferred_element_type`), T and the running state S / its gradient G computed in fp32; T, S_n, V', G_{n+1} and
+dV' are stored in the operand dtype (their readers use them only as product operands). With fp32 inputs every
+product runs at full fp32 precision (`Precision.HIGHEST`), which is how the CPU tests check this path against
+`chunk.py` (Pallas in interpret mode).
 """
 
 import functools
@@ -74,7 +75,7 @@ def chunk_delta_rule_pallas(
 ) -> tuple[jax.Array, jax.Array | None]:
     """`chunk_delta_rule` on the fast path; arguments as there (q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H]).
 
-    block_v: state columns per recurrence program (a power of 2 dividing V); None: min(V, 32).
+    block_v: state columns per recurrence program (a power of 2 dividing V); None: `_default_block_v`.
     tril_inverse: how T = (I + A)^{-1} is computed: 'pallas' (inside `_wy_fwd_kernel`, blockwise forward
     substitution; chunk sizes that are multiples of 16) or 'trsm' (`wy_fwd_xla`, XLA's batched triangular solve).
     Off GPU the kernels run in Pallas's interpreter (slow; for tests).
@@ -85,8 +86,8 @@ def chunk_delta_rule_pallas(
         tril_inverse = "trsm"
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if block_v is None:  # 32 measured as fast as or faster than 64 at every benchmark shape (docs/kernels-deltanet.md)
-        block_v = min(V, 32)
+    if block_v is None:
+        block_v = _default_block_v(B * H, V)
     if block_v < 16 or block_v & (block_v - 1) or V % block_v:
         raise ValueError(f"block_v must be a power of two >= 16 dividing V={V}, got {block_v}")
     if use_qk_l2norm_in_kernel:
@@ -152,7 +153,7 @@ def wy_fwd_xla(k: jax.Array, v: jax.Array, beta: jax.Array, chunk: int) -> tuple
         k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H].
 
     Returns:
-        T [B, T, H, C] fp32 (row t: the row of its chunk's T); W [B, T, H, K] and U [B, T, H, V] in k's dtype.
+        T [B, T, H, C] (row t: the row of its chunk's T), W [B, T, H, K] and U [B, T, H, V], all in k's dtype.
     """
     dt, Tp = k.dtype, k.shape[1]
     precision = jax.lax.Precision.HIGHEST if dt == F32 else None
@@ -164,7 +165,7 @@ def wy_fwd_xla(k: jax.Array, v: jax.Array, beta: jax.Array, chunk: int) -> tuple
     t_inv = jax.lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
     tc = t_inv.astype(dt)
     w, u = (mm("...ij,...jd->...id", tc, x).astype(dt) for x in (kb, vb))
-    return tuple(from_chunks(x, Tp) for x in (t_inv, w, u))
+    return tuple(from_chunks(x, Tp) for x in (tc, w, u))
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -211,7 +212,8 @@ def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: in
     """Chunk n = program_id(0), head program_id(1), in blocks of SUB rows: A_rc = strict_tril(Kb_r K_c^T),
     T = (I + A)^{-1} (`_tril_inverse`), W_r = sum_{c<=r} T_rc Kb_c, U_r = sum_{c<=r} T_rc Vb_c.
 
-    Refs: k, w [B, T, H, K]; v, u [B, T, H, V]; beta [B, T, H]; t [B, T, H, C] fp32 (row t: its chunk's T row).
+    Refs: k, w [B, T, H, K]; v, u [B, T, H, V]; beta [B, T, H]; t [B, T, H, C] (row t: its chunk's T row; T is
+    computed in fp32 and stored in k's dtype).
     """
     n, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
@@ -226,7 +228,8 @@ def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: in
     t_inv = _tril_inverse(a)
     for r in range(nb):
         for c in range(nb):
-            t_ref[b, rows[r], h, pl.ds(c * SUB, SUB)] = t_inv[r, c] if c <= r else jnp.zeros((SUB, SUB), F32)
+            t_rc = t_inv[r, c] if c <= r else jnp.zeros((SUB, SUB), F32)
+            t_ref[b, rows[r], h, pl.ds(c * SUB, SUB)] = t_rc.astype(t_ref.dtype)
     tcs = {rc: x.astype(dt) for rc, x in t_inv.items()}
     vbs = [(v_ref[b, t, h, :].astype(F32) * beta).astype(dt) for t, beta in zip(rows, betas)]
     for out_ref, xbs in ((w_ref, kbs), (u_ref, vbs)):
@@ -287,7 +290,7 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_
     """One (batch*head, block of V columns), chunks in reverse: G_{n+1} stored, dV'_n = dV_local + K_n G_{n+1},
     G_n = G_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n.
 
-    Refs: q, k, w [B, T, H, K]; do [B, T, H, V]; dv_local, dv' [B, T, H, V] fp32; dht, dh0 [B, H, K, V] fp32;
+    Refs: q, k, w [B, T, H, K]; do, dv' [B, T, H, V]; dv_local [B, T, H, V] fp32; dht, dh0 [B, H, K, V] fp32;
     dh (the G_{n+1}) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
@@ -299,10 +302,10 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_
         t = pl.ds(n * C, C)
         g = grad.astype(dh_ref.dtype)
         dh_ref[b, n, h, :, cols] = g
-        dv = dvl_ref[b, t, h, cols] + _dot(k_ref[b, t, h, :], g)
+        dv = (dvl_ref[b, t, h, cols] + _dot(k_ref[b, t, h, :], g)).astype(dv_ref.dtype)
         dv_ref[b, t, h, cols] = dv
         dq_term = _dot(q_ref[b, t, h, :], do_ref[b, t, h, cols], CONTRACT_ROWS)
-        return grad + scale * dq_term - _dot(w_ref[b, t, h, :], dv.astype(w_ref.dtype), CONTRACT_ROWS)
+        return grad + scale * dq_term - _dot(w_ref[b, t, h, :], dv, CONTRACT_ROWS)
 
     dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, n_chunks, step, dht_ref[b, h, :, cols])
 
@@ -312,8 +315,8 @@ def _dqkw_kernel(q_ref, k_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq_ref, d
     """Chunk n = program_id(0), head program_id(1), key block program_id(2): with dS = scale tril(dO V'^T),
     dQ = scale dO S_n^T + dS K,  dK = V' G_{n+1}^T + dS^T Q (before the WY terms),  dW = -dV' S_n^T.
 
-    Refs: q, k, dq, dw [B, T, H, K]; v', do [B, T, H, V]; h (S_n), dh (G_{n+1}) [B, N, H, K, V];
-    dv' [B, T, H, V] fp32; dk [B, T, H, K] fp32.
+    Refs: q, k, dq, dw [B, T, H, K]; v', do, dv' [B, T, H, V]; h (S_n), dh (G_{n+1}) [B, N, H, K, V];
+    dk [B, T, H, K] fp32.
     """
     n, bh, ks = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BK, BK)
     b, h, t = bh // H, bh % H, pl.ds(n * C, C)
@@ -324,16 +327,17 @@ def _dqkw_kernel(q_ref, k_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq_ref, d
     dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
     dk_ref[b, t, h, ks] = _dot(v_new, dh_ref[b, n, h, ks, :], CONTRACT_COLS) + _dot(dscores, q_ref[b, t, h, ks],
                                                                                     CONTRACT_ROWS)
-    dw_ref[b, t, h, ks] = (-_dot(dvn_ref[b, t, h, :].astype(dt), s, CONTRACT_COLS)).astype(dw_ref.dtype)
+    dw_ref[b, t, h, ks] = (-_dot(dvn_ref[b, t, h, :], s, CONTRACT_COLS)).astype(dw_ref.dtype)
 
 
 def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out_ref, dv_ref, dbeta_ref, *,
                    H: int, C: int, BK: int, BV: int):
     """Chunk n = program_id(0), head program_id(1): the WY step of the module docstring, over key and value
-    blocks of BK and BV columns; adds its dK terms to dk (the _dqkw part).
+    blocks of BK and BV columns; adds its dK terms to dk (the _dqkw part). Value blocks in one pass (dV needs no
+    dA), key blocks in two (dT, then dK).
 
-    Refs: k, dw [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; t [B, T, H, C] fp32; dk [B, T, H, K] fp32;
-    du (= dV') [B, T, H, V] fp32. Outputs dk_out [B, T, H, K], dv [B, T, H, V], dbeta [B, T, H] fp32.
+    Refs: k, dw [B, T, H, K]; v, du (= dV') [B, T, H, V]; beta [B, T, H]; t [B, T, H, C]; dk [B, T, H, K] fp32.
+    Outputs dk_out [B, T, H, K], dv [B, T, H, V], dbeta [B, T, H] fp32.
     """
     n, bh = pl.program_id(0), pl.program_id(1)
     b, h, t = bh // H, bh % H, pl.ds(n * C, C)
@@ -341,7 +345,7 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out
     key_blocks = [pl.ds(i * BK, BK) for i in range(K // BK)]
     value_blocks = [pl.ds(i * BV, BV) for i in range(V // BV)]
     beta = beta_ref[b, t, h].astype(F32)[:, None]  # [C, 1]
-    tc = t_ref[b, t, h, :].astype(dt)
+    tc = t_ref[b, t, h, :]
 
     def load(ref, cols):  # (x, diag(beta) x in the operand dtype)
         x = ref[b, t, h, cols]
@@ -350,21 +354,22 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out
     dt_inv = jnp.zeros((C, C), F32)  # dT = dW Kb^T + dU Vb^T
     for cols in key_blocks:
         dt_inv = dt_inv + _dot(dw_ref[b, t, h, cols], load(k_ref, cols)[1], CONTRACT_COLS)
-    for cols in value_blocks:
-        dt_inv = dt_inv + _dot(du_ref[b, t, h, cols].astype(dt), load(v_ref, cols)[1], CONTRACT_COLS)
+    dbeta = jnp.zeros((C,), F32)
+    for cols in value_blocks:  # dV needs no dA: one pass
+        v, vb = load(v_ref, cols)
+        du = du_ref[b, t, h, cols]
+        dt_inv = dt_inv + _dot(du, vb, CONTRACT_COLS)
+        dvb = _dot(tc, du, CONTRACT_ROWS)  # T^T dU
+        dv_ref[b, t, h, cols] = (dvb * beta).astype(dv_ref.dtype)
+        dbeta = dbeta + jnp.sum(dvb * v.astype(F32), axis=1)
     x = _dot(dt_inv.astype(dt), tc, CONTRACT_COLS)  # dT T^T
     da = jnp.where(_tril_mask(C, -1), -_dot(tc, x.astype(dt), CONTRACT_ROWS), 0.0).astype(dt)
-    dbeta = jnp.zeros((C,), F32)
     for cols in key_blocks:
         k, kb = load(k_ref, cols)
         dkb = _dot(tc, dw_ref[b, t, h, cols], CONTRACT_ROWS) + _dot(da, k)  # T^T dW + dA K
         dk = dk_ref[b, t, h, cols] + _dot(da, kb, CONTRACT_ROWS) + dkb * beta
         dk_out_ref[b, t, h, cols] = dk.astype(dk_out_ref.dtype)
         dbeta = dbeta + jnp.sum(dkb * k.astype(F32), axis=1)
-    for cols in value_blocks:
-        dvb = _dot(tc, du_ref[b, t, h, cols].astype(dt), CONTRACT_ROWS)  # T^T dU
-        dv_ref[b, t, h, cols] = (dvb * beta).astype(dv_ref.dtype)
-        dbeta = dbeta + jnp.sum(dvb * v_ref[b, t, h, cols].astype(F32), axis=1)
     dbeta_ref[b, t, h] = dbeta
 
 
@@ -376,16 +381,36 @@ def _block(d: int) -> int:
     return BLOCK if d % BLOCK == 0 else d
 
 
+def _dqkw_block(K: int) -> int:
+    """Key columns per `_dqkw` program: all of K up to 2 * BLOCK (every program reads all of dO, V', dV' and computes
+    dS again, so fewer programs do less; K = 128: 0.327 -> 0.273 ms at B1 T16384 H16, session 7), else `_block`."""
+    return K if K <= 2 * BLOCK else _block(K)
+
+
 # num_warps of the per-chunk kernels, from a one-kernel-at-a-time sweep of 2 / 4 / 8 on an H200 (session 6, fwd+bwd
 # at B8 T1024 H12 D64 and B1 T16384 H16 D128): _wy_fwd 2 (-15% / -6% of the op against 4); _dqkw and _wy_bwd 4 at
 # both head dims (8 at D = 128 cost +3% / +7%); the other kernels within 1% of each other.
 WARPS = {"wy_fwd": 2, "output_fwd": 4, "dv_local": 4, "dqkw": 4, "wy_bwd": 4}
 
 
-def _call(kernel, grid, out_shape, options: Options, num_warps: int, *args, **static):
+# num_stages (Triton's software pipelining of the loop's loads) of the recurrences, from a sweep of 1-4 on an H200
+# (session 7, B1 T16384 H16 D128, kernel alone): _state_fwd 0.75 / 0.37 / 0.29 / 0.27 ms at block_v 32 (0.23 / 0.21
+# at 3 / 4 with block_v 16), _state_bwd 0.90 / 0.67 / 0.60 / 0.60 ms (block_v 16: 0.55 / 0.57 at 3 / 4). The
+# per-chunk kernels have no loop.
+STAGES = {"state_fwd": 4, "state_bwd": 3}
+SMS = 132  # multiprocessors of an H100 / H200 (`_default_block_v`)
+
+
+def _default_block_v(heads: int, V: int) -> int:
+    """State columns per recurrence program: 32, or 16 where 32 leaves multiprocessors idle (heads * V / 32 programs
+    under SMS; B1 T16384 H16 D128: _state_fwd 0.27 -> 0.21 ms, _state_bwd 0.60 -> 0.55 ms at 16)."""
+    return min(V, 32 if heads * V // 32 >= SMS else 16)
+
+
+def _call(kernel, grid, out_shape, options: Options, num_warps: int, *args, num_stages: int = 2, **static):
     return pl.pallas_call(
         functools.partial(kernel, **static), out_shape=out_shape, grid=grid, interpret=options.interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )(*args)
 
 
@@ -399,11 +424,11 @@ def wy_fwd_pallas(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options)
     """T, W, U of every chunk (`_wy_fwd_kernel`). k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H].
 
     Returns:
-        T [B, T, H, C] fp32; W [B, T, H, K] and U [B, T, H, V] in k's dtype.
+        T [B, T, H, C], W [B, T, H, K] and U [B, T, H, V], all in k's dtype.
     """
     B, Tp, H, K = k.shape
     C = options.chunk
-    out_shape = (_like(k, F32, C), _like(k), _like(v, k.dtype))
+    out_shape = (_like(k, None, C), _like(k), _like(v, k.dtype))
     return _call(_wy_fwd_kernel, (Tp // C, B * H), out_shape, options, WARPS["wy_fwd"], k, v, beta, H=H, C=C)
 
 
@@ -417,7 +442,7 @@ def state_fwd(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: 
     V, N, bv = u.shape[-1], Tp // options.chunk, options.block_v
     out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype), _like(u, k.dtype), _like(h0))
     return _call(_state_fwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
-                 k, w, u, h0, H=H, C=options.chunk, block_v=bv)
+                 k, w, u, h0, num_stages=STAGES["state_fwd"], H=H, C=options.chunk, block_v=bv)
 
 
 def output_fwd(q: jax.Array, k: jax.Array, states: jax.Array, v_new: jax.Array, options: Options) -> jax.Array:
@@ -442,24 +467,25 @@ def state_bwd(q, k, w, do, dv_local, dht, options: Options):
     """Backward recurrence. q, k, w: [B, T, H, K]; do: [B, T, H, V]; dv_local: same, fp32; dht: [B, H, K, V] fp32.
 
     Returns:
-        G_{n+1} [B, N, H, K, V] in q's dtype; dV' [B, T, H, V] fp32; dh0 = G_0 [B, H, K, V] fp32.
+        G_{n+1} [B, N, H, K, V] and dV' [B, T, H, V] in q's dtype; dh0 = G_0 [B, H, K, V] fp32.
     """
     B, Tp, H, K = k.shape
     V, N, bv = do.shape[-1], Tp // options.chunk, options.block_v
-    out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), q.dtype), _like(dv_local), _like(dht))
+    out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), q.dtype), _like(dv_local, q.dtype), _like(dht))
     return _call(_state_bwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
-                 q, k, w, do, dv_local, dht, H=H, C=options.chunk, block_v=bv, scale=options.scale)
+                 q, k, w, do, dv_local, dht, num_stages=STAGES["state_bwd"], H=H, C=options.chunk, block_v=bv,
+                 scale=options.scale)
 
 
 def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options):
-    """dQ, dK (before the WY terms, fp32) and dW (`_dqkw_kernel`). q, k: [B, T, H, K]; v', do: [B, T, H, V];
-    states, dstates: [B, N, H, K, V]; dv': [B, T, H, V] fp32.
+    """dQ, dK (before the WY terms, fp32) and dW (`_dqkw_kernel`). q, k: [B, T, H, K]; v', do, dv': [B, T, H, V];
+    states, dstates: [B, N, H, K, V].
 
     Returns:
         dq [B, T, H, K] in q's dtype, dk [B, T, H, K] fp32, dw [B, T, H, K] in q's dtype.
     """
     B, Tp, H, K = q.shape
-    BK = _block(K)
+    BK = _dqkw_block(K)
     out_shape = (_like(q), _like(k, F32), _like(q))
     return _call(_dqkw_kernel, (Tp // options.chunk, B * H, K // BK), out_shape, options, WARPS["dqkw"],
                  q, k, v_new, do, states, dstates, dv_new, H=H, C=options.chunk, BK=BK, scale=options.scale)
@@ -467,7 +493,7 @@ def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options):
 
 def wy_bwd(k, v, beta, t_inv, dk, dw, du, options: Options):
     """The WY step backward (`_wy_bwd_kernel`). k, dw: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H];
-    t_inv: [B, T, H, C] fp32; dk (the _dqkw part): [B, T, H, K] fp32; du = dV': [B, T, H, V] fp32.
+    t_inv: [B, T, H, C]; dk (the _dqkw part): [B, T, H, K] fp32; du = dV': [B, T, H, V]; t_inv, dw, du in k's dtype.
 
     Returns:
         dk [B, T, H, K] in k's dtype, dv [B, T, H, V] in v's dtype, dbeta [B, T, H] fp32.
