@@ -4,7 +4,7 @@ import jax
 from flax import nnx
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.layers.block import BLOCKS
+from jaxgpt.layers.block import BLOCKS, LayerNorm
 from jaxgpt.layers.common import compute_dtype
 from jaxgpt.layers.embedding import EMBEDDINGS
 from jaxgpt.losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
@@ -22,13 +22,21 @@ class GPT(nnx.Module):
 
     def __call__(self, idx: jax.Array) -> jax.Array:
         """idx [B, T] int -> logits [B, T, V] in the compute dtype."""
-        x = self.embedding(idx)
+        # The residual stream is x + r: r is the last MLP output, added by the next layer norm's kernel when the
+        # next block fuses it (Block.fused), else added here first.
+        x, r = self.embedding(idx), None
         for i, block in enumerate(self.h):
             ve = self.embedding.value_embed(i, idx)
             if ve is not None:
-                x = x + ve
-            x = block(x)
-        x = self.ln_f(x)
+                x, r = _settle(x, r) + ve, None
+            if getattr(block, "fuses_residual", False):
+                x, r = block.fused(x, r)
+            else:
+                x, r = block(_settle(x, r)), None
+        if isinstance(self.ln_f, LayerNorm):
+            x = self.ln_f.add(x, r, residual_out=False)[1]
+        else:
+            x = self.ln_f(_settle(x, r))
         dtype = compute_dtype(self.cfg)
         logits = x.astype(dtype) @ self.embedding.lm_head_weight().astype(dtype).T
         transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
@@ -38,6 +46,11 @@ class GPT(nnx.Module):
         """Training loss of the loss axis (train=True) or plain cross-entropy (evaluation)."""
         logits = self(idx)
         return LOSSES[self.cfg.loss](logits, targets) if train else cross_entropy(logits, targets)
+
+
+def _settle(x: jax.Array, r: jax.Array | None) -> jax.Array:
+    """The residual stream x + r as one array (r None: x)."""
+    return x if r is None else x + r
 
 
 def num_params(model: GPT, exclude_pos: bool = True) -> int:

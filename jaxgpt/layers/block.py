@@ -15,7 +15,7 @@ from flax import nnx
 from jaxgpt.config import ModelConfig
 from jaxgpt.layers.common import compute_dtype, linear, proj_std
 from jaxgpt.layers.mixers import MIXERS
-from jaxgpt.ops.layernorm import add_layer_norm, scaled_normalize  # noqa: F401 (scaled_normalize: re-exported)
+from jaxgpt.ops.layernorm import add_layer_norm
 
 NormFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 
@@ -110,12 +110,24 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if isinstance(self.ln_2, LayerNorm):  # the same, with the attention branch's residual add inside ln_2
-            x, h = self.ln_1.add(x, None)
-            x, h = self.ln_2.add(x, self.attn(h))
-            return x + self.mlp(h)
+        if self.fuses_residual:
+            x, r = self.fused(x, None)
+            return x + r
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    @property
+    def fuses_residual(self) -> bool:
+        """Whether `fused` applies: this class (not a subclass with its own __call__) with layer norms."""
+        return type(self) is Block and isinstance(self.ln_1, LayerNorm)
+
+    def fused(self, x: jax.Array, r: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """The block on the residual stream x + r, r a branch output still to be added (None: nothing pending)
+        -> (x', r') with x' + r' the block's output. ln_1 adds r, ln_2 the attention output, inside the norms'
+        kernels; the MLP output r' is left for the next norm to add (`GPT.__call__`).   x, r [B, T, C]."""
+        x, h = self.ln_1.add(x, r)
+        x, h = self.ln_2.add(x, self.attn(h))
+        return x, self.mlp(h)
 
 
 class ParallelBlock(nnx.Module):
