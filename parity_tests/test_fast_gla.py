@@ -142,8 +142,9 @@ def test_pallas_rejects_unsupported_options(monkeypatch):
         chunk_gla_pallas(x, x, x, x)
 
 
-KERNELS = ("_chunk_cumsum_kernel", "_state_fwd_kernel", "_chunk_A_kernel", "_chunk_o_kernel", "_state_bwd_kernel",
-           "_chunk_dv_kernel", "_chunk_dA_kernel", "_chunk_dqk_intra_kernel", "_chunk_dqkg_kernel")
+KERNELS = ("_chunk_cumsum_kernel", "_state_fwd_kernel", "_chunk_A_off_kernel", "_chunk_A_diag_kernel",
+           "_chunk_o_kernel", "_state_bwd_kernel", "_chunk_dv_kernel", "_chunk_dA_kernel", "_chunk_dqk_intra_kernel",
+           "_chunk_dqkg_kernel")
 
 
 @pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),
@@ -164,7 +165,7 @@ def test_lowers_to_triton(K, V, state_block):
     module = exported.mlir_module()
     missing = [name for name in KERNELS if f'name = "{name}"' not in module]
     assert not missing, f"kernels that did not lower to a Triton call: {missing}"
-    assert module.count(triton) >= len(KERNELS) + 1  # the gate cumsum runs in the forward and the backward
+    assert module.count(triton) >= len(KERNELS)  # each once (the backward reads the forward's gate cumsum)
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -2,14 +2,15 @@
 
 Same math and API as `jaxgpt.ops.gla.chunk.chunk_gla` (FLA layout [B, T, H, D], 64-step chunks, exact pairwise
 gating inside 16-step sub-chunks). The kernels are structured as FLA's `chunk_gla`: 64-row products for the
-chunk-level work, 16-row programs (one per sub-chunk) for the intra-chunk scores and their gradients, one job per
-kernel, and nothing [.., S, S, K]-sized in memory.
+chunk-level work, 16-row programs (one per sub-chunk, or per off-diagonal sub-block of A) for the intra-chunk
+scores and their gradients, one job per kernel, and nothing [.., S, S, K]-sized in memory.
 
 Notation, per chunk n of C = 64 steps and key dimension: g = the chunk-local cumsum of the log-gates gk, in log2
 units (log2(e) gk summed, fp32), so that every gate factor e^{x} is one exp2 2^{x / ln 2} (written e^{.} below, in
-natural units); g is written once per pass by _chunk_cumsum, first, so that every kernel, the state kernels
-included, reads the same values and no kernel scans inside its loop. g_last = g's last row in the chunk (read as a
-row of g, so g_last - g is exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4 at
+natural units); g is written once, by _chunk_cumsum first in the forward, and kept as a residual for the backward
+(fp32 [B, Tp, H, K], in gk's place: gk is cast to fp32 outside the custom_vjp), so that every kernel, the state
+kernels included, reads the same values and no kernel scans inside its loop. g_last = g's last row in the chunk
+(read as a row of g, so g_last - g is exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4 at
 |g| ~ 1e3, and that error scaled the newest, dominant term of a strongly gated state), q~ = scale * q, S_n the state
 entering chunk n (S_0 = h0) and dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
 
@@ -17,19 +18,20 @@ forward
     _chunk_cumsum     grid (N, B*H)             g
     _state_fwd        grid (B*H, K/SK, V/SV),   S_{n+1} = diag(e^{g_last}) S_n + (k e^{g_last - g})^T v
                       sequential over chunks    writes S_n (fp32 [B, N, H, K, V]) and the final state
-    _chunk_A          grid (N*M, B*H)           rows [16, C] of A[t, j] = sum_k q~_tk k_jk e^{g_tk - g_jk} (j <= t,
-                                                else 0) per sub-chunk, stored in v's dtype (a residual for the
-                                                backward)
-    _chunk_o          grid (N, B*H, V/BV)       o = (q~ e^{g}) S_n + A v
-backward (g again from _chunk_cumsum, first, instead of a residual)
-    _chunk_cumsum     grid (N, B*H)             g
+    _chunk_A_off      grid (N*6, B*H)           A[t, j] = sum_k q~_tk k_jk e^{g_tk - g_jk} (j <= t, else 0), in v's
+    _chunk_A_diag     grid (N*M, B*H)           dtype (a residual for the backward), in 16 x 16 sub-blocks: the 6
+                                                off-diagonal ones per chunk (one program each), then the diagonal
+                                                ones and the zeros right of them (one program per sub-chunk, into
+                                                the same buffer: input_output_aliases)
+    _chunk_o          grid (V/BV, N, B*H)       o = (q~ e^{g}) S_n + A v
+backward (g: the forward's)
     _state_bwd        grid (B*H, K/SK, V/SV),   dS_n = diag(e^{g_last}) dS_{n+1} + (q~ e^{g})^T do
                       reverse over chunks       writes dS_{n+1} (fp32) and dh0 = dS_0
-    _chunk_dv         grid (N, B*H, V/BV)       dv = A^T do + (k e^{g_last - g}) dS_{n+1}
+    _chunk_dv         grid (V/BV, N, B*H)       dv = A^T do + (k e^{g_last - g}) dS_{n+1}
     _chunk_dA         grid (N, B*H)             dA = do v^T (j <= t, else 0), fp32 [B, Tp, H, C]
     _chunk_dqk_intra  grid (N*M, B*H, K/BK)     per sub-chunk, fp32: dq~_intra = [sum_j dA_tj k_j e^{g_t - g_j}],
                                                 dk_intra = [sum_t dA_tj q~_t e^{g_t - g_j}]
-    _chunk_dqkg       grid (N, B*H, K/BK)       dq~ = e^{g} (do S_n^T) + dq~_intra
+    _chunk_dqkg       grid (K/BK, N, B*H)       dq~ = e^{g} (do S_n^T) + dq~_intra
                                                 dk  = e^{g_last - g} (v dS_{n+1}^T) + dk_intra
                                                 dgk = reverse cumsum over the chunk of (q~ dq~ - k dk)
                                                       + e^{g_last} sum_v (S_n * dS_{n+1})
@@ -40,28 +42,30 @@ whose last term is written with S_n as FLA does (the last two terms of dgk above
 
 Stability, the reference-row trick: gk <= 0, so g falls along the chunk and e^{g_t - g_j} <= 1 for j <= t, but a
 factorisation e^{g_t} e^{-g_j} over the whole chunk would overflow for strong gates (-20 per step: |g| ~ 1e3). The
-bracketed intra-chunk sums (and A) are therefore built from the 16 x 16 sub-blocks (i, j) of the chunk, in the
-program of sub-chunk i (M = 4 per chunk, 16 rows each):
+bracketed intra-chunk sums (and A) are therefore built from the 16 x 16 sub-blocks (i, j) of the chunk (M = 4
+sub-chunks of 16 rows per chunk), in the program of sub-chunk i (of the pair (i, j) in _chunk_A_off):
   * off-diagonal blocks as products through a reference row r between the two sub-chunks, so that both factors
     are <= 1 for any gate strength. For A and dq~ (blocks (i, j < i)), r = g at i's first row:
         A_ij = (q~_i e^{g_i - r}) (k_j e^{r - g_j})^T,      dq~_i += e^{g_i - r} sum_{j < i} dA_ij (k_j e^{r - g_j});
-    A's row block is one [16, BK] x [BK, 64] product against the whole chunk's k, with the exponent clamped at 0
-    (`_decay`) at columns j >= i (masked out, so nothing overflows); dq~ is a loop over j < i of [16, 16] x
-    [16, BK] products. For dk (blocks (j > i, i)), r = g at i's last row:
+    A_ij is one [16, BK] x [BK, 16] product per key block; dq~ is a loop over j < i of [16, 16] x [16, BK]
+    products. For dk (blocks (j > i, i)), r = g at i's last row:
         dk_i += e^{r - g_i} sum_{j > i} dA_ji^T (q~_j e^{g_j - r}).
   * diagonal blocks by a loop over the 16 steps s of the sub-chunk (as FLA's intra kernels), each reading s's k /
     q / g rows and dA's column s (for dq~) / row s (for dk) from memory: per step one [16, BK] decay. In
     _chunk_dqk_intra it is e^{-|g_t - g_s|}, which is e^{g_t - g_s} at the rows t >= s that dq~ takes and
-    e^{g_s - g_t} at the rows t <= s that dk takes (dA is zero elsewhere), so one exp2 serves both; in _chunk_A
-    column s is the row sum of q~ k_s e^{min(g - g_s, 0)}, stored straight to A (rows t < s zeroed), and the row
-    block's store skips i's own columns.
+    e^{g_s - g_t} at the rows t <= s that dk takes (dA is zero elsewhere), so one exp2 serves both; in
+    _chunk_A_diag column s is the row sum of q~ k_s e^{min(g - g_s, 0)} (clamped at 0, `_decay`, where rows t < s
+    would overflow), stored straight to A with rows t < s zeroed.
 The inter-chunk factors e^{g}, e^{g_last - g}, e^{g_last} are <= 1 as they stand.
 
-Tiles: key blocks of BK = min(K, BLOCK_K) columns (a loop inside _chunk_A / _chunk_o / _chunk_dv, the grid axis of
-_chunk_dqk_intra / _chunk_dqkg), value blocks of BV = min(V, BLOCK_V) (the grid axis of _chunk_o / _chunk_dv, a
-loop in _chunk_dA / _chunk_dqkg). The state kernels split each head's [K, V] state into SK x SV tiles, SK = min(K,
-state_block), SV = min(V, state_block), one program per tile; `state_block` None picks 64, or 32 when 64 x 64 tiles
-give fewer programs than the GPU has SMs (SM_COUNT). Warps and pipelining stages per kernel: NUM_WARPS, NUM_STAGES.
+Tiles: key blocks of BK = min(K, BLOCK_K) columns (a loop inside _chunk_A_off / _chunk_A_diag / _chunk_o /
+_chunk_dv, a grid axis of _chunk_dqk_intra / _chunk_dqkg), value blocks of BV = min(V, BLOCK_V) (a grid axis of
+_chunk_o / _chunk_dv, a loop in _chunk_dA / _chunk_dqkg). Where the block is a grid axis of a chunk-level kernel
+(_chunk_o, _chunk_dv, _chunk_dqkg) it is axis 0, the fastest-varying: a chunk's blocks run as adjacent programs, so
+the rows they all read (q and g; k and g; do and v) come from L2 after the first. The state kernels split each
+head's [K, V] state into SK x SV tiles, SK = min(K, state_block), SV = min(V, state_block), one program per tile;
+`state_block` None picks 64, or 32 when 64 x 64 tiles give fewer programs than the GPU has SMs (SM_COUNT).
+Warps and pipelining stages per kernel: NUM_WARPS, NUM_STAGES.
 
 Padding: the kernels take head dims that are powers of two from 16 (Triton tiles) and T a multiple of 64. Any K, V
 in [1, 256] is zero-padded to the next one, K' and V', and T to a multiple of 64, outside the custom_vjp (q, k, gk
@@ -70,9 +74,13 @@ Padded key columns have q = k = 0 and gate 0 (no decay), padded value columns v 
 zero log-gates (the state passes through unchanged), so they add nothing to the real outputs; their gradients are
 dropped by the slice's transpose (the pad).
 
-Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32; A v and A^T do take A in v's
-dtype, do v^T takes do and v as they are; the other products take fp32 operands, at `_precision` (TF32 on the GPU
-for bf16 / fp16 inputs, Precision.HIGHEST for fp32 inputs, which then covers the A v products too).
+Precision follows FLA: inputs in their dtype, gates, states and accumulators fp32, products accumulated in fp32 at
+`_precision` (Precision.DEFAULT for bf16 / fp16 inputs, HIGHEST for fp32 inputs). The products with a chunk's state
+or state gradient outside the forward recurrence, (q e^{g}) S_n in _chunk_o, (q~ e^{g})^T do in _state_bwd,
+(k e^{g_last - g}) dS_{n+1} in _chunk_dv, do S_n^T and v dS_{n+1}^T in _chunk_dqkg, take both operands in the
+inputs' dtype (the fp32 factors cast), as FLA's; so do A v and A^T do (A is stored in v's dtype) and do v^T. The
+rest (_state_fwd's (k e^{g_last - g})^T v, A's and the intra-chunk gradients' sub-block products) take fp32
+operands: TF32 on the GPU for bf16 / fp16 inputs.
 """
 
 import functools
@@ -90,10 +98,12 @@ SUB = 16  # steps per sub-chunk (pairwise gating inside)
 M = CHUNK // SUB  # sub-chunks per chunk
 BLOCK_K = 64  # key columns per block (a grid axis of _chunk_dqk_intra / _chunk_dqkg, a loop elsewhere); >= 16
 BLOCK_V = 64  # value columns per block (a grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dA / _chunk_dqkg)
+PAIRS = M * (M - 1) // 2  # off-diagonal sub-blocks (i, j < i) per chunk
 # Warps and Triton pipelining depth per kernel (stages 1 where not named), from H200 sweeps at the three bench shapes
-# (session 7, docs/kernels.md): A at 1 warp -10% (op3) to -25% (op1) against 2, 4 slower; intra 2 or 8 slower than
-# 4; dqkg 2 14x slower, 8 +45%; stages 3 -10% on intra and -5% on the state kernels, nothing elsewhere.
-NUM_WARPS = {"state": 4, "cumsum": 4, "A": 1, "o": 4, "dv": 4, "dA": 4, "intra": 4, "dqkg": 4}
+# (session 7, docs/kernels.md): A's off-diagonal kernel at 1 warp (2: +45%, 4: +140% at op3), its diagonal kernel at
+# 4 (1: +55%, 2: +40% at op3; 4 is +5-10% at op1 / op2); intra 2 or 8 slower than 4; dqkg 2 14x slower, 8 +45%; stages
+# 3 -10% on intra and -5% on the state kernels, nothing elsewhere.
+NUM_WARPS = {"state": 4, "cumsum": 4, "A_off": 1, "A_diag": 4, "o": 4, "dv": 4, "dA": 4, "intra": 4, "dqkg": 4}
 NUM_STAGES = {"state": 3, "intra": 3}
 MAX_HEAD_DIM = 256
 SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the state-tile heuristic fills them
@@ -151,6 +161,18 @@ def _decay(x: jax.Array) -> jax.Array:
     return jnp.exp2(jnp.minimum(x, 0.0))
 
 
+def _pair(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sub-block (i, j) of off-diagonal pair p in [0, PAIRS): (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2)."""
+    i = 1 + (p >= 1).astype(jnp.int32) + (p >= 3).astype(jnp.int32)
+    return i, p - i * (i - 1) // 2
+
+
+def _block_major_ids() -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(chunk, b * H + h, block) of a program on a grid (blocks, N, B*H): the blocks of one chunk are adjacent
+    programs, so the second block's reads of the rows they share (q and g, or k, do and v) come from L2."""
+    return pl.program_id(1), pl.program_id(2), pl.program_id(0)
+
+
 def _add(total: jax.Array | None, x: jax.Array) -> jax.Array:
     """total + x for a sum over blocks (None: nothing yet, so one block gives x itself)."""
     return x if total is None else total + x
@@ -196,29 +218,41 @@ def _state_bwd_kernel(q_ref, g_ref, do_ref, dht_ref, dstates_ref, dh0_ref, *, H,
         t = pl.ds(n * CHUNK, CHUNK)
         g_last = g_ref[b, n * CHUNK + CHUNK - 1, h, ks]
         q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp2(g_ref[b, t, h, ks]))
-        return dstate * jnp.exp2(g_last)[:, None] + _dot(q, do_ref[b, t, h, vs].astype(f32), precision, trans_a=True)
+        do = do_ref[b, t, h, vs]
+        return dstate * jnp.exp2(g_last)[:, None] + _dot(q.astype(do.dtype), do, precision, trans_a=True)
 
     dh0_ref[b, h, ks, vs] = jax.lax.fori_loop(0, N, step, dht_ref[b, h, ks, vs])
 
 
-def _chunk_A_kernel(q_ref, k_ref, g_ref, A_ref, *, H, BK, K, scale, precision):
-    """Rows [SUB, C] of A (scale included, zero above the diagonal): sub-chunk i = program_id(0) % M of chunk
-    program_id(0) // M, head program_id(1)."""
+def _chunk_A_off_kernel(q_ref, k_ref, g_ref, A_ref, *, H, BK, K, scale, precision):
+    """Off-diagonal block (i, j < i) [SUB, SUB] of A (scale included): pair program_id(0) % PAIRS (`_pair`) of chunk
+    program_id(0) // PAIRS, head program_id(1); reference row r = g at i's first row."""
+    c, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // H, bh % H
+    start = (c // PAIRS) * CHUNK
+    i, j = _pair(c % PAIRS)
+    first = start + i * SUB
+    t, s = pl.ds(first, SUB), pl.ds(start + j * SUB, SUB)
+    A = None
+    for ks in _blocks(K, BK):
+        r = g_ref[b, first, h, ks][None, :]
+        q = q_ref[b, t, h, ks].astype(f32) * (scale * jnp.exp2(g_ref[b, t, h, ks] - r))
+        k = k_ref[b, s, h, ks].astype(f32) * jnp.exp2(r - g_ref[b, s, h, ks])
+        A = _add(A, _dot(q, k, precision, trans_b=True))
+    A_ref[b, t, h, pl.ds(j * SUB, SUB)] = A.astype(A_ref.dtype)
+
+
+def _chunk_A_diag_kernel(q_ref, k_ref, g_ref, _, A_ref, *, H, BK, K, scale):
+    """Diagonal block (i, i) of A and zeros right of it, rows [SUB, C] of sub-chunk i = program_id(0) % M of chunk
+    program_id(0) // M, head program_id(1); A_ref aliases the 4th input, whose blocks j < i `_chunk_A_off` wrote."""
     c, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
     start, i = (c // M) * CHUNK, c % M
     first = start + i * SUB
-    t, chunk = pl.ds(first, SUB), pl.ds(start, CHUNK)
+    t = pl.ds(first, SUB)
     cols = _iota((SUB, CHUNK), 1)
-    A, blocks = None, []
-    for ks in _blocks(K, BK):  # blocks (i, j < i) in one product, reference: g at i's first row
-        q, g = q_ref[b, t, h, ks].astype(f32) * scale, g_ref[b, t, h, ks]
-        r = g_ref[b, first, h, ks][None, :]
-        k = k_ref[b, chunk, h, ks].astype(f32) * _decay(r - g_ref[b, chunk, h, ks])  # clamped at j >= first
-        A = _add(A, _dot(q * jnp.exp2(g - r), k, precision, trans_b=True))
-        blocks.append((q, g, ks))
-    # blocks j < i, and zeros right of i's own block (which the step loop writes, column by column)
-    plgpu.store(A_ref.at[b, t, h, :], jnp.where(cols < i * SUB, A, 0.0).astype(A_ref.dtype), mask=cols // SUB != i)
+    plgpu.store(A_ref.at[b, t, h, :], jnp.zeros((SUB, CHUNK), A_ref.dtype), mask=cols >= (i + 1) * SUB)
+    blocks = [(q_ref[b, t, h, ks].astype(f32) * scale, g_ref[b, t, h, ks], ks) for ks in _blocks(K, BK)]
     row = _iota((SUB,), 0)
 
     def diagonal(jj, _):  # column first + jj: rows t >= first + jj
@@ -231,28 +265,30 @@ def _chunk_A_kernel(q_ref, k_ref, g_ref, A_ref, *, H, BK, K, scale, precision):
 
 
 def _chunk_o_kernel(q_ref, v_ref, g_ref, A_ref, states_ref, o_ref, *, H, BK, BV, K, scale, precision):
-    """o [C, BV] of chunk program_id(0), head program_id(1), value block program_id(2)."""
-    n, bh, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    """o [C, BV] of chunk program_id(1), head program_id(2), value block program_id(0)."""
+    n, bh, iv = _block_major_ids()
     b, h = bh // H, bh % H
     t, vs = pl.ds(n * CHUNK, CHUNK), pl.ds(iv * BV, BV)
-    o = _dot(A_ref[b, t, h, :], v_ref[b, t, h, vs], precision)
+    o, dt = None, q_ref.dtype
     for ks in _blocks(K, BK):
-        q = q_ref[b, t, h, ks].astype(f32) * scale
-        o = o + _dot(q * jnp.exp2(g_ref[b, t, h, ks]), states_ref[b, n, h, ks, vs], precision)
+        q = q_ref[b, t, h, ks].astype(f32) * jnp.exp2(g_ref[b, t, h, ks])
+        o = _add(o, _dot(q.astype(dt), states_ref[b, n, h, ks, vs].astype(dt), precision))
+    o = o * scale + _dot(A_ref[b, t, h, :], v_ref[b, t, h, vs], precision)
     o_ref[b, t, h, vs] = o.astype(o_ref.dtype)
 
 
 def _chunk_dv_kernel(k_ref, g_ref, A_ref, do_ref, dstates_ref, dv_ref, *, H, BK, BV, K, precision):
-    """dv [C, BV] of chunk program_id(0), head program_id(1), value block program_id(2)."""
-    n, bh, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    """dv [C, BV] of chunk program_id(1), head program_id(2), value block program_id(0)."""
+    n, bh, iv = _block_major_ids()
     b, h = bh // H, bh % H
     start = n * CHUNK
     t, vs = pl.ds(start, CHUNK), pl.ds(iv * BV, BV)
     dv = _dot(A_ref[b, t, h, :], do_ref[b, t, h, vs], precision, trans_a=True)
+    dt = k_ref.dtype
     for ks in _blocks(K, BK):
         g_last = g_ref[b, start + CHUNK - 1, h, ks][None, :]
         k = k_ref[b, t, h, ks].astype(f32) * jnp.exp2(g_last - g_ref[b, t, h, ks])
-        dv = dv + _dot(k, dstates_ref[b, n, h, ks, vs], precision)
+        dv = dv + _dot(k.astype(dt), dstates_ref[b, n, h, ks, vs].astype(dt), precision)
     dv_ref[b, t, h, vs] = dv.astype(dv_ref.dtype)
 
 
@@ -311,18 +347,19 @@ def _chunk_dqk_intra_kernel(q_ref, k_ref, g_ref, dA_ref, dq_ref, dk_ref, *, H, B
 
 def _chunk_dqkg_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dstates_ref, dq_intra_ref, dk_intra_ref,
                        dq_ref, dk_ref, dg_ref, *, H, BK, BV, V, scale, precision):
-    """dq, dk, dgk [C, BK] of chunk program_id(0), head program_id(1), key block program_id(2): the inter-chunk
+    """dq, dk, dgk [C, BK] of chunk program_id(1), head program_id(2), key block program_id(0): the inter-chunk
     terms plus the intra parts (`_chunk_dqk_intra`)."""
-    n, bh, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n, bh, ik = _block_major_ids()
     b, h = bh // H, bh % H
     start = n * CHUNK
     t, ks = pl.ds(start, CHUNK), pl.ds(ik * BK, BK)
 
     dq = dk = state_term = None  # the value-sized work, in value blocks
+    dt = do_ref.dtype
     for vs in _blocks(V, BV):
         state, dstate = states_ref[b, n, h, ks, vs], dstates_ref[b, n, h, ks, vs]
-        dq = _add(dq, _dot(do_ref[b, t, h, vs].astype(f32), state, precision, trans_b=True))
-        dk = _add(dk, _dot(v_ref[b, t, h, vs].astype(f32), dstate, precision, trans_b=True))
+        dq = _add(dq, _dot(do_ref[b, t, h, vs], state.astype(dt), precision, trans_b=True))
+        dk = _add(dk, _dot(v_ref[b, t, h, vs], dstate.astype(dt), precision, trans_b=True))
         state_term = _add(state_term, jnp.sum(state * dstate, axis=1))
 
     q = q_ref[b, t, h, ks].astype(f32) * scale
@@ -353,8 +390,9 @@ def _precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else jax.lax.Precision.DEFAULT
 
 
-def _launch(kernel, name, out_shape, grid, options: Options, **kw):
+def _launch(kernel, name, out_shape, grid, options: Options, aliases: dict[int, int] | None = None, **kw):
     return pl.pallas_call(functools.partial(kernel, **kw), out_shape=out_shape, grid=grid,
+                          input_output_aliases=aliases or {},
                           **_params(options.interpret, NUM_WARPS[name], NUM_STAGES.get(name, 1)))
 
 
@@ -377,7 +415,7 @@ def _state_grid(B: int, H: int, K: int, V: int, options: Options) -> tuple[tuple
 
 
 def _forward(q, k, v, gk, h0, options: Options):
-    """Padded inputs [B, Tp, H, D] -> (o, states [B, N, H, K, V], final state, A [B, Tp, H, C])."""
+    """Padded inputs [B, Tp, H, D] (gk fp32) -> (o, states [B, N, H, K, V], final state, A [B, Tp, H, C], g)."""
     B, Tp, H, K = q.shape
     V, N = v.shape[-1], Tp // CHUNK
     BK, BV = min(K, options.block_k), min(V, options.block_v)
@@ -386,24 +424,26 @@ def _forward(q, k, v, gk, h0, options: Options):
     g = _cumsum(gk, options)
     states, ht = _launch(_state_fwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options,
                          H=H, N=N, BK=SK, BV=SV, precision=prec)(k, v, g, h0)
-    A = _launch(_chunk_A_kernel, "A", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), v.dtype), (N * M, B * H), options,
+    A_shape = jax.ShapeDtypeStruct((B, Tp, H, CHUNK), v.dtype)
+    A = _launch(_chunk_A_off_kernel, "A_off", A_shape, (N * PAIRS, B * H), options,
                 H=H, BK=BK, K=K, scale=options.scale, precision=prec)(q, k, g)
-    o = _launch(_chunk_o_kernel, "o", jax.ShapeDtypeStruct(v.shape, q.dtype), (N, B * H, V // BV), options,
+    A = _launch(_chunk_A_diag_kernel, "A_diag", A_shape, (N * M, B * H), options, aliases={3: 0},
+                H=H, BK=BK, K=K, scale=options.scale)(q, k, g, A)
+    o = _launch(_chunk_o_kernel, "o", jax.ShapeDtypeStruct(v.shape, q.dtype), (V // BV, N, B * H), options,
                 H=H, BK=BK, BV=BV, K=K, scale=options.scale, precision=prec)(q, v, g, A, states)
-    return o, states, ht, A
+    return o, states, ht, A, g
 
 
-def _backward(q, k, v, gk, A, do, states, dht, options: Options):
-    """Padded inputs -> (dq, dk, dv, dgk, dh0)."""
+def _backward(q, k, v, g, A, do, states, dht, options: Options):
+    """Padded inputs and the forward's g -> (dq, dk, dv, dgk (fp32), dh0)."""
     B, Tp, H, K = q.shape
     V, N = v.shape[-1], Tp // CHUNK
     BK, BV = min(K, options.block_k), min(V, options.block_v)
     prec = _precision(q.dtype)
     grid, SK, SV = _state_grid(B, H, K, V, options)
-    g = _cumsum(gk, options)
     dstates, dh0 = _launch(_state_bwd_kernel, "state", _state_shapes(B, N, H, K, V), grid, options,
                            H=H, N=N, BK=SK, BV=SV, scale=options.scale, precision=prec)(q, g, do, dht)
-    dv = _launch(_chunk_dv_kernel, "dv", jax.ShapeDtypeStruct(v.shape, v.dtype), (N, B * H, V // BV), options,
+    dv = _launch(_chunk_dv_kernel, "dv", jax.ShapeDtypeStruct(v.shape, v.dtype), (V // BV, N, B * H), options,
                  H=H, BK=BK, BV=BV, K=K, precision=prec)(k, g, A, do, dstates)
     dA = _launch(_chunk_dA_kernel, "dA", jax.ShapeDtypeStruct((B, Tp, H, CHUNK), f32), (N, B * H), options,
                  H=H, BV=BV, V=V, precision=prec)(v, do)
@@ -414,29 +454,28 @@ def _backward(q, k, v, gk, A, do, states, dht, options: Options):
     dq, dk, dg = _launch(
         _chunk_dqkg_kernel, "dqkg",
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-         jax.ShapeDtypeStruct(gk.shape, f32)),
-        (N, B * H, K // BK), options, H=H, BK=BK, BV=BV, V=V, scale=options.scale, precision=prec,
+         jax.ShapeDtypeStruct(g.shape, f32)),
+        (K // BK, N, B * H), options, H=H, BK=BK, BV=BV, V=V, scale=options.scale, precision=prec,
     )(q, k, v, g, do, states, dstates, dq_intra, dk_intra)
     return dq, dk, dv, dg, dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _gla(q, k, v, gk, h0, options: Options):
-    """GLA on padded inputs (T a multiple of CHUNK, head dims powers of two >= 16) -> (o, final state)."""
-    o, _, ht, _ = _forward(q, k, v, gk, h0, options)
+    """GLA on padded inputs (T a multiple of CHUNK, head dims powers of two >= 16, gk fp32) -> (o, final state)."""
+    o, _, ht, _, _ = _forward(q, k, v, gk, h0, options)
     return o, ht
 
 
 def _gla_fwd(q, k, v, gk, h0, options: Options):
-    o, states, ht, A = _forward(q, k, v, gk, h0, options)
-    return (o, ht), (q, k, v, gk, A, states)
+    o, states, ht, A, g = _forward(q, k, v, gk, h0, options)
+    return (o, ht), (q, k, v, g, A, states)
 
 
 def _gla_bwd(options: Options, residuals, cotangents):
-    q, k, v, gk, A, states = residuals
+    q, k, v, g, A, states = residuals
     do, dht = cotangents
-    dq, dk, dv, dg, dh0 = _backward(q, k, v, gk, A, do.astype(q.dtype), states, dht.astype(f32), options)
-    return dq, dk, dv, dg.astype(gk.dtype), dh0
+    return _backward(q, k, v, g, A, do.astype(q.dtype), states, dht.astype(f32), options)
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
@@ -481,7 +520,7 @@ def chunk_gla_pallas(
     scale = K**-0.5 if scale is None else float(scale)
     options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), BLOCK_K, BLOCK_V, interpret)
     h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else _pad_trailing(initial_state.astype(f32), Kp, Vp)
-    q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk))
+    q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk.astype(f32)))
     v = _pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
     o, ht = _gla(q, k, v, gk, h0, options)
     return o[:, :T, :, :V], (ht[:, :, :K, :V] if output_final_state else None)
