@@ -4,7 +4,8 @@
 when CUDA is available; their forward returns the output only (FLA returns (o, attentions, cache)). Without
 CUDA, `fla.layers` cannot even be imported (Triton), so the layers are `NaiveGatedLinearAttention` /
 `NaiveDeltaNet`: the same module tree and parameter names as FLA's (state dicts load either way), computing with
-FLA's own naive PyTorch ops (torch_ref.fla_naive). Inputs on CPU always take that naive path.
+FLA's own naive PyTorch ops (torch_ref.fla_naive). Inputs on CPU always take that naive path, and so does an fp32
+DeltaNet forward on CUDA (no autocast), which FLA's chunk_delta_rule refuses.
 
 Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02), biases zero); ShortConvolution (a Conv1d)
 keeps PyTorch's kaiming-uniform default, norm weights are ones.
@@ -144,7 +145,10 @@ def layer_classes() -> tuple[type[nn.Module], type[nn.Module]]:
                              use_short_conv=True, conv_size=CONV_SIZE, qk_activation="silu", qk_norm="l2")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0] if x.is_cuda else deltanet_naive_forward(self, x)
+            # FLA's chunk_delta_rule refuses fp32 inputs, so an fp32 forward (the parity tests' reference: CUDA
+            # without autocast) takes the naive path too.
+            fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+            return super().forward(x)[0] if x.is_cuda and not fp32 else deltanet_naive_forward(self, x)
 
     return FLAGatedLinearAttention, FLADeltaNet
 
