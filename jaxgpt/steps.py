@@ -52,10 +52,6 @@ def merge_model(graphdef: nnx.GraphDef, params: Any, remat: bool = False) -> nnx
     return model
 
 
-def _is_sharded(shardings: Any) -> bool:
-    return shardings is not None and not all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
-
-
 def _fsdp_dim(spec: P) -> int | None:
     return next((d for d, axis in enumerate(spec) if axis == "fsdp"), None)
 
@@ -76,14 +72,6 @@ def _scatter(g: jax.Array, spec: P) -> jax.Array:
 def _replicated_axes(spec: P) -> tuple[str, ...]:
     """The mesh axes a parameter laid out as `spec` is replicated over (its gradient is summed over them)."""
     return tuple(axis for axis in AXES if axis not in spec)
-
-
-def _gathered(params: Any, shardings: Any) -> Any:
-    """All-gather FSDP-sharded params (a no-op for replicated ones)."""
-    if not _is_sharded(shardings):
-        return params
-    mesh = jax.tree.leaves(shardings)[0].mesh
-    return jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))
 
 
 def _accumulate(value_and_grad: Callable, params: Any, x: jax.Array, y: jax.Array) -> tuple[Any, jax.Array]:
@@ -211,12 +199,25 @@ def init_state(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any = None) -> Callable:
-    """(params, x [B, T], y [B, T]) -> plain cross-entropy of the model's logits."""
+    """(params, x [B, T], y [B, T]) -> plain cross-entropy of the model's logits.
 
-    def step(params, x, y):
-        return nnx.merge(graphdef, _gathered(params, param_shardings)).loss(x, y, train=False)
+    On a mesh of several devices each device evaluates its own rows (shard_map, as the train step), so the
+    model's Pallas kernels see local arrays (XLA cannot partition them: under a plain jit it would gather the
+    activations onto every device), and the per-device means are averaged (equal rows per device)."""
 
-    return jax.jit(step)
+    def loss(params, x, y):
+        return nnx.merge(graphdef, params).loss(x, y, train=False)
+
+    mesh = None if param_shardings is None else jax.tree.leaves(param_shardings)[0].mesh
+    if mesh is None or mesh.size == 1:
+        return jax.jit(loss)
+    specs = jax.tree.map(lambda s: s.spec, param_shardings)
+
+    def local(params, x, y):
+        return jax.lax.pmean(loss(jax.tree.map(_gather, params, specs), x, y), AXES)
+
+    batch = P(AXES, None)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=P(), check_vma=False))
 
 
 @jax.jit
