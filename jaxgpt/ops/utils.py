@@ -4,6 +4,8 @@ reading a row of a value inside a Pallas kernel."""
 import jax
 import jax.numpy as jnp
 
+SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the kernels' grid heuristics fill them
+
 
 def pad_time(x: jax.Array, multiple: int) -> jax.Array:
     """Zero-pad axis 1 (time) of `x` [B, T, ...] up to a multiple of `multiple`."""

@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxgpt.ops.l2norm import l2norm
-from jaxgpt.ops.utils import from_chunks, pad_time, to_chunks, value_row
+from jaxgpt.ops.utils import SM_COUNT, from_chunks, pad_time, to_chunks, value_row
 
 F32 = jnp.float32
 CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # dot_general dimension numbers for a^T b of 2-D a, b
@@ -398,13 +398,12 @@ WARPS = {"wy_fwd": 2, "output_fwd": 4, "dv_local": 4, "dqkw": 4, "wy_bwd": 4}
 # at 3 / 4 with block_v 16), _state_bwd 0.90 / 0.67 / 0.60 / 0.60 ms (block_v 16: 0.55 / 0.57 at 3 / 4). The
 # per-chunk kernels have no loop.
 STAGES = {"state_fwd": 4, "state_bwd": 3}
-SMS = 132  # multiprocessors of an H100 / H200 (`_default_block_v`)
 
 
 def _default_block_v(heads: int, V: int) -> int:
     """State columns per recurrence program: 32, or 16 where 32 leaves multiprocessors idle (heads * V / 32 programs
-    under SMS; B1 T16384 H16 D128: _state_fwd 0.27 -> 0.21 ms, _state_bwd 0.60 -> 0.55 ms at 16)."""
-    return min(V, 32 if heads * V // 32 >= SMS else 16)
+    under SM_COUNT; B1 T16384 H16 D128: _state_fwd 0.27 -> 0.21 ms, _state_bwd 0.60 -> 0.55 ms at 16)."""
+    return min(V, 32 if heads * V // 32 >= SM_COUNT else 16)
 
 
 def _call(kernel, grid, out_shape, options: Options, num_warps: int, *args, num_stages: int = 2, **static):

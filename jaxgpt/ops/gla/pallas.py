@@ -91,7 +91,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt.ops.utils import pad_time
+from jaxgpt.ops.utils import SM_COUNT, pad_time
 
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
@@ -106,7 +106,6 @@ PAIRS = M * (M - 1) // 2  # off-diagonal sub-blocks (i, j < i) per chunk
 NUM_WARPS = {"state": 4, "cumsum": 4, "A_off": 1, "A_diag": 4, "o": 4, "dv": 4, "dA": 4, "intra": 4, "dqkg": 4}
 NUM_STAGES = {"state": 3, "intra": 3}
 MAX_HEAD_DIM = 256
-SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the state-tile heuristic fills them
 LOG2E = 1.4426950408889634  # g is kept in log2 units: every gate factor is one exp2
 f32 = jnp.float32
 

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxgpt.ops.utils import SM_COUNT
+
 f32 = jnp.float32
-SM_COUNT = 132  # H100 / H200
 # Elements per program's row block (R = ROW_ELEMS // BC rows) and warps per kernel, from a sweep on an H200 at
 # 12288 x 768 (row elements 1024-4096 x warps 2-8; kernel times 31.7-34.1 us forward, 45-75 us backward; the
 # chosen ones 31.7 and 45.1 us, ~3.5 / 3.3 TB/s of the ideal bytes); backward programs per SM.
