@@ -42,6 +42,14 @@ class _Remat(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return nnx.remat(lambda block, x: block(x))(self.block, x)
 
+    @property
+    def fuses_residual(self) -> bool:
+        return getattr(self.block, "fuses_residual", False)
+
+    def fused(self, x: jax.Array, r: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """`Block.fused`, rematerialised."""
+        return nnx.remat(lambda block, x, r: block.fused(x, r))(self.block, x, r)
+
 
 def merge_model(graphdef: nnx.GraphDef, params: Any, remat: bool = False) -> nnx.Module:
     """The model from its graph and params; with `remat`, each block is rematerialised in the backward pass
