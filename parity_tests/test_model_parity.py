@@ -61,11 +61,16 @@ def test_forward_loss_and_gradients(variant, bias):
     assert set(j_grads) == set(t_grads)
     errors = {n: rel_err(j_grads[n], t_grads[n]) for n in t_grads}
     suspects = [n for n, e in errors.items() if e >= TOL]
-    if suspects:  # ill-conditioned sums (e.g. a scalar gate's gradient): judge against torch in float64
+    bounds = dict.fromkeys(errors, TOL)
+    if suspects:
+        # Ill-conditioned sums (a scalar gate's gradient of cancelling terms): judge both sides against torch in
+        # float64. jaxgpt must be within TOL of it, or at least as close as torch_ref's own fp32 gradient is
+        # (rmsnorm_parallel_gated's h.1.mlp_gate: torch fp32 is 2.7e-5 from float64).
         t64 = torch_grads(copy.deepcopy(tmodel).double(), t_idx, t_tgt)
         errors |= {n: rel_err(j_grads[n], t64[n]) for n in suspects}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL, f"{worst}: rel err {errors[worst]:.2e}"
+        bounds |= {n: max(TOL, rel_err(t_grads[n], t64[n])) for n in suspects}
+    worst = max(errors, key=lambda n: errors[n] / bounds[n])
+    assert errors[worst] < bounds[worst], f"{worst}: rel err {errors[worst]:.2e} (bound {bounds[worst]:.2e})"
 
 
 @pytest.mark.parametrize("variant", TRAJECTORY_VARIANTS)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.layers.common import linear, proj_std, split_heads3
+from jaxgpt.layers.common import linear, proj_std, qkv_heads
 from jaxgpt.layers.deltanet import DeltaNet
 from jaxgpt.layers.gla import GatedLinearAttention
 from jaxgpt.variants import LINEAR_MIXERS, linear_mixer_layer
@@ -35,7 +35,11 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, C = x.shape
-        q, k, v = split_heads3(self.c_attn(x), self.n_head)
+        dtype = self.c_attn.dtype
+        q, k, v = qkv_heads(x.astype(dtype), self.c_attn.kernel[...].astype(dtype), self.n_head)
+        if self.c_attn.use_bias:  # [3C] -> one [H, D] bias per third
+            b = self.c_attn.bias[...].astype(dtype).reshape(3, self.n_head, C // self.n_head)
+            q, k, v = q + b[0], k + b[1], v + b[2]
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
         return self.c_proj(y.reshape(B, T, C))  # y: [B, T, H, D]
 
