@@ -29,12 +29,15 @@ from jax.experimental.pallas import triton as plgpu
 from jaxgpt.ops.utils import SM_COUNT
 
 f32 = jnp.float32
-# Elements per program's row block (R = ROW_ELEMS // BC rows) and warps per kernel, from a sweep on an H200 at
-# 12288 x 768 (row elements 1024-4096 x warps 2-8; kernel times 31.7-34.1 us forward, 45-75 us backward; the
-# chosen ones 31.7 and 45.1 us, ~3.5 / 3.3 TB/s of the ideal bytes); backward programs per SM.
-ROW_ELEMS = {"fwd": 1024, "bwd": 2048}
+# Elements per program's row block (R = ROW_ELEMS // BC rows), warps and software-pipeline stages per kernel, and
+# backward programs per SM, from sweeps on an H200 at 12288 x 768: forward (row elements 1024-4096 x warps 2-8)
+# 31.7-34.1 us, chosen 31.7 us (~3.5 TB/s of the ideal bytes); backward (row elements 1024-4096, warps 1-8, stages
+# 1-4, programs per SM 2-16) 40.7-53.5 us, chosen 41.6 us (~3.6 TB/s; session 7's 2048 / 4 warps / 1 stage / 4 per
+# SM: 48.0 us).
+ROW_ELEMS = {"fwd": 1024, "bwd": 1024}
 NUM_WARPS = {"fwd": 8, "bwd": 4}
-PROGRAMS_PER_SM = 4
+NUM_STAGES = {"fwd": 1, "bwd": 3}
+PROGRAMS_PER_SM = 8
 
 
 class Options(NamedTuple):
@@ -59,7 +62,7 @@ def _rows(C: int, kind: str) -> int:
 def _params(interpret: bool, kind: str) -> dict:
     if interpret:
         return {"interpret": True}
-    return {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS[kind], num_stages=1)}
+    return {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS[kind], num_stages=NUM_STAGES[kind])}
 
 
 def _tile(row0, N: int, C: int, R: int):
