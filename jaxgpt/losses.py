@@ -1,33 +1,52 @@
 """Loss axis (the benchmark's `compute_loss`). Training losses only: evaluation is always plain CE.
 
-Each loss maps logits [B, T, V] and int targets [B, T] to a scalar, computed in fp32. `OUTPUT_TRANSFORMS`
-holds the loss variants whose logit transform is part of the model output (also at eval).
+Every loss is a function of three per-token statistics of the logits z [..., V] (`LogitStats`, fp32 [...] each):
+lse = logsumexp_v z, z_target = z[target] and z_mean = mean_v z (label smoothing). `Loss` pairs that function with
+the logits it is taken of: from the logits (`Loss.__call__(logits, targets)`, through `logit_stats`), or, where the
+loss needs no transform of the logits, straight from the LM head (GPT.loss: jaxgpt.ops.cross_entropy.head_stats, which
+never forms the logits' gradient). `OUTPUT_TRANSFORMS` holds the loss variants whose logit transform is part of the
+model output (also at eval): those take the logits path.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Z_WEIGHT = 1e-4
 
 
+class LogitStats(NamedTuple):
+    """Per-token statistics of logits z [..., V], fp32 [...] each."""
+
+    lse: jax.Array  # logsumexp_v z
+    z_target: jax.Array  # z[target]
+    z_mean: jax.Array  # mean_v z
+
+
+def logit_stats(logits: jax.Array, targets: jax.Array) -> LogitStats:
+    """LogitStats of logits [..., V] (any dtype) and int targets [...]. lse and z_target through `lse_and_target`'s
+    custom VJP; z_mean by autodiff (unused, it costs nothing: XLA drops it and its gradient is a symbolic zero)."""
+    lse, z_target = lse_and_target(logits, targets)
+    return LogitStats(lse, z_target, logits.astype(jnp.float32).mean(-1))
+
+
 @jax.custom_vjp
-def logit_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def lse_and_target(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """lse = logsumexp(z) and z_target = z[target], fp32 [B, T] each, from logits z [B, T, V] of any dtype.
 
-    Every loss is built from these two (plus mean(z) for label smoothing). The custom VJP keeps the [B, T, V]
-    work to fused passes over the logits in their own dtype: fp32 reductions forward (for 16-bit logits one,
-    `online_max_sum_exp`; for fp32 logits two, `two_pass_max_sum_exp`), and backward
-    dz = g_lse * softmax(z) + g_target * onehot(target), written straight in the logits' dtype. Plain autodiff
-    would materialise the fp32 logits and their fp32 softmax.
+    The logits path of `logit_stats`. The custom VJP keeps the [B, T, V] work to fused passes over the logits in
+    their own dtype: fp32 reductions forward (for 16-bit logits one, `online_max_sum_exp`; for fp32 logits two,
+    `two_pass_max_sum_exp`), and backward dz = g_lse * softmax(z) + g_target * onehot(target), written straight in
+    the logits' dtype. Plain autodiff would materialise the fp32 logits and their fp32 softmax.
     """
-    return _logit_stats(logits, targets)[:2]
+    return _lse_and_target(logits, targets)[:2]
 
 
-def _logit_stats(logits, targets):
+def _lse_and_target(logits, targets):
     z_target = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0].astype(jnp.float32)
     max_sum_exp = two_pass_max_sum_exp if jnp.finfo(logits.dtype).bits >= 32 else online_max_sum_exp
     z_max, sum_exp = max_sum_exp(logits)  # fp32 inside the reductions; the gather above takes the raw logits
@@ -74,12 +93,12 @@ def online_max_sum_exp(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return m[..., None], s[..., None]
 
 
-def _logit_stats_fwd(logits, targets):
-    lse, z_target, z_max, sum_exp = _logit_stats(logits, targets)
+def _lse_and_target_fwd(logits, targets):
+    lse, z_target, z_max, sum_exp = _lse_and_target(logits, targets)
     return (lse, z_target), (logits, targets, z_max, sum_exp)
 
 
-def _logit_stats_bwd(residuals, cotangents):
+def _lse_and_target_bwd(residuals, cotangents):
     logits, targets, z_max, sum_exp = residuals
     g_lse, g_target = cotangents
     # softmax as exp(z - max) / sum, not exp(z - lse): lse's rounding (~|lse| ulp) would scale whole rows
@@ -89,21 +108,16 @@ def _logit_stats_bwd(residuals, cotangents):
     return dz.astype(logits.dtype), None
 
 
-logit_stats.defvjp(_logit_stats_fwd, _logit_stats_bwd)
+lse_and_target.defvjp(_lse_and_target_fwd, _lse_and_target_bwd)
 
 
-def _smoothed_nll(logits: jax.Array, lse: jax.Array, z_target: jax.Array, smoothing: float) -> jax.Array:
-    """Per-token CE against (1-eps)*onehot + eps/V (torch's rule): lse - (1-eps) z_target - eps mean_v(z)."""
-    nll = lse - z_target
+def nll(stats: LogitStats, smoothing: float = 0.0) -> jax.Array:
+    """Mean token cross-entropy, against (1-eps)*onehot + eps/V if `smoothing` = eps (torch's rule):
+    lse - (1-eps) z_target - eps z_mean."""
+    loss = stats.lse - stats.z_target
     if smoothing:
-        nll = nll - smoothing * (logits.astype(jnp.float32).mean(-1) - z_target)
-    return nll
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """Mean token cross-entropy in fp32, optionally label-smoothed by `smoothing` (eps)."""
-    lse, z_target = logit_stats(logits, targets)
-    return _smoothed_nll(logits, lse, z_target, smoothing).mean()
+        loss = loss - smoothing * (stats.z_mean - stats.z_target)
+    return loss.mean()
 
 
 def z_penalty(lse: jax.Array) -> jax.Array:
@@ -111,23 +125,20 @@ def z_penalty(lse: jax.Array) -> jax.Array:
     return Z_WEIGHT * jnp.square(lse).mean()
 
 
-def z_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    lse, z_target = logit_stats(logits, targets)
-    return (lse - z_target).mean() + z_penalty(lse)
+def nll_z(stats: LogitStats, smoothing: float = 0.0) -> jax.Array:
+    """`nll` + the z-loss (z_loss; tanh_cap_ls_z on the capped logits)."""
+    return nll(stats, smoothing) + z_penalty(stats.lse)
 
 
-def poly_ls_z(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def poly_ls_z(stats: LogitStats) -> jax.Array:
     """CE with label smoothing 0.05 + PolyLoss-1 term mean(1 - p_target) + z-loss of the raw logits."""
-    lse, z_target = logit_stats(logits, targets)
-    p_target = jnp.exp(z_target - lse)
-    return _smoothed_nll(logits, lse, z_target, 0.05).mean() + (1 - p_target).mean() + z_penalty(lse)
+    p_target = jnp.exp(stats.z_target - stats.lse)
+    return nll(stats, 0.05) + (1 - p_target).mean() + z_penalty(stats.lse)
 
 
-def tanh_cap_ls_z(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """capped = 30*tanh(logits/30); CE with label smoothing 0.1 + z-loss, both of the capped logits."""
-    capped = 30 * jnp.tanh(logits.astype(jnp.float32) / 30)
-    lse, z_target = logit_stats(capped, targets)
-    return _smoothed_nll(capped, lse, z_target, 0.1).mean() + z_penalty(lse)
+def tanh_cap(logits: jax.Array) -> jax.Array:
+    """`tanh_cap_ls_z`'s cap inside the loss: 30*tanh(logits/30), in fp32."""
+    return 30 * jnp.tanh(logits.astype(jnp.float32) / 30)
 
 
 def sigmoid_cap(logits: jax.Array) -> jax.Array:
@@ -135,13 +146,28 @@ def sigmoid_cap(logits: jax.Array) -> jax.Array:
     return 30 * jax.nn.sigmoid(logits.astype(jnp.float32) / 7.5)
 
 
-LOSSES: dict[str, LossFn] = {
-    "ce": cross_entropy,
-    "label_smoothing": partial(cross_entropy, smoothing=0.05),
-    "z_loss": z_loss,
-    "softcap_ce": cross_entropy,  # on the capped model output
-    "poly_ls_z": poly_ls_z,
-    "tanh_cap_ls_z": tanh_cap_ls_z,
+@dataclass(frozen=True)
+class Loss:
+    """One loss of the axis: `of_stats` (LogitStats -> scalar) of the logits, after `transform` if it has one."""
+
+    of_stats: Callable[[LogitStats], jax.Array]
+    transform: Callable[[jax.Array], jax.Array] | None = None  # logits -> logits, inside the loss only
+
+    def __call__(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
+        """The loss of logits [B, T, V] and int targets [B, T]: a scalar, fp32."""
+        if self.transform is not None:
+            logits = self.transform(logits)
+        return self.of_stats(logit_stats(logits, targets))
+
+
+LOSSES: dict[str, Loss] = {
+    "ce": Loss(nll),
+    "label_smoothing": Loss(partial(nll, smoothing=0.05)),
+    "z_loss": Loss(nll_z),
+    "softcap_ce": Loss(nll),  # on the capped model output
+    "poly_ls_z": Loss(poly_ls_z),
+    "tanh_cap_ls_z": Loss(partial(nll_z, smoothing=0.1), transform=tanh_cap),
 }
+cross_entropy = LOSSES["ce"]  # evaluation's loss: cross_entropy(logits, targets), mean token CE in fp32
 
 OUTPUT_TRANSFORMS: dict[str, Callable[[jax.Array], jax.Array]] = {"softcap_ce": sigmoid_cap}

@@ -7,7 +7,8 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.layers.block import BLOCKS, LayerNorm
 from jaxgpt.layers.common import compute_dtype
 from jaxgpt.layers.embedding import EMBEDDINGS
-from jaxgpt.losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
+from jaxgpt.losses import LOSSES, OUTPUT_TRANSFORMS, LogitStats, cross_entropy
+from jaxgpt.ops.cross_entropy import head_stats
 
 
 class GPT(nnx.Module):
@@ -22,6 +23,14 @@ class GPT(nnx.Module):
 
     def __call__(self, idx: jax.Array) -> jax.Array:
         """idx [B, T] int -> logits [B, T, V] in the compute dtype."""
+        x, w = self.head_inputs(idx)
+        logits = x @ w.astype(x.dtype).T
+        transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
+        return logits if transform is None else transform(logits)
+
+    def head_inputs(self, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The LM head's operands: the final normed hidden states x [B, T, C] in the compute dtype and the head
+        weight [V, C] (its parameter dtype); logits = x @ w.T."""
         # The residual stream is x + r: r is the last MLP output, added by the next layer norm's kernel when the
         # next block fuses it (Block.fused), else added here first.
         x, r = self.embedding(idx), None
@@ -37,15 +46,19 @@ class GPT(nnx.Module):
             x = self.ln_f.add(x, r, residual_out=False)[1]
         else:
             x = self.ln_f(_settle(x, r))
-        dtype = compute_dtype(self.cfg)
-        logits = x.astype(dtype) @ self.embedding.lm_head_weight().astype(dtype).T
-        transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
-        return logits if transform is None else transform(logits)
+        return x.astype(compute_dtype(self.cfg)), self.embedding.lm_head_weight()
 
     def loss(self, idx: jax.Array, targets: jax.Array, train: bool = True) -> jax.Array:
-        """Training loss of the loss axis (train=True) or plain cross-entropy (evaluation)."""
-        logits = self(idx)
-        return LOSSES[self.cfg.loss](logits, targets) if train else cross_entropy(logits, targets)
+        """Training loss of the loss axis (train=True) or plain cross-entropy (evaluation).
+
+        A loss of the raw logits' statistics takes them from the fused head (jaxgpt.ops.cross_entropy.head_stats),
+        which never forms the logits' gradient; a loss of transformed logits (softcap_ce's model output,
+        tanh_cap_ls_z's cap) takes the logits.
+        """
+        loss = LOSSES[self.cfg.loss] if train else cross_entropy
+        if loss.transform is not None or self.cfg.loss in OUTPUT_TRANSFORMS:
+            return loss(self(idx), targets)
+        return loss.of_stats(LogitStats(*head_stats(*self.head_inputs(idx), targets)))
 
 
 def _settle(x: jax.Array, r: jax.Array | None) -> jax.Array:
