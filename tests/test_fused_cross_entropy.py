@@ -22,6 +22,13 @@ from jaxgpt.ops import cross_entropy as ce_ops
 from jaxgpt.ops.cross_entropy import head_stats, lm_head_stats, softmax_stats_pallas, softmax_stats_xla
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """fp32 matmuls in fp32 on every backend (XLA's GPU default would take TF32, ~1e-4 off the reference)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _rel(got, want):
     got, want = (np.asarray(jnp.asarray(t).astype(jnp.float32), np.float64) for t in (got, want))
     return np.linalg.norm(got - want) / np.linalg.norm(want)
