@@ -16,6 +16,8 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.layers.common import compute_dtype, linear, proj_std
 from jaxgpt.layers.mixers import MIXERS
 from jaxgpt.ops.layernorm import add_layer_norm
+from jaxgpt.ops.mlp import gelu, mlp
+from jaxgpt.ops.utils import resolve_backend
 
 NormFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 
@@ -52,51 +54,22 @@ def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
     return nnx.RMSNorm(cfg.n_embd, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU, x * Phi(x), computed in fp32 and returned in x's dtype (as torch does for bf16 tensors).
-
-    The custom VJP keeps only x for the backward, dx = dy * (Phi(x) + x * phi(x)), so the forward writes one
-    tensor instead of also storing fp32-derived intermediates.
-    Phi: for 16-bit x torch's 0.5 * (1 + erf(x / sqrt 2)) (XLA's erf is ~4x cheaper than erfc, and GELU's
-    forward is arithmetic-bound on GPUs); for fp32 x jax.nn.gelu's erfc form, because 1 + erf cancels in the
-    x << 0 tail, enough to move a scalar gate's fp32 gradient 1.4e-5 from the fp64 reference
-    (rmsnorm_parallel_gated), past the parity bound. In 16-bit the tail's error (< 1e-7 absolute) is below
-    the output's rounding.
-    """
-    xf = x.astype(jnp.float32)
-    if jnp.finfo(x.dtype).bits >= 32:
-        return jax.nn.gelu(xf, approximate=False).astype(x.dtype)
-    return (xf * _phi(xf)).astype(x.dtype)
-
-
-def _phi(x: jax.Array) -> jax.Array:
-    """Standard normal CDF 0.5 * (1 + erf(x / sqrt 2)), fp32."""
-    return 0.5 * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
-
-
-def _gelu_fwd(x):
-    return gelu(x), x
-
-
-def _gelu_bwd(x, dy):
-    xf = x.astype(jnp.float32)
-    cdf = _phi(xf)
-    pdf = jnp.exp(-0.5 * xf * xf) * (1 / math.sqrt(2 * math.pi))
-    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
 class MLP(nnx.Module):
-    """4x MLP with exact GELU: c_fc -> gelu -> c_proj."""
+    """4x MLP with exact GELU: c_fc -> gelu -> c_proj (`gelu`: jaxgpt.ops.mlp.naive).
+
+    Without biases, on GPU, the op `jaxgpt.ops.mlp.mlp` (same forward; its backward fuses the first matmul with
+    GELU's derivative); with biases, and on other devices, the two nnx.Linear layers around `gelu`.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.c_fc = linear(cfg, cfg.n_embd, 4 * cfg.n_embd, rngs)
         self.c_proj = linear(cfg, 4 * cfg.n_embd, cfg.n_embd, rngs, std=proj_std(cfg))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, backend: str = "auto") -> jax.Array:
+        if not self.c_fc.use_bias and resolve_backend(backend) == "pallas":
+            dt = self.c_fc.dtype  # nnx.Linear's promotion: input and kernel in the compute dtype
+            return mlp(x.astype(dt), self.c_fc.kernel[...].astype(dt), self.c_proj.kernel[...].astype(dt),
+                       backend=backend)
         return self.c_proj(gelu(self.c_fc(x)))
 
 
