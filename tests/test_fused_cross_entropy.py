@@ -173,6 +173,7 @@ def test_dispatch(monkeypatch):
     """auto: the XLA pass on CPU, the kernel on GPU; an explicit 'pallas' off GPU runs it in the interpreter."""
     kernels = []
     monkeypatch.setattr(ce_ops, "lm_head_stats", lambda h, w, t, kernel: kernels.append(kernel) or (t, t, t))
+    monkeypatch.setattr(ce_ops.jax, "default_backend", lambda: "cpu")
     h, w, t = jnp.ones((2, 3, 8)), jnp.ones((11, 8)), jnp.zeros((2, 3), jnp.int32)
     head_stats(h, w, t)
     head_stats(h, w, t, backend="pallas")

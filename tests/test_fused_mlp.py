@@ -3,13 +3,13 @@ division-free erf; values and gradients of the op and of `MLP` against the XLA p
 (fp32, biases, shapes that are not whole tiles and non-GPU devices take XLA); the kernel's lowering for CUDA."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy.special import erf as erf64
 
 import jaxgpt.layers.block as jblock
 import jaxgpt.ops.mlp as mlp_ops
@@ -17,6 +17,15 @@ from jaxgpt.config import MODEL_PRESETS, ModelConfig
 from jaxgpt.ops.mlp import dgrad_gelu_pallas, gelu_bwd, mlp, mlp_xla, naive, pallas
 
 bf16 = jnp.bfloat16
+erf64 = np.vectorize(math.erf)
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """The interpreter's arithmetic on the CPU device, also on a GPU machine (its bitwise checks assume XLA CPU's
+    rounding)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 def _rel(got, want):
@@ -125,8 +134,7 @@ def test_dispatch(monkeypatch, bias, gpu, uses_op):
     x = jnp.ones((2, 4, 128), jnp.float32)
     want = module.c_proj(naive.gelu(module.c_fc(x)))
     monkeypatch.setattr(jblock, "mlp", called)
-    if gpu:
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if gpu else "cpu")
     if uses_op:
         with pytest.raises(RuntimeError, match="op"):
             module(x)
