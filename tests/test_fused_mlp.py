@@ -20,14 +20,6 @@ bf16 = jnp.bfloat16
 erf64 = np.vectorize(math.erf)
 
 
-@pytest.fixture(autouse=True)
-def _on_cpu():
-    """The interpreter's arithmetic on the CPU device, also on a GPU machine (its bitwise checks assume XLA CPU's
-    rounding)."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        yield
-
-
 def _rel(got, want):
     got, want = (np.asarray(jnp.asarray(t).astype(jnp.float32), np.float64) for t in (got, want))
     return np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -45,6 +37,8 @@ def test_erf_fast_and_gelu_grad():
     assert np.abs(np.asarray(pallas.gelu_grad(jnp.asarray(z, jnp.float32)), np.float64) - want).max() < 2e-6
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the interpreter bit for bit against XLA CPU's "
+                    "rounding; on a GPU the compiled kernel is checked by the op / module tests and GPU parity")
 def test_dgrad_kernel_matches_xla():
     """du = bf16(dy @ w_proj^T) * gelu'(u): the kernel (2 programs, 4 tiles of 128 x 256, 2 K steps, each program
     loops over 2 tiles) against XLA's bf16 matmul + GELU backward; every element written (none is NaN, the
