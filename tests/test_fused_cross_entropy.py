@@ -127,6 +127,13 @@ def _loss_and_grads(model, idx, targets, train, logits_path):
     return jax.value_and_grad(f)(params)
 
 
+def _assert_same_loss_and_grads(got, want):
+    """(loss, grads) pairs: the loss within 1e-6, every gradient leaf within 1e-5 (relative)."""
+    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert _rel(g, w) < 1e-5
+
+
 @pytest.mark.parametrize("loss", list(variants.AXES["loss"]))
 def test_gpt_loss_fused_matches_logits_path(loss):
     """Every loss (training and evaluation) through GPT.loss vs the loss of the model's logits, fp32: the fused head
@@ -138,9 +145,7 @@ def test_gpt_loss_fused_matches_logits_path(loss):
     for train in (True, False):
         want = _loss_and_grads(model, idx, targets, train, logits_path=True)
         got = _loss_and_grads(model, idx, targets, train, logits_path=False)
-        assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
-        for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
-            assert _rel(g, w) < 1e-5
+        _assert_same_loss_and_grads(got, want)
 
 
 def test_gpt_loss_takes_the_fused_head_where_it_can(monkeypatch):
@@ -164,9 +169,7 @@ def test_gpt_loss_pallas_matches_xla(monkeypatch):
     want = _loss_and_grads(model, idx, targets, True, logits_path=False)
     monkeypatch.setattr(jmodel, "head_stats", partial(head_stats, backend="pallas"))
     got = _loss_and_grads(model, idx, targets, True, logits_path=False)
-    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
-    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
-        assert _rel(g, w) < 1e-5
+    _assert_same_loss_and_grads(got, want)
 
 
 def test_dispatch(monkeypatch):
