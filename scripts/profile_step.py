@@ -28,6 +28,7 @@ from jaxgpt.config import parse_set_args
 # First match wins; applied to the lower-cased kernel name.
 KINDS = [
     ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa"),
+    ("jaxgpt Pallas kernel", r"add_layer_norm|softmax_stats|mosaic_gpu"),  # jaxgpt/ops' named kernels
     ("matmul", r"gemm|xmma|cutlass|cublas|sm90_|wgmma|matmul|dot"),
     ("reduction fusion", r"triton_(red|per)_"),  # torch inductor's generated kernels
     ("elementwise fusion", r"triton_poi_"),
