@@ -191,6 +191,7 @@ def evaluate(
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
             batch_size=batch_size,
             log_samples=False,
+            bootstrap_iters=0,  # no stderr: lm-eval's bootstrap forks a pool, which can deadlock a process running JAX
         )["results"]
     metrics = {}
     for name in names:

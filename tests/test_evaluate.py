@@ -64,9 +64,14 @@ def test_lm_eval_cli_word_perplexity_matches_jax(run, tmp_path, default_corpus):
     assert ppl == pytest.approx(expected, rel=1e-5)
 
 
+def no_fork():
+    raise AssertionError("os.fork() called in a process running JAX")
+
+
 def test_evaluate_prints_final_metrics(run, tmp_path, default_corpus, capsys, monkeypatch):
     out = export(run, tmp_path / "hf")
     monkeypatch.setattr("jaxgpt.evaluate.ensure_default_corpus", lambda: default_corpus)
+    monkeypatch.setattr("os.fork", no_fork)  # a fork after JAX's threads start can deadlock (lm-eval's bootstrap)
     metrics = evaluate(out, tasks="mlsbench", limit=LIMIT, val_loss=2.5, tasks_dir=tmp_path / "tasks", device="cpu")
     line = capsys.readouterr().out.strip().splitlines()[-1]
     expected_line = r"Final metrics \(tiny\): val_loss_tiny=2\.5000, wikitext2_ppl_tiny=[\d.]+, lambada_ppl_tiny=[\d.]+"
