@@ -1,9 +1,9 @@
 """Suite-wide: where a hung test hangs.
 
-pytest-timeout stops a test after `timeout` seconds (pyproject.toml) and its worker exits; under xdist the stack
-dump it prints is lost with the worker's captured output. So each test also arms faulthandler to write every
-thread's stack to a file in .pytest_cache/hangs/ a minute before that (the file is deleted when the test ends),
-and the controller prints the files it finds at the end of the run.
+pytest-timeout stops a test after `timeout` seconds (pyproject.toml, or the test's timeout mark) and its worker
+exits; under xdist the stack dump it prints is lost with the worker's captured output. So each test also arms
+faulthandler to write every thread's stack to a file in .pytest_cache/hangs/ a minute before that (the file is
+deleted when the test ends), and the controller prints the files it finds at the end of the run.
 """
 
 import faulthandler
@@ -24,8 +24,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    marker = item.get_closest_marker("timeout")
     try:
-        timeout = float(item.config.getini("timeout") or 0)
+        timeout = float(marker.args[0] if marker else item.config.getini("timeout") or 0)
     except ValueError:  # pytest-timeout is not installed
         timeout = 0.0
     if timeout <= 120:
