@@ -74,8 +74,8 @@ def test_backward_programs_loop_over_row_blocks(monkeypatch):
     """Few backward programs (each summing its weight-gradient partials over several row blocks, the last one
     partly past the rows): same gradients."""
     monkeypatch.setattr(pallas, "SM_COUNT", 1)
-    monkeypatch.setattr(pallas, "PROGRAMS_PER_SM", 3)
-    monkeypatch.setattr(pallas, "ROW_ELEMS", {"fwd": 256, "bwd": 256})  # 2 rows per block at C = 96 -> 128 wide
+    monkeypatch.setattr(pallas, "TILES", {  # 2 rows per block at C = 96 -> 128 wide
+        "fwd": {0: pallas.Tiles(256, 4, 1)}, "bwd": {0: pallas.Tiles(256, 4, 1, programs_per_sm=3)}})
     rng = np.random.default_rng(1)
     N, C = 29, 96  # 15 blocks: 3 programs x 5 blocks, the last block half past N
     x, r, dres, dy = (jnp.asarray(rng.normal(0, 1, (N, C)), jnp.float32) for _ in range(4))

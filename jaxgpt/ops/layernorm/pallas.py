@@ -13,8 +13,8 @@ norm's statistics and writes the residual gradient and its bf16 copy in two pass
 The backward is torch's: g = dy * scale, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
 
 Tiles: rows of C elements in a power-of-two width BC >= C, masked loads and stores (C = 768, 1024, 1600 ...);
-R rows per program (ROW_ELEMS // BC), rows past N masked. The backward runs a bounded grid of programs (about
-PROGRAMS_PER_SM per SM), each looping over consecutive row blocks and accumulating its weight-gradient partials in
+R rows per program (`Tiles.row_elems` // BC), rows past N masked. The backward runs a bounded grid of programs (a few
+per SM, `TILES`), each looping over consecutive row blocks and accumulating its weight-gradient partials in
 registers, so the partial sums are a few [programs, C] rows. Everything is computed in fp32.
 """
 
@@ -29,15 +29,28 @@ from jax.experimental.pallas import triton as plgpu
 from jaxgpt.ops.utils import SM_COUNT
 
 f32 = jnp.float32
-# Elements per program's row block (R = ROW_ELEMS // BC rows), warps and software-pipeline stages per kernel, and
-# backward programs per SM, from sweeps on an H200 at 12288 x 768: forward (row elements 1024-4096 x warps 2-8)
-# 31.7-34.1 us, chosen 31.7 us (~3.5 TB/s of the ideal bytes); backward (row elements 1024-4096, warps 1-8, stages
-# 1-4, programs per SM 2-16) 40.7-53.5 us, chosen 41.6 us (~3.6 TB/s; session 7's 2048 / 4 warps / 1 stage / 4 per
-# SM: 48.0 us).
-ROW_ELEMS = {"fwd": 1024, "bwd": 1024}
-NUM_WARPS = {"fwd": 8, "bwd": 4}
-NUM_STAGES = {"fwd": 1, "bwd": 3}
-PROGRAMS_PER_SM = 8
+
+
+class Tiles(NamedTuple):
+    """A kernel's launch shape."""
+
+    row_elems: int  # elements per program's row block: R = row_elems // BC rows
+    num_warps: int
+    num_stages: int  # software-pipeline stages
+    programs_per_sm: int = 0  # backward: the bounded grid's programs per SM
+
+
+# Per kernel, keyed by the smallest model width C each serves (the largest key <= C applies), from sweeps on an
+# H200. Forward at 12288 x 768 (row elements 1024-4096 x warps 2-8): 31.7-34.1 us, chosen 31.7 us (~3.5 TB/s of
+# the ideal bytes); the same tiles are within 1 us of the best at 16384 x 1024. Backward at 12288 x 768 (row
+# elements 1024-4096, warps 1-8, stages 1-4, programs per SM 2-16): 40.7-53.5 us, chosen 41.6 us (~3.6 TB/s);
+# at 16384 x 1024 (gpt2-345m; row elements 1024-4096, warps 2-8, stages 1-3, programs per SM 4-16): two rows per
+# block 75.5 us against 92.3 us with the 768 tiles (session 11).
+TILES = {
+    "fwd": {0: Tiles(row_elems=1024, num_warps=8, num_stages=1)},
+    "bwd": {0: Tiles(row_elems=1024, num_warps=4, num_stages=3, programs_per_sm=8),
+            1024: Tiles(row_elems=2048, num_warps=4, num_stages=2, programs_per_sm=4)},
+}
 
 
 class Options(NamedTuple):
@@ -55,14 +68,20 @@ def _width(C: int) -> int:
     return 1 << (C - 1).bit_length()
 
 
+def _tiles(kind: str, C: int) -> Tiles:
+    table = TILES[kind]
+    return table[max(k for k in table if k <= C)]
+
+
 def _rows(C: int, kind: str) -> int:
-    return max(1, ROW_ELEMS[kind] // _width(C))
+    return max(1, _tiles(kind, C).row_elems // _width(C))
 
 
-def _params(interpret: bool, kind: str) -> dict:
+def _params(interpret: bool, kind: str, C: int) -> dict:
     if interpret:
         return {"interpret": True}
-    return {"compiler_params": plgpu.CompilerParams(num_warps=NUM_WARPS[kind], num_stages=NUM_STAGES[kind])}
+    t = _tiles(kind, C)
+    return {"compiler_params": plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)}
 
 
 def _tile(row0, N: int, C: int, R: int):
@@ -158,7 +177,7 @@ def _forward(x, r, scale, bias, opts: Options):
                jax.ShapeDtypeStruct((N,), f32)]
     kernel = functools.partial(_fwd_kernel, N=N, C=C, R=R, eps=opts.eps, has_r=has_r, has_bias=opts.has_bias)
     outs = pl.pallas_call(kernel, out_shape=shapes, grid=(pl.cdiv(N, R),), name="add_layer_norm_fwd",
-                          **_params(opts.interpret, "fwd"))(*(t for t in (x, r, scale, bias) if t is not None))
+                          **_params(opts.interpret, "fwd", C))(*(t for t in (x, r, scale, bias) if t is not None))
     x_new, (y, mean, rstd) = (outs[0], outs[1:]) if has_r else (x, outs)
     return (x_new if opts.residual_out else None, y), (x_new, scale, mean, rstd)
 
@@ -173,7 +192,7 @@ def _add_ln_bwd(opts: Options, residuals, cotangents):
     N, C = x_new.shape
     R = _rows(C, "bwd")
     blocks = pl.cdiv(N, R)
-    per_program = pl.cdiv(blocks, PROGRAMS_PER_SM * SM_COUNT)
+    per_program = pl.cdiv(blocks, _tiles("bwd", C).programs_per_sm * SM_COUNT)
     programs = pl.cdiv(blocks, per_program)
     has_r, has_dres = opts.r_dtype is not None, dres is not None
     shapes = [jax.ShapeDtypeStruct((N, C), x_new.dtype)]
@@ -183,7 +202,7 @@ def _add_ln_bwd(opts: Options, residuals, cotangents):
                                has_r=has_r, has_bias=opts.has_bias)
     inputs = (x_new, scale, mean, rstd, dy) + ((dres,) if has_dres else ())
     outs = list(pl.pallas_call(kernel, out_shape=shapes, grid=(programs,), name="add_layer_norm_bwd",
-                               **_params(opts.interpret, "bwd"))(*inputs))
+                               **_params(opts.interpret, "bwd", C))(*inputs))
     dx = outs.pop(0)
     dr = outs.pop(0) if has_r else None
     dscale = outs.pop(0).sum(0).astype(scale.dtype)
