@@ -73,7 +73,7 @@ def _tiles(kind: str, C: int) -> Tiles:
     return table[max(k for k in table if k <= C)]
 
 
-def _rows(C: int, kind: str) -> int:
+def _rows(kind: str, C: int) -> int:
     return max(1, _tiles(kind, C).row_elems // _width(C))
 
 
@@ -170,7 +170,7 @@ def _add_ln(x, r, scale, bias, opts: Options):
 
 def _forward(x, r, scale, bias, opts: Options):
     N, C = x.shape
-    R = _rows(C, "fwd")
+    R = _rows("fwd", C)
     has_r = r is not None
     shapes = [jax.ShapeDtypeStruct((N, C), x.dtype)] if has_r else []
     shapes += [jax.ShapeDtypeStruct((N, C), opts.out_dtype), jax.ShapeDtypeStruct((N,), f32),
@@ -190,7 +190,7 @@ def _add_ln_bwd(opts: Options, residuals, cotangents):
     x_new, scale, mean, rstd = residuals
     dres, dy = cotangents
     N, C = x_new.shape
-    R = _rows(C, "bwd")
+    R = _rows("bwd", C)
     blocks = pl.cdiv(N, R)
     per_program = pl.cdiv(blocks, _tiles("bwd", C).programs_per_sm * SM_COUNT)
     programs = pl.cdiv(blocks, per_program)
