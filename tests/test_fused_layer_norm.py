@@ -40,6 +40,7 @@ CASES = [  # (rows, C, with r, with bias, residual_out)
     (37, 100, True, False, True),
     (5, 96, False, True, True),  # no add: x passes through, its gradient is summed in the backward
     (19, 48, False, False, False),  # a final norm: no residual stream out
+    (37, 1024, True, True, True),  # gpt2-345m's width: two rows per backward block, the last one half masked
     (64, 1600, True, True, True),  # gpt2-1.5b's width
 ]
 
@@ -87,9 +88,10 @@ def test_backward_programs_loop_over_row_blocks(monkeypatch):
 
 
 def test_dispatch(monkeypatch):
-    """auto: xla on CPU (fp32 y, as LayerNorm always returned), pallas on GPU."""
+    """auto: xla on CPU (fp32 y, as LayerNorm always returned), pallas on GPU (whichever device runs the test)."""
     x = jnp.ones((2, 3, 8), jnp.float32)
     scale = jnp.ones(8)
+    monkeypatch.setattr(layernorm.jax, "default_backend", lambda: "cpu")
     _, y = add_layer_norm(x, x, scale, None, 1e-5, jnp.bfloat16)
     assert y.dtype == jnp.float32  # xla
 
