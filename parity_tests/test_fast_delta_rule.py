@@ -83,7 +83,7 @@ KERNELS = ("_wy_fwd_kernel", "_state_fwd_kernel", "_output_fwd_kernel", "_dv_loc
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_lowers_to_triton(D):
+def test_lowers_to_triton(D, cuda_module):
     """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling needs a GPU)."""
     options = delta_pallas.Options(scale=0.125, chunk=64, block_v=32, tril_inverse="pallas", interpret=False)
 
@@ -96,10 +96,7 @@ def test_lowers_to_triton(D):
     args = [jax.ShapeDtypeStruct((B, T, H, D), bf) for _ in range(3)] + [
         jax.ShapeDtypeStruct((B, T, H), bf), jax.ShapeDtypeStruct((B, H, D, D), jnp.float32),
         jax.ShapeDtypeStruct((B, T, H, D), bf)]
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
-    module = exported.mlir_module()
+    module = cuda_module(fwd_bwd, *args)
     missing = [name for name in KERNELS if f'name = "{name}"' not in module]
     assert not missing, f"kernels that did not lower to a Triton call: {missing}"
     assert not any(f"stablehlo.{op}" in module for op in ("transpose", "triangular_solve", "dot_general"))

@@ -149,7 +149,7 @@ KERNELS = ("_chunk_cumsum_kernel", "_state_fwd_kernel", "_chunk_A_off_kernel", "
 
 @pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),
                                              (40, 24, None)])
-def test_lowers_to_triton(K, V, state_block):
+def test_lowers_to_triton(K, V, state_block, cuda_module):
     """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU)."""
 
     def fwd_bwd(q, k, v, gk, do):
@@ -159,13 +159,10 @@ def test_lowers_to_triton(K, V, state_block):
     bf = jnp.bfloat16
     dims = ((K, bf), (K, bf), (V, bf), (K, jnp.float32), (V, bf))  # q, k, v, gk, do
     args = [jax.ShapeDtypeStruct((2, 200, 2, d), dtype) for d, dtype in dims]
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
-    module = exported.mlir_module()
+    module = cuda_module(fwd_bwd, *args)
     missing = [name for name in KERNELS if f'name = "{name}"' not in module]
     assert not missing, f"kernels that did not lower to a Triton call: {missing}"
-    assert module.count(triton) >= len(KERNELS)  # each once (the backward reads the forward's gate cumsum)
+    assert module.count("__gpu$xla.gpu.triton") >= len(KERNELS)  # each once (the backward reads the forward's gate cumsum)
 
 
 # ------------------------------------------------------------------------------------------------ GPU

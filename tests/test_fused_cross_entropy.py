@@ -186,7 +186,7 @@ def test_dispatch(monkeypatch):
     assert kernels == ["xla", "pallas_interpret", "pallas", "xla"]
 
 
-def test_lowers_to_one_triton_kernel_and_no_nv_pass():
+def test_lowers_to_one_triton_kernel_and_no_nv_pass(cuda_module):
     """The bf16 fused head's forward + backward exported for CUDA: one Triton kernel (softmax_stats), and the [N, V]
     arrays are only the logits (the forward matmul's output, the kernel's in-place operand and result) and the two
     backward matmuls' operand: no fp32 [N, V] array, no [N, V] elementwise op."""
@@ -198,12 +198,9 @@ def test_lowers_to_one_triton_kernel_and_no_nv_pass():
             return (lse - z_target).mean() + 0.1 * (z_mean - z_target).mean()  # label smoothing: all three
         return jax.value_and_grad(loss, (0, 1))(h, w)
 
-    triton = "__gpu$xla.gpu.triton"
-    module = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"],
-                               disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
-        jax.ShapeDtypeStruct((N, C), jnp.bfloat16), jax.ShapeDtypeStruct((V, C), jnp.float32),
-        jax.ShapeDtypeStruct((N,), jnp.int32)).mlir_module()
-    assert module.count(triton) == 1 and "softmax_stats" in module
+    module = cuda_module(fwd_bwd, jax.ShapeDtypeStruct((N, C), jnp.bfloat16), jax.ShapeDtypeStruct((V, C), jnp.float32),
+                         jax.ShapeDtypeStruct((N,), jnp.int32))
+    assert module.count("__gpu$xla.gpu.triton") == 1 and "softmax_stats" in module
     ops = [line for line in module.splitlines() if f"{N}x{V}x" in line and "=" in line]
     assert not any(f"{N}x{V}xf32" in line for line in ops), ops
     kinds = sorted(re.search(r"= (\S+)", line).group(1).split("(")[0] for line in ops)
