@@ -162,7 +162,8 @@ def test_lowers_to_triton(K, V, state_block, cuda_module):
     module = cuda_module(fwd_bwd, *args)
     missing = [name for name in KERNELS if f'name = "{name}"' not in module]
     assert not missing, f"kernels that did not lower to a Triton call: {missing}"
-    assert module.count("__gpu$xla.gpu.triton") >= len(KERNELS)  # each once (the backward reads the forward's gate cumsum)
+    # each kernel once (the backward reads the forward's gate cumsum)
+    assert module.count("__gpu$xla.gpu.triton") >= len(KERNELS)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
