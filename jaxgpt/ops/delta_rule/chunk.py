@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxgpt.ops.delta_rule.pallas import chunk_delta_rule_pallas
 from jaxgpt.ops.l2norm import l2norm
+from jaxgpt.ops.triangular import unit_lower_solve
 from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
 
 
@@ -87,7 +88,7 @@ def wy_representation(k: jax.Array, v: jax.Array, beta: jax.Array) -> tuple[jax.
     kb = k * beta
     a = jnp.tril(kb @ jnp.swapaxes(k, -1, -2), -1) + jnp.eye(C, dtype=k.dtype)
     rhs = jnp.concatenate([kb, v * beta], axis=-1)
-    wu = jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    wu = unit_lower_solve(a, rhs)
     return wu[..., :K], wu[..., K:]
 
 

@@ -50,6 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxgpt.ops.l2norm import l2norm
+from jaxgpt.ops.triangular import unit_lower_solve
 from jaxgpt.ops.utils import SM_COUNT, from_chunks, pad_time, to_chunks, value_row
 
 F32 = jnp.float32
@@ -162,7 +163,7 @@ def wy_fwd_xla(k: jax.Array, v: jax.Array, beta: jax.Array, chunk: int) -> tuple
     kb, vb = (k.astype(F32) * b).astype(dt), (v.astype(F32) * b).astype(dt)
     a = jnp.tril(mm("...ik,...jk->...ij", kb, k), -1)
     eye = jnp.broadcast_to(jnp.eye(chunk, dtype=F32), a.shape)
-    t_inv = jax.lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
+    t_inv = unit_lower_solve(a, eye)
     tc = t_inv.astype(dt)
     w, u = (mm("...ij,...jd->...id", tc, x).astype(dt) for x in (kb, vb))
     return tuple(from_chunks(x, Tp) for x in (tc, w, u))
