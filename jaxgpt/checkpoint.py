@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgpt import __version__
-from jaxgpt.config import Config
+from jaxgpt.spec.config import Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
 from jaxgpt.optim import make_optimizer

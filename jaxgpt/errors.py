@@ -1,12 +1,12 @@
-"""User-facing errors: raised for bad input, printed as one line by the CLIs (no traceback)."""
+"""User-facing errors for the CLIs: `UserError` (defined in the spec) and the entry-point wrapper that prints it."""
 
 import sys
 from collections.abc import Callable
 from functools import wraps
 
+from jaxgpt.spec.errors import UserError
 
-class UserError(Exception):
-    """A mistake in what the user asked for (bad name, missing data, invalid shape)."""
+__all__ = ["UserError", "cli_main"]
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int | None]:

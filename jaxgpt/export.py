@@ -34,7 +34,7 @@ from flax import nnx
 
 from jaxgpt import __version__
 from jaxgpt.checkpoint import Checkpointer, TrainState, abstract_params, checkpoint_dir, load_run, make_meta
-from jaxgpt.config import Config, ModelConfig
+from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.convert import hf_gpt2_to_torch, jax_to_torch, torch_to_hf_gpt2, torch_to_jax
 from jaxgpt.data import _staging_dir
 from jaxgpt.errors import UserError, cli_main
@@ -42,7 +42,7 @@ from jaxgpt.losses import OUTPUT_TRANSFORMS
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.optim import make_optimizer
 from jaxgpt.tokenizer import _ASSETS, EOT
-from jaxgpt.variants import PRESETS
+from jaxgpt.spec.variants import PRESETS
 
 FORMATS = ("auto", "gpt2", "torch_ref")
 META_FILE = "jaxgpt.json"

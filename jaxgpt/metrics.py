@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 
 
 class MetricsLog:

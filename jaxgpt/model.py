@@ -3,7 +3,7 @@
 import jax
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.block import BLOCKS, LayerNorm
 from jaxgpt.layers.common import compute_dtype
 from jaxgpt.layers.embedding import EMBEDDINGS

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgpt.config import Config
+from jaxgpt.spec.config import Config
 
 
 def learning_rate(cfg: Config, it: jax.Array | int) -> jax.Array:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.model import init_model
 from jaxgpt.sharding import AXES, batch_sharding, make_mesh, replicate, shard_batch
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt.checkpoint import Checkpointer, TrainState, make_meta
-from jaxgpt.config import (
+from jaxgpt.spec.config import (
     MODEL_PRESETS,
     Config,
     apply_overrides,
@@ -49,7 +49,7 @@ from jaxgpt.sharding import (
     state_shardings,
 )
 from jaxgpt.steps import all_finite, init_state, make_eval_step, make_train_step
-from jaxgpt.variants import AXES, PRESETS, apply_variant
+from jaxgpt.spec.variants import AXES, PRESETS, apply_variant
 
 
 class TrainingDiverged(UserError):

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from jaxgpt.config import Config, ModelConfig
+from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.convert import jax_to_torch
 from jaxgpt.model import GPT, init_model
-from jaxgpt.variants import PRESETS, apply_variant
+from jaxgpt.spec.variants import PRESETS, apply_variant
 from torch_ref.model import build_model
 
 SMALL = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, dtype="float32")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.convert import jax_to_torch
 from jaxgpt.layers.mixers import LINEAR_LAYERS as JAX_LAYERS
 from parity_tests.helpers import rel_err

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from parity_tests.helpers import VARIANTS, jax_grads, random_batch, rel_err, twin_models, variant_config
 
 FWD_TOL = 4e-3  # FLA's forward threshold

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.convert import jax_to_torch, torch_to_jax
 from jaxgpt.layers.mixers import LINEAR_LAYERS as JAX_LAYERS
 from parity_tests.helpers import rel_err

@@ -20,7 +20,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxgpt.config import MODEL_PRESETS, Config, apply_overrides  # noqa: E402
+from jaxgpt.spec.config import MODEL_PRESETS, Config, apply_overrides  # noqa: E402
 from jaxgpt.model import init_model  # noqa: E402
 from jaxgpt.optim import make_optimizer  # noqa: E402
 

@@ -230,7 +230,7 @@ def jax_layer(op, impl, B, T, C, H, rng):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxgpt.config import ModelConfig
+    from jaxgpt.spec.config import ModelConfig
     from jaxgpt.layers.mixers import LINEAR_LAYERS
 
     kind, options = LAYER_OPTIONS[op]
@@ -253,7 +253,7 @@ def fla_layer(op, B, T, C, H, jlayer, rng):
     import torch
     from flax import nnx
 
-    from jaxgpt.config import ModelConfig
+    from jaxgpt.spec.config import ModelConfig
     from jaxgpt.convert import jax_to_torch
     from torch_ref.mixers import LINEAR_LAYERS
 

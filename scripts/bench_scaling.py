@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxgpt.config import MODEL_PRESETS, Config, apply_overrides, parse_set_args  # noqa: E402
+from jaxgpt.spec.config import MODEL_PRESETS, Config, apply_overrides, parse_set_args  # noqa: E402
 
 RESULT = "BENCH_RESULT "
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")

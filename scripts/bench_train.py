@@ -45,13 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.config import Config, apply_overrides, available_configs, load_config_file, parse_set_args
+from jaxgpt.spec.config import Config, apply_overrides, available_configs, load_config_file, parse_set_args
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import GPT, init_model, num_params
 from jaxgpt.optim import make_optimizer
 from jaxgpt.steps import make_mesh, make_train_step, replicate, shard_batch
-from jaxgpt.variants import LINEAR_MIXERS, apply_variant
+from jaxgpt.spec.variants import LINEAR_MIXERS, apply_variant
 
 GPT2_VOCAB = 50257  # random tokens are drawn from the real vocabulary, not the padded one
 PHASES = ("fwd", "fwd+bwd", "step")

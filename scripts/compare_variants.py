@@ -20,7 +20,7 @@ from pathlib import Path
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.train import build_config, parser as train_parser, train
-from jaxgpt.variants import PRESETS
+from jaxgpt.spec.variants import PRESETS
 
 
 def run_variant(variant: str, train_args: list[str], runs_dir: Path) -> dict:

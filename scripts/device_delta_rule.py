@@ -172,7 +172,7 @@ def op_timing(results, shape, block_vs, with_xla=True):
 def layer_timing(results):
     from flax import nnx
 
-    from jaxgpt.config import ModelConfig
+    from jaxgpt.spec.config import ModelConfig
     from jaxgpt.convert import jax_to_torch
     from jaxgpt.layers.deltanet import DeltaNet
     from torch_ref.linear_attn import delta_net

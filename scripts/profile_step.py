@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench_train import JaxSide, RunSpec, Side, TorchSide, build_config, random_batches  # scripts/ is on sys.path
 
-from jaxgpt.config import parse_set_args
+from jaxgpt.spec.config import parse_set_args
 
 # First match wins; applied to the lower-cased kernel name.
 KINDS = [

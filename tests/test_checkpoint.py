@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.checkpoint import Checkpointer, TrainState, load_run
-from jaxgpt.config import Config
+from jaxgpt.spec.config import Config
 from jaxgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import CONFIG_DIR, MODEL_PRESETS, Config, ModelConfig, available_configs
+from jaxgpt.spec.config import CONFIG_DIR, MODEL_PRESETS, Config, ModelConfig, available_configs
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
 from jaxgpt.optim import decay_mask, learning_rate, make_optimizer
 from jaxgpt.train import build_config, parser
-from jaxgpt.variants import OVERRIDABLE_BY_VARIANT, PRESETS, Variant, apply_variant
+from jaxgpt.spec.variants import OVERRIDABLE_BY_VARIANT, PRESETS, Variant, apply_variant
 
 
 def cfg_from(*argv: str) -> Config:

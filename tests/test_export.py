@@ -12,12 +12,12 @@ import pytest
 from flax import nnx
 
 from jaxgpt.checkpoint import Checkpointer, TrainState
-from jaxgpt.config import Config, ModelConfig
+from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.export import export, import_folder, load_checkpoint
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
-from jaxgpt.variants import PRESETS, apply_variant
+from jaxgpt.spec.variants import PRESETS, apply_variant
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 import jaxgpt.model as jmodel
-from jaxgpt import variants
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec import variants
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
 from jaxgpt.model import init_model
 from jaxgpt.ops import cross_entropy as ce_ops

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxgpt.layers.block as jblock
-from jaxgpt.config import MODEL_PRESETS, ModelConfig
+from jaxgpt.spec.config import MODEL_PRESETS, ModelConfig
 from jaxgpt.model import init_model
 from jaxgpt.ops import layernorm
 from jaxgpt.ops.layernorm import add_layer_norm, pallas

@@ -13,7 +13,7 @@ from flax import nnx
 
 import jaxgpt.layers.block as jblock
 import jaxgpt.ops.mlp as mlp_ops
-from jaxgpt.config import MODEL_PRESETS, ModelConfig
+from jaxgpt.spec.config import MODEL_PRESETS, ModelConfig
 from jaxgpt.ops.mlp import dgrad_gelu_pallas, gelu_bwd, mlp, mlp_xla, naive, pallas
 
 bf16 = jnp.bfloat16

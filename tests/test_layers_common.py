@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import qkv_heads
 from jaxgpt.layers.mixers import CausalSelfAttention
 

@@ -9,7 +9,7 @@ import pytest
 
 import jaxgpt.ops.delta_rule.chunk as delta_chunk
 import jaxgpt.ops.gla.chunk as gla_chunk
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
 from jaxgpt.ops import utils

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from cli_runs import SCHEDULE, TINY, assert_trees_equal, leaves, restore
 
 from jaxgpt.checkpoint import load_run
-from jaxgpt.config import Config, ModelConfig, apply_overrides
+from jaxgpt.spec.config import Config, ModelConfig, apply_overrides
 from jaxgpt.errors import UserError
 from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import init_model
@@ -345,7 +345,7 @@ ACCUM_SCRIPT = """
 import json, re, sys
 import jax, numpy as np
 from flax import nnx
-from jaxgpt.config import Config, apply_overrides
+from jaxgpt.spec.config import Config, apply_overrides
 from jaxgpt.model import init_model
 from jaxgpt.optim import make_optimizer
 from jaxgpt.sharding import batch_sharding, make_mesh, state_shardings

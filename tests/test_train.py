@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from jaxgpt.checkpoint import Checkpointer
-from jaxgpt.config import available_configs
+from jaxgpt.spec.config import available_configs
 from jaxgpt.errors import UserError
 from jaxgpt.optim import learning_rate
 from jaxgpt.train import build_config, parser, train
 from cli_runs import SCHEDULE, TINY, Run, assert_trees_equal, leaves, restore
-from jaxgpt.variants import AXES, PRESETS
+from jaxgpt.spec.variants import AXES, PRESETS
 
 
 def one_error_line(run: Run) -> str:

@@ -1,4 +1,4 @@
-"""Variant axes (DESIGN §2): losses vs NumPy formulas, effective init on both sides, the bigram hash,
+"""Variant axes (docs/variants.md): losses vs NumPy formulas, effective init on both sides, the bigram hash,
 value-embedding placement, the registry and its CLI. Model-level parity lives in parity_tests/."""
 
 import dataclasses
@@ -12,8 +12,9 @@ from flax import nnx
 
 import jaxgpt.losses as jl
 import torch_ref.losses as tl
-from jaxgpt import variants
-from jaxgpt.config import Config, ModelConfig
+from jaxgpt import variants as variants_cli
+from jaxgpt.spec import variants
+from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.layers import block as jblock
 from jaxgpt.layers import embedding as jemb
@@ -362,7 +363,7 @@ def test_axes_compose_and_name_the_run():
 
 
 def test_variants_cli_prints_a_row_per_preset(capsys):
-    variants.main(["--model-size", "tiny"])
+    variants_cli.main(["--model-size", "tiny"])
     lines = capsys.readouterr().out.splitlines()
     for name, v in variants.PRESETS.items():
         row = next(line for line in lines if line.split()[:1] == [name])

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from torch_ref.mixers import MIXERS
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.embedding import HASH_CUR, HASH_PREV, NUM_TABLES, value_embed_layers
-from jaxgpt.variants import LINEAR_MIXERS
+from jaxgpt.spec.variants import LINEAR_MIXERS
 
 
 class TokenEmbedding(nn.Module):

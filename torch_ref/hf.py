@@ -12,7 +12,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from torch_ref.model import GPT
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from torch_ref.fla_naive import naive_delta_rule_l2, naive_gla
 
 CONV_SIZE = 4

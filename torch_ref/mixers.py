@@ -1,6 +1,6 @@
 """Mixer axis in PyTorch (twin of jaxgpt.layers.mixers): [B, T, C] -> [B, T, C].
 
-The linear mixers stack FLA's layers (torch_ref.linear_attn) as jaxgpt.variants.linear_mixer_layer says.
+The linear mixers stack FLA's layers (torch_ref.linear_attn) as jaxgpt.spec.variants.linear_mixer_layer says.
 """
 
 from collections.abc import Callable
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jaxgpt.config import ModelConfig
-from jaxgpt.variants import LINEAR_MIXERS, linear_mixer_layer
+from jaxgpt.spec.config import ModelConfig
+from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 from torch_ref.linear_attn import delta_net, gated_linear_attention
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from torch_ref.block import BLOCKS
 from torch_ref.embedding import EMBEDDINGS
 from torch_ref.losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy

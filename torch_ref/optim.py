@@ -2,7 +2,7 @@
 
 import torch
 
-from jaxgpt.config import Config
+from jaxgpt.spec.config import Config
 from jaxgpt.optim import learning_rate
 
 

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from jaxgpt.config import Config
+from jaxgpt.spec.config import Config
 from torch_ref.model import GPT
 from torch_ref.optim import configure_optimizer
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import compute_dtype, linear, proj_std
 from jaxgpt.layers.mixers import MIXERS
 from jaxgpt.ops.layernorm import add_layer_norm

@@ -12,7 +12,7 @@ in `c_proj`); convolutions and the norm keep FLA/PyTorch's init (fla_modules.py)
 import jax
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import linear
 from jaxgpt.layers.fla_modules import RMSNorm, ShortConvolution
 from jaxgpt.layers.gla import CONV_SIZE, NORM_EPS

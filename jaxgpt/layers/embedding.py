@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import embed
-from jaxgpt.variants import LINEAR_MIXERS
+from jaxgpt.spec.variants import LINEAR_MIXERS
 
 HASH_CUR, HASH_PREV = 36313, 27191  # bigram hash multipliers
 NUM_TABLES = 5  # extra tables (in units of vocab_size) of bigram_hash and the value embeddings

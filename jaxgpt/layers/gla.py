@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import linear
 from jaxgpt.layers.fla_modules import RMSNorm, ShortConvolution
 from jaxgpt.ops import chunk_gla

@@ -1,6 +1,6 @@
 """Mixer axis (the benchmark's `CausalSelfAttention`): token mixing across time, [B, T, C] -> [B, T, C].
 
-The linear mixers stack FLA's layers (jaxgpt.layers.gla / deltanet) as jaxgpt.variants.linear_mixer_layer says.
+The linear mixers stack FLA's layers (jaxgpt.layers.gla / deltanet) as jaxgpt.spec.variants.linear_mixer_layer says.
 """
 
 from collections.abc import Callable
@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.config import ModelConfig
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import linear, proj_std, qkv_heads
 from jaxgpt.layers.deltanet import DeltaNet
 from jaxgpt.layers.gla import GatedLinearAttention
-from jaxgpt.variants import LINEAR_MIXERS, linear_mixer_layer
+from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 
 
 def attention_implementation(dtype: jnp.dtype) -> str:

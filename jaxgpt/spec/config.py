@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.errors import UserError
+from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """GPT-2 architecture plus the four variant axes (DESIGN §2)."""
+    """GPT-2 architecture plus the four variant axes (docs/variants.md)."""
 
     n_layer: int = 12
     n_head: int = 12
@@ -66,7 +66,7 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
 }
 
-# The only recipe keys a variant's CONFIG_OVERRIDES may change (DESIGN §1).
+# The only recipe keys a variant's CONFIG_OVERRIDES may change.
 OVERRIDABLE_BY_VARIANT = ("learning_rate", "weight_decay", "warmup_iters", "min_lr", "grad_clip")
 
 
