@@ -5,28 +5,51 @@ reference files are executed on their own, on first use (FLA is an optional depe
 linear-attention layers and the parity tests.
 """
 
+import ast
 import functools
 import importlib.util
 import pathlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
+
+from jaxgpt.spec.constants import L2_NORM_EPS
+
+
+def fla_path(relpath: str) -> pathlib.Path:
+    """The path of one file of the installed FLA package."""
+    fla = importlib.util.find_spec("fla")
+    if fla is None:
+        raise ImportError("torch_ref's linear-attention layers need FLA 0.6.0: pip install 'jaxgpt[fla]'")
+    return pathlib.Path(fla.submodule_search_locations[0]) / relpath
 
 
 @functools.cache
 def load_fla_file(relpath: str) -> ModuleType:
     """Execute one file of the installed FLA package, e.g. 'ops/gla/naive.py', as a stand-alone module."""
-    fla = importlib.util.find_spec("fla")
-    if fla is None:
-        raise ImportError("torch_ref's linear-attention layers need FLA 0.6.0: pip install 'jaxgpt[fla]'")
-    path = pathlib.Path(fla.submodule_search_locations[0]) / relpath
+    path = fla_path(relpath)
     spec = importlib.util.spec_from_file_location(f"fla_naive_{relpath.replace('/', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+@functools.cache
+def load_fla_function(relpath: str, name: str) -> Callable:
+    """One top-level PyTorch function of an FLA file whose imports need Triton (e.g. 'ops/gated_delta_rule/gate.py'):
+    only that function's definition is executed, with `torch` and `F` (torch.nn.functional) in scope."""
+    path = fla_path(relpath)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if node is None:
+        raise ImportError(f"{path} defines no function {name!r}")
+    namespace = {"torch": torch, "F": torch.nn.functional}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
+def l2norm(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
     """FLA's l2norm convention over the last axis: x / sqrt(sum(x^2) + eps)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
@@ -42,3 +65,19 @@ def naive_delta_rule_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta:
     gated_delta_rule = load_fla_file("ops/gated_delta_rule/naive.py").naive_recurrent_gated_delta_rule
     o, _ = gated_delta_rule(l2norm(q), l2norm(k), v, beta, torch.zeros_like(beta))
     return o.to(v.dtype)
+
+
+def naive_gated_delta_rule_l2(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """FLA's naive_recurrent_gated_delta_rule with the in-kernel L2 norm of q and k (use_qk_l2norm_in_kernel=True):
+    q, k [B, T, H, K], v [B, T, H, V], g (log decays) and beta [B, T, H] -> o [B, T, H, V] in v's dtype."""
+    gated_delta_rule = load_fla_file("ops/gated_delta_rule/naive.py").naive_recurrent_gated_delta_rule
+    o, _ = gated_delta_rule(l2norm(q), l2norm(k), v, beta, g)
+    return o.to(v.dtype)
+
+
+def naive_gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None) -> torch.Tensor:
+    """FLA's naive_gdn_gate (the reference of its `use_gate_in_kernel` gate): fp32 -exp(A_log) * softplus(a + dt_bias),
+    a [..., H], A_log and dt_bias [H]."""
+    return load_fla_function("ops/gated_delta_rule/gate.py", "naive_gdn_gate")(a, A_log, dt_bias)

@@ -2,14 +2,18 @@
 
 from jaxgpt.ops.conv import short_conv
 from jaxgpt.ops.delta_rule import chunk_delta_rule, naive_recurrent_delta_rule
+from jaxgpt.ops.gated_delta_rule import chunk_gated_delta_rule, gdn_gate, naive_recurrent_gated_delta_rule
 from jaxgpt.ops.gla import chunk_gla, naive_recurrent_gla
 from jaxgpt.ops.l2norm import l2norm
 
 __all__ = [
     "chunk_delta_rule",
+    "chunk_gated_delta_rule",
     "chunk_gla",
+    "gdn_gate",
     "l2norm",
     "naive_recurrent_delta_rule",
+    "naive_recurrent_gated_delta_rule",
     "naive_recurrent_gla",
     "short_conv",
 ]

@@ -1,0 +1,96 @@
+"""Gated delta rule (Gated DeltaNet) ops (FLA layout [B, T, H, D]) and the one dispatch between their backends.
+
+'xla' is `chunk.chunk_gated_delta_rule_xla` (fp32, autodiff, any device); 'pallas' is the fused GPU path in
+`pallas.py` (`chunk_gated_delta_rule_pallas`). Where that file is absent, 'auto' runs 'xla' on every device and an
+explicit 'pallas' is an error.
+"""
+
+import importlib
+import importlib.util
+
+import jax
+
+from jaxgpt.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_xla
+from jaxgpt.ops.gated_delta_rule.gate import gdn_gate
+from jaxgpt.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+from jaxgpt.ops.utils import resolve_backend
+
+__all__ = ["chunk_gated_delta_rule", "gdn_gate", "naive_recurrent_gated_delta_rule", "resolve_gdn_backend"]
+
+PALLAS_MODULE = f"{__name__}.pallas"
+HAS_PALLAS = importlib.util.find_spec(PALLAS_MODULE) is not None
+
+
+def resolve_gdn_backend(backend: str) -> str:
+    """`resolve_backend`, with 'auto' falling back to 'xla' where the Pallas path is not built."""
+    resolved = resolve_backend(backend)
+    if resolved == "pallas" and not HAS_PALLAS:
+        if backend == "pallas":
+            raise ValueError(f"backend='pallas': the gated delta rule has no Pallas path ({PALLAS_MODULE} is missing)")
+        return "xla"
+    return resolved
+
+
+def chunk_gated_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array | None]:
+    """FLA 0.6.0's `chunk_gated_delta_rule` for the options Gated DeltaNet uses (g already in log space, beta
+    already through its sigmoid, equal numbers of q/k and v heads, state [K, V]).
+
+        S_t = exp(g_t) S_{t-1} + k_t u_t^T,   u_t = beta_t (v_t - (exp(g_t) S_{t-1})^T k_t),   o_t = scale S_t^T q_t
+
+    Args:
+        q, k: [B, T, H, K] queries and keys.
+        v: [B, T, H, V] values.
+        g: [B, T, H] log decays (e.g. `gdn_gate`'s output).
+        beta: [B, T, H] write strengths.
+        scale: score scale; defaults to K ** -0.5.
+        initial_state: [B, H, K, V] state, or None for zeros.
+        output_final_state: whether to return the final state.
+        use_qk_l2norm_in_kernel: L2-normalise q and k first (FLA's flag; eps 1e-6 inside the sqrt).
+        chunk_size: steps per chunk, a power of two; any T works (padded internally).
+        backend: 'auto' | 'xla' | 'pallas' (`resolve_gdn_backend`).
+
+    Returns:
+        o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
+    """
+    check_arguments(q, k, v, g, beta, initial_state, chunk_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, chunk_size)
+    if resolve_gdn_backend(backend) == "pallas":
+        return importlib.import_module(PALLAS_MODULE).chunk_gated_delta_rule_pallas(*args)
+    return chunk_gated_delta_rule_xla(*args)
+
+
+def check_arguments(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    initial_state: jax.Array | None,
+    chunk_size: int,
+) -> None:
+    """One-line ValueError for shapes that do not fit together or a chunk size that is not a power of two."""
+    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B, T, H, K], got {q.shape} and {k.shape}")
+    B, T, H, K = q.shape
+    if v.ndim != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V] like q, got {v.shape}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != (B, T, H):
+            raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, got {initial_state.shape}")
