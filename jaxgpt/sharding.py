@@ -20,8 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgpt.errors import UserError
 
-AXES = ("data", "fsdp")
-BATCH_AXES = AXES  # the batch is split over data x fsdp devices
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the batch is split over data x fsdp devices
 # Arrays with fewer elements stay replicated under FSDP: gathering them costs more latency than their memory.
 MIN_FSDP_SIZE = 2**18
 
@@ -34,8 +34,8 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, sep, value = (s.strip() for s in item.partition("="))
         if not sep:
             raise UserError(f"mesh: expected axis=size items such as 'data=2,fsdp=2', got {item!r} in {spec!r}")
-        if name not in AXES:
-            raise UserError(f"mesh: unknown axis {name!r} in {spec!r}; axes: {', '.join(AXES)}")
+        if name not in MESH_AXES:
+            raise UserError(f"mesh: unknown axis {name!r} in {spec!r}; axes: {', '.join(MESH_AXES)}")
         if name in sizes:
             raise UserError(f"mesh: axis {name!r} given twice in {spec!r}")
         try:
@@ -62,7 +62,7 @@ def mesh_shape(spec: str, n_devices: int, batch_size: int | None = None) -> dict
             if n_devices % fixed:
                 raise UserError(f"mesh {spec!r}: {n_devices} devices do not divide over the fixed axes ({fixed})")
             sizes[name] = n_devices // fixed
-    shape = {axis: sizes.get(axis, 1) for axis in AXES}
+    shape = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
     if math.prod(shape.values()) != n_devices:
         used = "x".join(str(s) for s in shape.values())
         raise UserError(
@@ -86,7 +86,7 @@ def make_mesh(batch_size: int, spec: str = "", devices: Sequence[jax.Device] | N
     """A (data, fsdp) mesh over `devices` (default: all) from a spec such as 'fsdp=4' (default: all on data)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(spec, len(devices), batch_size)
-    return Mesh(np.array(devices).reshape(shape["data"], shape["fsdp"]), AXES)
+    return Mesh(np.array(devices).reshape(shape["data"], shape["fsdp"]), MESH_AXES)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp: int) -> P:

@@ -2,8 +2,9 @@
 
 The batch axis is sharded over all devices. On a mesh of several devices each device computes the gradients of
 its own rows (shard_map, explicit collectives) and accumulates them over all micro-batches; one reduction per
-step, after the micro-batch loop, sums them over the devices (left to XLA, the all-reduce sat inside the loop:
-one per micro-batch). With replicated params and optimizer state (data parallelism) that is one all-reduce.
+step, after the micro-batch loop, sums them over the devices (placed by XLA, the all-reduce would run inside
+the loop, once per micro-batch). With replicated params and optimizer state (data parallelism) that is one
+all-reduce.
 With FSDP shardings the device also all-gathers the parameter shards over `fsdp` for each micro-batch and
 reduce-scatters that micro-batch's gradient back onto the shards; the accumulated shards are then summed over
 `data` once per step, and the optimizer update runs on the shards only (ZeRO-3). Without shardings the layout
@@ -25,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.model import init_model
-from jaxgpt.sharding import AXES, batch_sharding, make_mesh, replicate, shard_batch
+from jaxgpt.sharding import MESH_AXES, batch_sharding, make_mesh, replicate, shard_batch
 
 __all__ = [
     "TrainStep", "all_finite", "init_state", "make_eval_step", "make_mesh", "make_train_step", "merge_model",
@@ -79,7 +80,7 @@ def _scatter(g: jax.Array, spec: P) -> jax.Array:
 
 def _replicated_axes(spec: P) -> tuple[str, ...]:
     """The mesh axes a parameter laid out as `spec` is replicated over (its gradient is summed over them)."""
-    return tuple(axis for axis in AXES if axis not in spec)
+    return tuple(axis for axis in MESH_AXES if axis not in spec)
 
 
 def _accumulate(value_and_grad: Callable, params: Any, x: jax.Array, y: jax.Array) -> tuple[Any, jax.Array]:
@@ -102,7 +103,7 @@ def _mesh_loss_and_grads(loss_fn: Callable, mesh: Mesh, specs: Any) -> Callable:
     every spec P(), plain data parallelism: a single all-reduce). Dividing by devices x A turns the sum of
     per-device means into the mean over the whole batch (all devices hold equal rows, and every training loss
     is a mean over tokens)."""
-    batch = P(None, AXES, None)
+    batch = P(None, MESH_AXES, None)
 
     def value_and_grad(params, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(jax.tree.map(_gather, params, specs), x, y)
@@ -112,7 +113,7 @@ def _mesh_loss_and_grads(loss_fn: Callable, mesh: Mesh, specs: Any) -> Callable:
         grad_sum, losses = _accumulate(value_and_grad, params, x, y)
         n = mesh.size * x.shape[0]
         grads = jax.tree.map(lambda g, spec: jax.lax.psum(g, _replicated_axes(spec)) / n, grad_sum, specs)
-        return jax.lax.pmean(losses.mean(), AXES), grads
+        return jax.lax.pmean(losses.mean(), MESH_AXES), grads
 
     # check_vma=False: the gradients above are the device's own (no implicit psum); the reductions are explicit
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=(P(), specs), check_vma=False)
@@ -124,8 +125,8 @@ class TrainStep:
     lists of the params' and optimizer state's arrays and x, y [A, B, T].
 
     jit flattens its arguments at every call, and nnx.State and optax's state trees flatten through Python
-    callbacks: 3.0 ms per call for gpt2-124m's 227 arrays on a 2-core host against 0.3 ms for lists
-    (scripts/bench_dispatch.py), time in which the device may wait. Loops keep `leaves(params, opt_state)`
+    callbacks, host time per step in which the device may wait (scripts/bench_dispatch.py measures it); flat
+    lists flatten in C++. Loops keep `leaves(params, opt_state)`
     between steps and rebuild the trees with `trees(p, o)` where they need them (evaluation, checkpoints);
     calling the TrainStep itself takes and returns trees.
     """
@@ -222,9 +223,9 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any = None) -> Calla
     specs = jax.tree.map(lambda s: s.spec, param_shardings)
 
     def local(params, x, y):
-        return jax.lax.pmean(loss(jax.tree.map(_gather, params, specs), x, y), AXES)
+        return jax.lax.pmean(loss(jax.tree.map(_gather, params, specs), x, y), MESH_AXES)
 
-    batch = P(AXES, None)
+    batch = P(MESH_AXES, None)
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, batch, batch), out_specs=P(), check_vma=False))
 
 
