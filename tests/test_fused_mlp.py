@@ -14,7 +14,7 @@ from flax import nnx
 import jaxgpt.layers.block as jblock
 import jaxgpt.ops.mlp as mlp_ops
 from jaxgpt.spec.config import MODEL_PRESETS, ModelConfig
-from jaxgpt.ops.mlp import dgrad_gelu_pallas, gelu_bwd, mlp, mlp_xla, naive, pallas
+from jaxgpt.ops.mlp import dgrad_gelu_pallas, gelu_bwd, mlp, mlp_xla, pallas, reference
 
 bf16 = jnp.bfloat16
 erf64 = np.vectorize(math.erf)
@@ -126,7 +126,7 @@ def test_dispatch(monkeypatch, bias, gpu, uses_op):
 
     module = jblock.MLP(_cfg(bias=bias, dtype="float32"), nnx.Rngs(0))
     x = jnp.ones((2, 4, 128), jnp.float32)
-    want = module.c_proj(naive.gelu(module.c_fc(x)))
+    want = module.c_proj(reference.gelu(module.c_fc(x)))
     monkeypatch.setattr(jblock, "mlp", called)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if gpu else "cpu")
     if uses_op:

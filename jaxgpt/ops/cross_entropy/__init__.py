@@ -1,13 +1,13 @@
 """The fused LM head + cross-entropy statistics (jaxgpt.ops.cross_entropy.head).
 
 `head_stats` picks the [N, V] pass explicitly by device: the Pallas (Triton) kernel of jaxgpt.ops.cross_entropy.pallas
-on GPU (one read and one in-place write of the logits), XLA (jaxgpt.ops.cross_entropy.naive, the reference) elsewhere.
+on GPU (one read and one in-place write of the logits), XLA (jaxgpt.ops.cross_entropy.reference) elsewhere.
 """
 
 import jax
 
 from jaxgpt.ops.cross_entropy.head import lm_head_stats
-from jaxgpt.ops.cross_entropy.naive import SoftmaxStats, softmax_stats_xla
+from jaxgpt.ops.cross_entropy.reference import SoftmaxStats, softmax_stats_xla
 from jaxgpt.ops.cross_entropy.pallas import softmax_stats_pallas
 from jaxgpt.ops.utils import resolve_backend
 

@@ -3,7 +3,7 @@ through its two matmuls.
 
     logits   z = h @ w.T                             [N, V] in h's dtype (one matmul, as the plain head)
     forward  lse, z_target, z_mean of z               [N] fp32 each; every loss of jaxgpt.losses is a function of them
-             (the [N, V] pass: naive.softmax_stats_xla or pallas.softmax_stats_pallas, which also leave the
+             (the [N, V] pass: reference.softmax_stats_xla or pallas.softmax_stats_pallas, which also leave the
              unnormalised softmax e = exp(z - max) and sum_exp, so softmax = e / sum_exp, as the residual)
     backward with cotangents g_lse, g_t, g_mean [N]:  dz = g_lse * softmax + g_t * onehot(target) + g_mean / V, never
              formed: with a = g_lse / sum_exp and u = g_mean / V,
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxgpt.ops.cross_entropy.naive import SoftmaxStats, softmax_stats_xla
+from jaxgpt.ops.cross_entropy.reference import SoftmaxStats, softmax_stats_xla
 from jaxgpt.ops.cross_entropy.pallas import softmax_stats_pallas
 
 f32 = jnp.float32

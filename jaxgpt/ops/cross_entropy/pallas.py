@@ -1,6 +1,6 @@
 """The softmax statistics of the logits as one Pallas (Triton backend) kernel, writing e over the logits in place.
 
-`softmax_stats_pallas` computes what jaxgpt.ops.cross_entropy.naive.softmax_stats_xla computes (the unnormalised
+`softmax_stats_pallas` computes what jaxgpt.ops.cross_entropy.reference.softmax_stats_xla computes (the unnormalised
 softmax e = exp(z - max) in z's dtype, and sum_exp, lse, z_target, z_mean [N] fp32), one program per row:
     pass 1   reads the row of z [V] from DRAM in chunks of BV: running max and z[target] (per-lane vectors, reduced
              once at the end)
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt.ops.cross_entropy.naive import SoftmaxStats
+from jaxgpt.ops.cross_entropy.reference import SoftmaxStats
 
 f32 = jnp.float32
 CHUNK = 4096  # columns per load

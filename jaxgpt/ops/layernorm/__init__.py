@@ -1,13 +1,13 @@
 """Layer norm with torch's backward, and the residual add fused into it (pre-LN blocks).
 
 `add_layer_norm` picks the implementation explicitly by device: the Pallas (Triton) kernels of
-jaxgpt.ops.layernorm.pallas on GPU (one pass each way), XLA (jaxgpt.ops.layernorm.naive, the reference) elsewhere.
+jaxgpt.ops.layernorm.pallas on GPU (one pass each way), XLA (jaxgpt.ops.layernorm.reference) elsewhere.
 """
 
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.ops.layernorm.naive import add_layer_norm_xla, layer_norm_xla, scaled_normalize
+from jaxgpt.ops.layernorm.reference import add_layer_norm_xla, layer_norm_xla, scaled_normalize
 from jaxgpt.ops.layernorm.pallas import add_layer_norm_pallas
 from jaxgpt.ops.utils import resolve_backend
 

@@ -4,7 +4,7 @@ GELU's derivative fused into one kernel.
 `mlp` picks the implementation explicitly by device: on GPU the custom VJP below, whose forward is XLA's (cuBLAS
 matmuls and the GELU fusion, as before) and whose backward computes du = (dy @ w_proj^T) * gelu'(u) in one Pallas
 Mosaic GPU kernel (jaxgpt.ops.mlp.pallas); elsewhere (and for shapes or dtypes the kernel does not take) XLA
-autodiff of `mlp_xla` (jaxgpt.ops.mlp.naive, the reference).
+autodiff of `mlp_xla` (jaxgpt.ops.mlp.reference).
 """
 
 from functools import partial
@@ -12,7 +12,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.ops.mlp.naive import gelu, gelu_bwd, mlp_xla
+from jaxgpt.ops.mlp.reference import gelu, gelu_bwd, mlp_xla
 from jaxgpt.ops.mlp.pallas import dgrad_gelu_pallas, supported
 from jaxgpt.ops.utils import resolve_backend
 

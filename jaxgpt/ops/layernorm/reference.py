@@ -1,7 +1,7 @@
 """Layer norm with torch's backward, in XLA: `scaled_normalize` and the residual add + layer norm built from it.
 
-This is the reference (and the CPU path) for `jaxgpt.ops.layernorm.pallas`, and exactly what `LayerNorm` computed
-before the fused kernels: x_new = x + r by XLA's add, then `scaled_normalize(x_new) + bias` in fp32.
+This is the reference (and the CPU path) for `jaxgpt.ops.layernorm.pallas`: x_new = x + r by XLA's add, then
+`scaled_normalize(x_new) + bias` in fp32.
 """
 
 from functools import partial

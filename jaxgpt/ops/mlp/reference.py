@@ -1,6 +1,6 @@
 """The MLP's exact GELU and the MLP itself in XLA: the reference (and the CPU path) for `jaxgpt.ops.mlp.pallas`.
 
-`gelu` is what `jaxgpt.layers.block` always computed (moved here so that the fused op can share it); `mlp_xla` is
+`gelu` is the exact GELU of `jaxgpt.layers.block`'s MLP (here so that the fused op shares it); `mlp_xla` is
 `MLP.__call__`'s math without biases: y = gelu(x @ w_fc) @ w_proj, every matmul in the operands' dtype.
 """
 
