@@ -11,11 +11,8 @@ read) plus, in the backward, the softmax - onehot pass (a read and a write); the
 its two matmuls.
 
 Tiles: BV = min(CHUNK, next power of two >= V) columns, the tail masked (V = 50304: 13 chunks of 4096, the last 288
-wide). Measured on an H200 at N = 12288, V = 50304 bf16: 0.89 ms (2.8 TB/s of the 2.5 GB read + written; XLA's
-in-place elementwise pass over the same array, the floor for one read and one write, takes 0.75 ms), against 0.79 ms
-(forward reduce) + 0.73 ms (backward dz pass) before. Swept: BV 4096-65536 x 4-32 warps (4096 x 16 best; 8192 x 16
-1.09 ms, whole rows in registers 1.37 ms or worse), several rows per program for fewer rows in flight between their two
-reads (0.96-1.23 ms), the second pass in reverse chunk order (no change), 2-3 pipeline stages (no change).
+wide), NUM_WARPS warps, one row per program; at GPT-2's vocabulary this reaches ~2.8 TB/s of the bytes read and
+written (docs/kernels-cross-entropy.md).
 """
 
 import functools
@@ -28,6 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxgpt.ops.cross_entropy.reference import SoftmaxStats
 
 f32 = jnp.float32
+# scripts/profile_step.py (softmax_stats's time in the train step) picks these (docs/kernels-cross-entropy.md)
 CHUNK = 4096  # columns per load
 NUM_WARPS = 16
 

@@ -10,9 +10,9 @@ units (log2(e) gk summed, fp32), so that every gate factor e^{x} is one exp2 2^{
 natural units); g is written once, by _chunk_cumsum first in the forward, and kept as a residual for the backward
 (fp32 [B, Tp, H, K], in gk's place: gk is cast to fp32 outside the custom_vjp), so that every kernel, the state
 kernels included, reads the same values and no kernel scans inside its loop. g_last = g's last row in the chunk
-(read as a row of g, so g_last - g is exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4 at
-|g| ~ 1e3, and that error scaled the newest, dominant term of a strongly gated state), q~ = scale * q, S_n the state
-entering chunk n (S_0 = h0) and dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
+(read as a row of g, so g_last - g is exactly 0 at the chunk's last step: a separate sum rounds differently, by ~1e-4
+at |g| ~ 1e3, and that error would scale the newest, dominant term of a strongly gated state), q~ = scale * q, S_n the
+state entering chunk n (S_0 = h0) and dS_{n+1} the gradient w.r.t. the state after it (dS_N = d(final state)).
 
 forward
     _chunk_cumsum     grid (N, B*H)             g
@@ -99,10 +99,7 @@ M = CHUNK // SUB  # sub-chunks per chunk
 BLOCK_K = 64  # key columns per block (a grid axis of _chunk_dqk_intra / _chunk_dqkg, a loop elsewhere); >= 16
 BLOCK_V = 64  # value columns per block (a grid axis of _chunk_o / _chunk_dv, a loop in _chunk_dA / _chunk_dqkg)
 PAIRS = M * (M - 1) // 2  # off-diagonal sub-blocks (i, j < i) per chunk
-# Warps and Triton pipelining depth per kernel (stages 1 where not named), from H200 sweeps at the three bench shapes
-# (session 7, docs/kernels.md): A's off-diagonal kernel at 1 warp (2: +45%, 4: +140% at op3), its diagonal kernel at
-# 4 (1: +55%, 2: +40% at op3; 4 is +5-10% at op1 / op2); intra 2 or 8 slower than 4; dqkg 2 14x slower, 8 +45%; stages
-# 3 -10% on intra and -5% on the state kernels, nothing elsewhere.
+# Warps, stages (1 where unnamed): scripts/bench_linear_attention.py --profile picks these (docs/kernels-gla.md)
 NUM_WARPS = {"state": 4, "cumsum": 4, "A_off": 1, "A_diag": 4, "o": 4, "dv": 4, "dA": 4, "intra": 4, "dqkg": 4}
 NUM_STAGES = {"state": 3, "intra": 3}
 MAX_HEAD_DIM = 256

@@ -40,13 +40,8 @@ class Tiles(NamedTuple):
     programs_per_sm: int = 0  # backward: the bounded grid's programs per SM
 
 
-# Per kernel, keyed by the smallest model width C each serves (the largest key <= C applies), from sweeps on an
-# H200. Forward at 12288 x 768 (row elements 1024-4096 x warps 2-8): 31.7-34.1 us, chosen 31.7 us (~3.5 TB/s of
-# the ideal bytes); the same tiles are within 1 us of the best at 16384 x 1024. Backward at 12288 x 768 (row
-# elements 1024-4096, warps 1-8, stages 1-4, programs per SM 2-16): 40.7-53.5 us, chosen 41.6 us (~3.6 TB/s);
-# at 16384 x 1024 (gpt2-345m; row elements 1024-4096, warps 2-8, stages 1-3, programs per SM 4-16): two rows per
-# block 75.5 us against 92.3 us with the 768 tiles (session 11); at 8192 x 1600 (gpt2-1.5b; one row per block) the
-# same tiles take 62.1 us against 63.3 us with the 768 tiles, within 1.1 us of the best of 54 configs (session 12).
+# Launch shapes per kernel, keyed by the smallest model width C each serves (the largest key <= C applies).
+# scripts/profile_step.py picks these (docs/kernels-layernorm.md).
 TILES = {
     "fwd": {0: Tiles(row_elems=1024, num_warps=8, num_stages=1)},
     "bwd": {0: Tiles(row_elems=1024, num_warps=4, num_stages=3, programs_per_sm=8),

@@ -5,9 +5,8 @@ kernel:
 
 dg = dy @ w_proj^T is rounded to bf16 before the product, as the unfused path (a bf16 matmul, then GELU's backward
 on its bf16 output) does; gelu'(u) = Phi(u) + u * phi(u) in fp32, with an erf that needs no division (below).
-Unfused, XLA writes dg and reads it back with u in a separate fusion (H200, gpt2-124m: cuBLAS 73.8 us + fusion
-75.5 us alone; 73 + 85 us inside the train step); here u is read in the epilogue and only du is written (133 us
-alone, 144 us inside the step: -0.18 ms GPU time per step; gpt2-345m alone 308 -> 264 us).
+Unfused, XLA writes dg and reads it back with u in a separate fusion; here u is read in the epilogue and only du
+is written (docs/kernels-mlp.md).
 
 Kernel: persistent (one program per SM, `plgpu.nd_loop` over output tiles in a planar snake order), warp
 specialized: a memory warpgroup streams [tile_k]-deep slabs of dy and w_proj through a `STAGES`-deep TMA pipeline
@@ -15,9 +14,9 @@ into shared memory, two compute warpgroups each accumulate a [TILE_M, TILE_N] fp
 is [TILE_M, 2 TILE_N]). Each compute warpgroup starts the TMA load of its u block before its main loop and applies
 the epilogue per 64 x 64 sub-tile, writing du over u in shared memory and storing it with TMA.
 
-The forward counterpart (c_fc + GELU in one kernel) is not here: measured on an H200 it ran no faster than cuBLAS
-+ XLA's GELU fusion (134 vs 133 us at gpt2-124m, 273 vs 270 us at gpt2-345m), because its epilogue's arithmetic
-is not overlapped with the tensor cores, and this kernel's main loop is ~12 us slower than cuBLAS's.
+There is no forward counterpart (c_fc + GELU in one kernel): it is no faster than cuBLAS + XLA's GELU fusion,
+because its epilogue's arithmetic is not overlapped with the tensor cores and this kernel's main loop is slower
+than cuBLAS's.
 
 Only bf16 / fp16 operands with M % TILE_M == 0, F % (2 TILE_N) == 0 and C % TILE_K == 0 are supported
 (`supported`); the caller falls back to XLA otherwise.
@@ -34,9 +33,8 @@ from jax.experimental import pallas as pl
 from jaxgpt.ops.utils import SM_COUNT
 
 f32 = jnp.float32
-# Tiles and pipeline depth from a sweep on an H200 at 12288 x 768 x 3072 and 16384 x 1024 x 4096 (stages 4 does
-# not fit in shared memory beside the u tiles; splitting the CTA tile between the warpgroups along F was ~1%
-# faster than along M; a planar-snake width of 4 along M beat 1 and 8).
+# Tiles and pipeline depth (4 stages do not fit in shared memory beside the u tiles; why: docs/kernels-mlp.md).
+# scripts/profile_step.py (mlp_dgrad_gelu's time in the train step) picks these.
 TILE_M, TILE_N, TILE_K, EPI = 128, 128, 64, 64
 STAGES = 3
 SNAKE_WIDTH = 4
