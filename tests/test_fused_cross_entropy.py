@@ -120,7 +120,7 @@ def _loss_and_grads(model, idx, targets, train, logits_path):
 
     def f(p):
         m = nnx.merge(graphdef, p)
-        if logits_path:  # what GPT.loss computed before the fused head
+        if logits_path:  # the loss of the materialised logits, without the fused head
             return (LOSSES[m.cfg.loss] if train else cross_entropy)(m(idx), targets)
         return m.loss(idx, targets, train=train)
 

@@ -88,7 +88,7 @@ def test_backward_programs_loop_over_row_blocks(monkeypatch):
 
 
 def test_dispatch(monkeypatch):
-    """auto: xla on CPU (fp32 y, as LayerNorm always returned), pallas on GPU (whichever device runs the test)."""
+    """auto: xla on CPU (y in fp32), pallas on GPU (whichever device runs the test)."""
     x = jnp.ones((2, 3, 8), jnp.float32)
     scale = jnp.ones(8)
     monkeypatch.setattr(layernorm.jax, "default_backend", lambda: "cpu")
