@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the foundation checks: versions, bf16 GPU parity, gpt2-124m for 300 steps on the
+# One device call that checks a GPU machine end to end: versions, bf16 GPU parity, gpt2-124m for 300 steps on the
 # default corpus. Run through the device tool from the repo root, carrying data/shakespeare:
 #   bash scripts/device_smoke.sh        (results land in $OUT)
 set -uo pipefail
