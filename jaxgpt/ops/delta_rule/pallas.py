@@ -384,26 +384,22 @@ def _block(d: int) -> int:
 
 def _dqkw_block(K: int) -> int:
     """Key columns per `_dqkw` program: all of K up to 2 * BLOCK (every program reads all of dO, V', dV' and computes
-    dS again, so fewer programs do less; K = 128: 0.327 -> 0.273 ms at B1 T16384 H16, session 7), else `_block`."""
+    dS again, so fewer programs do less), else `_block`."""
     return K if K <= 2 * BLOCK else _block(K)
 
 
-# num_warps of the per-chunk kernels, from a one-kernel-at-a-time sweep of 2 / 4 / 8 on an H200 (session 6, fwd+bwd
-# at B8 T1024 H12 D64 and B1 T16384 H16 D128): _wy_fwd 2 (-15% / -6% of the op against 4); _dqkw and _wy_bwd 4 at
-# both head dims (8 at D = 128 cost +3% / +7%); the other kernels within 1% of each other.
+# num_warps of the per-chunk kernels: scripts/bench_linear_attention.py --profile picks these (docs/kernels-deltanet.md)
 WARPS = {"wy_fwd": 2, "output_fwd": 4, "dv_local": 4, "dqkw": 4, "wy_bwd": 4}
 
 
-# num_stages (Triton's software pipelining of the loop's loads) of the recurrences, from a sweep of 1-4 on an H200
-# (session 7, B1 T16384 H16 D128, kernel alone): _state_fwd 0.75 / 0.37 / 0.29 / 0.27 ms at block_v 32 (0.23 / 0.21
-# at 3 / 4 with block_v 16), _state_bwd 0.90 / 0.67 / 0.60 / 0.60 ms (block_v 16: 0.55 / 0.57 at 3 / 4). The
-# per-chunk kernels have no loop.
+# num_stages (Triton's software pipelining of the loop's loads) of the recurrences; the per-chunk kernels have no loop.
+# scripts/bench_linear_attention.py --profile picks these (docs/kernels-deltanet.md).
 STAGES = {"state_fwd": 4, "state_bwd": 3}
 
 
 def _default_block_v(heads: int, V: int) -> int:
     """State columns per recurrence program: 32, or 16 where 32 leaves multiprocessors idle (heads * V / 32 programs
-    under SM_COUNT; B1 T16384 H16 D128: _state_fwd 0.27 -> 0.21 ms, _state_bwd 0.60 -> 0.55 ms at 16)."""
+    under SM_COUNT: the recurrences' only parallelism is batch x heads x state columns)."""
     return min(V, 32 if heads * V // 32 >= SM_COUNT else 16)
 
 
