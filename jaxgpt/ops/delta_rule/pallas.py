@@ -30,7 +30,14 @@ columns, or the whole head dim when 64 does not divide it):
               _dqkw        (N, B*H, K/BKQ)     dQ, dK without the WY terms (fp32), dW (BKQ = `_dqkw_block(K)`)
               _wy_bwd      (N, B*H)            the WY step; writes the final dK, dV, dbeta
 
-Residuals: q, k, v, beta, T, W, S_n, V' (FLA recomputes S_n in its backward). With tril_inverse='trsm', or a chunk
+The gated delta rule (`jaxgpt/ops/gated_delta_rule/pallas.py`) runs the same kernels with a gate: G [B, T, H] fp32,
+the cumulative log decay within each chunk (G_i = g_1 + ... + g_i from the chunk's start). Each kernel then takes a
+gate ref and scales as the gated math says: A_ij and the intra-chunk scores by exp(G_i - G_j), W = T diag(beta
+exp(G)) K, the queries' state term by exp(G_i), the chunk's writes by exp(G_last - G_i) and the carried state by
+exp(G_last); `_dqkw` and `_wy_bwd` also write dL/dG (the reverse cumulative sum that makes dg is XLA's, outside).
+Without a gate every kernel runs the code above unchanged (the gate ref and the dG outputs are None: `_call`).
+
+Residuals: q, k, v, beta, (G,) T, W, S_n, V' (FLA recomputes S_n in its backward). With tril_inverse='trsm', or a chunk
 size that is not a multiple of 16, the forward WY step runs in XLA instead (`wy_fwd_xla`: batched products and XLA's
 triangular solve on the chunked layout; for timing against, and the fallback); every other kernel is the same.
 
@@ -124,27 +131,43 @@ def delta_rule(q, k, v, beta, h0, options: Options):
 
 
 def delta_rule_fwd(q, k, v, beta, h0, options: Options):
-    if options.tril_inverse == "pallas":
-        t_inv, w, u = wy_fwd_pallas(k, v, beta, options)
-    else:
-        t_inv, w, u = wy_fwd_xla(k, v, beta, options.chunk)
-    states, v_new, final_state = state_fwd(k, w, u, h0, options)
-    o = output_fwd(q, k, states, v_new, options)
-    return (o, final_state), (q, k, v, beta, t_inv, w, states, v_new)
+    return chunk_fwd(q, k, v, beta, None, h0, options)
 
 
 def delta_rule_bwd(options: Options, residuals, cotangents):
-    q, k, v, beta, t_inv, w, states, v_new = residuals
-    do, dht = cotangents
-    do = do.astype(q.dtype)
-    dv_local = dv_local_bwd(q, k, do, options)
-    dstates, dv_new, dh0 = state_bwd(q, k, w, do, dv_local, dht.astype(F32), options)
-    dq, dk, dw = dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options)
-    dk, dv, dbeta = wy_bwd(k, v, beta, t_inv, dk, dw, dv_new, options)
-    return dq, dk, dv, dbeta.astype(beta.dtype), dh0
+    dq, dk, dv, dbeta, _, dh0 = chunk_bwd(options, residuals, cotangents)
+    return dq, dk, dv, dbeta, dh0
 
 
 delta_rule.defvjp(delta_rule_fwd, delta_rule_bwd)
+
+
+def chunk_fwd(q, k, v, beta, gate, h0, options: Options):
+    """The forward kernels; gate: None (the delta rule) or G [B, T, H] fp32 (the gated delta rule; needs
+    tril_inverse='pallas'). Returns ((o, final state), residuals)."""
+    if options.tril_inverse == "pallas":
+        t_inv, w, u = wy_fwd_pallas(k, v, beta, options, gate)
+    elif gate is None:
+        t_inv, w, u = wy_fwd_xla(k, v, beta, options.chunk)
+    else:
+        raise ValueError("the gated delta rule's WY step runs only in the kernel (tril_inverse='pallas')")
+    states, v_new, final_state = state_fwd(k, w, u, h0, options, gate)
+    o = output_fwd(q, k, states, v_new, options, gate)
+    return (o, final_state), (q, k, v, beta, gate, t_inv, w, states, v_new)
+
+
+def chunk_bwd(options: Options, residuals, cotangents):
+    """The backward kernels: (dq, dk, dv, dbeta, dG (None without a gate), dh0)."""
+    q, k, v, beta, gate, t_inv, w, states, v_new = residuals
+    do, dht = cotangents
+    do = do.astype(q.dtype)
+    dv_local = dv_local_bwd(q, k, do, options, gate)
+    dstates, dv_new, dh0 = state_bwd(q, k, w, do, dv_local, dht.astype(F32), options, gate)
+    dq, dk, dw, dgate = dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options, gate)
+    dk, dv, dbeta, dgate_wy = wy_bwd(k, v, beta, t_inv, dk, dw, dv_new, options, gate)
+    if gate is not None:
+        dgate = jnp.sum(dgate, axis=0) + dgate_wy
+    return dq, dk, dv, dbeta.astype(beta.dtype), dgate, dh0
 
 
 def wy_fwd_xla(k: jax.Array, v: jax.Array, beta: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -184,6 +207,21 @@ def _tril_mask(C: int, diagonal: int = 0) -> jax.Array:
     return cols <= rows + diagonal
 
 
+def _decay(rows: jax.Array, cols: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """exp(rows_i - cols_j) [len(rows), len(cols)] fp32 (the gate's decay between two positions), 0 outside `mask`;
+    the exponent is masked first, so an entry outside the mask never overflows."""
+    diff = rows[:, None] - cols[None, :]
+    if mask is None:
+        return jnp.exp(diff)
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
+def _last(gate: jax.Array) -> jax.Array:
+    """G_last, the last entry of a chunk's gate [C], as a scalar (a masked sum: exact)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, gate.shape, 0)
+    return jnp.sum(jnp.where(rows == gate.shape[0] - 1, gate, 0.0))
+
+
 def _tril_inverse(a: dict) -> dict:
     """T = (I + A)^{-1} of a strictly lower-triangular fp32 A given as SUB x SUB blocks a[r, c] (c <= r); returns
     T's blocks t[r, c] (c <= r; those above the diagonal are zero).
@@ -209,12 +247,13 @@ def _tril_inverse(a: dict) -> dict:
     return t
 
 
-def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: int):
+def _wy_fwd_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, w_ref, u_ref, *, H: int, C: int):
     """Chunk n = program_id(0), head program_id(1), in blocks of SUB rows: A_rc = strict_tril(Kb_r K_c^T),
-    T = (I + A)^{-1} (`_tril_inverse`), W_r = sum_{c<=r} T_rc Kb_c, U_r = sum_{c<=r} T_rc Vb_c.
+    T = (I + A)^{-1} (`_tril_inverse`), W_r = sum_{c<=r} T_rc Kb_c, U_r = sum_{c<=r} T_rc Vb_c. With a gate:
+    A_rc *= exp(G_i - G_j) and W from diag(beta exp(G)) K.
 
-    Refs: k, w [B, T, H, K]; v, u [B, T, H, V]; beta [B, T, H]; t [B, T, H, C] (row t: its chunk's T row; T is
-    computed in fp32 and stored in k's dtype).
+    Refs: k, w [B, T, H, K]; v, u [B, T, H, V]; beta [B, T, H]; g (G, or None) [B, T, H] fp32; t [B, T, H, C] (row
+    t: its chunk's T row; T is computed in fp32 and stored in k's dtype).
     """
     n, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // H, bh % H
@@ -224,8 +263,15 @@ def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: in
     ks = [k_ref[b, t, h, :] for t in rows]  # [SUB, K]
     kbs = [(x.astype(F32) * beta).astype(dt) for x, beta in zip(ks, betas)]
     a = {(r, c): _dot(kbs[r], ks[c], CONTRACT_COLS) for r in range(nb) for c in range(r + 1)}
-    for r in range(nb):
-        a[r, r] = jnp.where(_tril_mask(SUB, -1), a[r, r], 0.0)
+    if g_ref is None:
+        for r in range(nb):
+            a[r, r] = jnp.where(_tril_mask(SUB, -1), a[r, r], 0.0)
+        wbs = kbs
+    else:
+        gates = [g_ref[b, t, h] for t in rows]  # [SUB] fp32
+        for r, c in a:
+            a[r, c] = a[r, c] * _decay(gates[r], gates[c], _tril_mask(SUB, -1) if r == c else None)
+        wbs = [(x.astype(F32) * (beta * jnp.exp(g)[:, None])).astype(dt) for x, beta, g in zip(ks, betas, gates)]
     t_inv = _tril_inverse(a)
     for r in range(nb):
         for c in range(nb):
@@ -233,7 +279,7 @@ def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: in
             t_ref[b, rows[r], h, pl.ds(c * SUB, SUB)] = t_rc.astype(t_ref.dtype)
     tcs = {rc: x.astype(dt) for rc, x in t_inv.items()}
     vbs = [(v_ref[b, t, h, :].astype(F32) * beta).astype(dt) for t, beta in zip(rows, betas)]
-    for out_ref, xbs in ((w_ref, kbs), (u_ref, vbs)):
+    for out_ref, xbs in ((w_ref, wbs), (u_ref, vbs)):
         for r in range(nb):
             acc = _dot(tcs[r, 0], xbs[0])
             for c in range(1, r + 1):
@@ -241,10 +287,12 @@ def _wy_fwd_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, H: int, C: in
             out_ref[b, rows[r], h, :] = acc.astype(out_ref.dtype)
 
 
-def _state_fwd_kernel(k_ref, w_ref, u_ref, h0_ref, h_ref, vn_ref, ht_ref, *, H: int, C: int, block_v: int):
-    """One (batch*head, block of V columns): S_n stored, V'_n = U_n - W_n S_n, S_{n+1} = S_n + K_n^T V'_n.
+def _state_fwd_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, h_ref, vn_ref, ht_ref, *, H: int, C: int, block_v: int):
+    """One (batch*head, block of V columns): S_n stored, V'_n = U_n - W_n S_n, S_{n+1} = S_n + K_n^T V'_n; with a
+    gate S_{n+1} = exp(G_last) S_n + K_n^T diag(exp(G_last - G)) V'_n.
 
-    Refs: k, w [B, T, H, K]; u, v' [B, T, H, V]; h0, ht [B, H, K, V] fp32; h (the S_n) [B, N, H, K, V].
+    Refs: k, w [B, T, H, K]; u, v' [B, T, H, V]; g (G, or None) [B, T, H] fp32; h0, ht [B, H, K, V] fp32; h (the
+    S_n) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
     b, h = bh // H, bh % H
@@ -253,46 +301,65 @@ def _state_fwd_kernel(k_ref, w_ref, u_ref, h0_ref, h_ref, vn_ref, ht_ref, *, H: 
         t = pl.ds(n * C, C)
         s = state.astype(h_ref.dtype)
         h_ref[b, n, h, :, cols] = s
-        v_new = (u_ref[b, t, h, cols].astype(F32) - _dot(w_ref[b, t, h, :], s)).astype(vn_ref.dtype)
-        vn_ref[b, t, h, cols] = v_new
-        return state + _dot(k_ref[b, t, h, :], v_new, CONTRACT_ROWS)
+        v_new = u_ref[b, t, h, cols].astype(F32) - _dot(w_ref[b, t, h, :], s)
+        vn_ref[b, t, h, cols] = v_new.astype(vn_ref.dtype)
+        if g_ref is None:
+            return state + _dot(k_ref[b, t, h, :], v_new.astype(vn_ref.dtype), CONTRACT_ROWS)
+        gate = g_ref[b, t, h]
+        last = _last(gate)
+        v_decayed = (v_new * jnp.exp(last - gate)[:, None]).astype(vn_ref.dtype)
+        return jnp.exp(last) * state + _dot(k_ref[b, t, h, :], v_decayed, CONTRACT_ROWS)
 
     ht_ref[b, h, :, cols] = jax.lax.fori_loop(0, h_ref.shape[1], step, h0_ref[b, h, :, cols])
 
 
-def _output_fwd_kernel(q_ref, k_ref, h_ref, vn_ref, o_ref, *, H: int, C: int, BV: int, scale: float):
-    """Chunk n = program_id(0), head program_id(1), value block program_id(2): O = scale (Q S_n + tril(Q K^T) V').
+def _output_fwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, H: int, C: int, BV: int, scale: float):
+    """Chunk n = program_id(0), head program_id(1), value block program_id(2): O = scale (Q S_n + tril(Q K^T) V');
+    with a gate O = scale (diag(exp(G)) Q S_n + (tril(Q K^T) * exp(G_i - G_j)) V').
 
-    Refs: q, k [B, T, H, K]; h (the S_n) [B, N, H, K, V]; v', o [B, T, H, V].
+    Refs: q, k [B, T, H, K]; g (G, or None) [B, T, H] fp32; h (the S_n) [B, N, H, K, V]; v', o [B, T, H, V].
     """
     n, bh, vs = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BV, BV)
     b, h, t = bh // H, bh % H, pl.ds(n * C, C)
     q = q_ref[b, t, h, :]
-    scores = jnp.where(_tril_mask(C), _dot(q, k_ref[b, t, h, :], CONTRACT_COLS), 0.0).astype(q.dtype)
-    o = _dot(q, h_ref[b, n, h, :, vs]) + _dot(scores, vn_ref[b, t, h, vs])
+    qk = _dot(q, k_ref[b, t, h, :], CONTRACT_COLS)
+    if g_ref is None:
+        scores = jnp.where(_tril_mask(C), qk, 0.0).astype(q.dtype)
+        o = _dot(q, h_ref[b, n, h, :, vs]) + _dot(scores, vn_ref[b, t, h, vs])
+    else:
+        gate = g_ref[b, t, h]
+        scores = (qk * _decay(gate, gate, _tril_mask(C))).astype(q.dtype)
+        o = _dot(q, h_ref[b, n, h, :, vs]) * jnp.exp(gate)[:, None] + _dot(scores, vn_ref[b, t, h, vs])
     o_ref[b, t, h, vs] = (scale * o).astype(o_ref.dtype)
 
 
-def _dv_local_kernel(q_ref, k_ref, do_ref, dvl_ref, *, H: int, C: int, BV: int, scale: float):
-    """Chunk n = program_id(0), head program_id(1), value block program_id(2): dV_local = scale triu(K Q^T) dO.
+def _dv_local_kernel(q_ref, k_ref, g_ref, do_ref, dvl_ref, *, H: int, C: int, BV: int, scale: float):
+    """Chunk n = program_id(0), head program_id(1), value block program_id(2): dV_local = scale triu(K Q^T) dO
+    (with a gate, entry [j, i] of triu(K Q^T) times exp(G_i - G_j)).
 
-    Refs: q, k [B, T, H, K]; do [B, T, H, V]; dv_local [B, T, H, V] fp32.
+    Refs: q, k [B, T, H, K]; g (G, or None) [B, T, H] fp32; do [B, T, H, V]; dv_local [B, T, H, V] fp32.
     """
     n, bh, vs = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BV, BV)
     b, h, t = bh // H, bh % H, pl.ds(n * C, C)
     k = k_ref[b, t, h, :]
     triu = jnp.logical_not(_tril_mask(C, -1))
-    scores_t = jnp.where(triu, _dot(k, q_ref[b, t, h, :], CONTRACT_COLS), 0.0).astype(k.dtype)  # [j, i]: k_j . q_i
+    kq = _dot(k, q_ref[b, t, h, :], CONTRACT_COLS)  # [j, i]: k_j . q_i
+    if g_ref is None:
+        scores_t = jnp.where(triu, kq, 0.0).astype(k.dtype)
+    else:
+        gate = g_ref[b, t, h]
+        scores_t = (kq * _decay(-gate, -gate, triu)).astype(k.dtype)
     dvl_ref[b, t, h, vs] = scale * _dot(scores_t, do_ref[b, t, h, vs])
 
 
-def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_ref, dh0_ref, *,
+def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_ref, dh0_ref, *,
                       H: int, C: int, block_v: int, scale: float):
     """One (batch*head, block of V columns), chunks in reverse: G_{n+1} stored, dV'_n = dV_local + K_n G_{n+1},
-    G_n = G_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n.
+    G_n = G_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n; with a gate dV'_n = dV_local + diag(exp(G_last - G)) K_n G_{n+1},
+    G_n = exp(G_last) G_{n+1} + scale (diag(exp(G)) Q_n)^T dO_n - W_n^T dV'_n.
 
-    Refs: q, k, w [B, T, H, K]; do, dv' [B, T, H, V]; dv_local [B, T, H, V] fp32; dht, dh0 [B, H, K, V] fp32;
-    dh (the G_{n+1}) [B, N, H, K, V].
+    Refs: q, k, w [B, T, H, K]; g (the gate G, or None) [B, T, H] fp32; do, dv' [B, T, H, V]; dv_local
+    [B, T, H, V] fp32; dht, dh0 [B, H, K, V] fp32; dh (the G_{n+1}) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
     b, h = bh // H, bh % H
@@ -303,42 +370,71 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, do_ref, dvl_ref, dht_ref, dh_ref, dv_
         t = pl.ds(n * C, C)
         g = grad.astype(dh_ref.dtype)
         dh_ref[b, n, h, :, cols] = g
-        dv = (dvl_ref[b, t, h, cols] + _dot(k_ref[b, t, h, :], g)).astype(dv_ref.dtype)
+        q, kg = q_ref[b, t, h, :], _dot(k_ref[b, t, h, :], g)
+        if g_ref is not None:
+            gate = g_ref[b, t, h]
+            last = _last(gate)
+            kg = kg * jnp.exp(last - gate)[:, None]
+            q = (q.astype(F32) * jnp.exp(gate)[:, None]).astype(q.dtype)
+            grad = jnp.exp(last) * grad
+        dv = (dvl_ref[b, t, h, cols] + kg).astype(dv_ref.dtype)
         dv_ref[b, t, h, cols] = dv
-        dq_term = _dot(q_ref[b, t, h, :], do_ref[b, t, h, cols], CONTRACT_ROWS)
+        dq_term = _dot(q, do_ref[b, t, h, cols], CONTRACT_ROWS)
         return grad + scale * dq_term - _dot(w_ref[b, t, h, :], dv, CONTRACT_ROWS)
 
     dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, n_chunks, step, dht_ref[b, h, :, cols])
 
 
-def _dqkw_kernel(q_ref, k_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq_ref, dk_ref, dw_ref, *,
+def _dqkw_kernel(q_ref, k_ref, g_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq_ref, dk_ref, dw_ref, dg_ref, *,
                  H: int, C: int, BK: int, scale: float):
     """Chunk n = program_id(0), head program_id(1), key block program_id(2): with dS = scale tril(dO V'^T),
     dQ = scale dO S_n^T + dS K,  dK = V' G_{n+1}^T + dS^T Q (before the WY terms),  dW = -dV' S_n^T.
+    With a gate: dS *= exp(G_i - G_j), dO S_n^T's row i *= exp(G_i), V' G_{n+1}^T's row i *= exp(G_last - G_i),
+    and dL/dG (this key block's part; the WY part is `_wy_bwd`'s) = rowsum(dQ * Q) - rowsum(dK * K), plus at the
+    chunk's last row exp(G_last) sum(S_n * G_{n+1}) + sum(V' G_{n+1}^T-term * K) (the decay of the carried state).
 
-    Refs: q, k, dq, dw [B, T, H, K]; v', do, dv' [B, T, H, V]; h (S_n), dh (G_{n+1}) [B, N, H, K, V];
-    dk [B, T, H, K] fp32.
+    Refs: q, k, dq, dw [B, T, H, K]; g (G, or None) [B, T, H] fp32; v', do, dv' [B, T, H, V]; h (S_n), dh
+    (G_{n+1}) [B, N, H, K, V]; dk [B, T, H, K] fp32; dg (or None) [K/BK, B, T, H] fp32.
     """
-    n, bh, ks = pl.program_id(0), pl.program_id(1), pl.ds(pl.program_id(2) * BK, BK)
-    b, h, t = bh // H, bh % H, pl.ds(n * C, C)
+    n, bh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h, t, ks = bh // H, bh % H, pl.ds(n * C, C), pl.ds(kb * BK, BK)
     do, v_new, s = do_ref[b, t, h, :], vn_ref[b, t, h, :], h_ref[b, n, h, ks, :]  # s: [BK, V]
     dt = do.dtype
-    dscores = (scale * jnp.where(_tril_mask(C), _dot(do, v_new, CONTRACT_COLS), 0.0)).astype(dt)
-    dq = scale * _dot(do, s, CONTRACT_COLS) + _dot(dscores, k_ref[b, t, h, ks])
-    dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
-    dk_ref[b, t, h, ks] = _dot(v_new, dh_ref[b, n, h, ks, :], CONTRACT_COLS) + _dot(dscores, q_ref[b, t, h, ks],
-                                                                                    CONTRACT_ROWS)
     dw_ref[b, t, h, ks] = (-_dot(dvn_ref[b, t, h, :], s, CONTRACT_COLS)).astype(dw_ref.dtype)
+    if g_ref is None:
+        dscores = (scale * jnp.where(_tril_mask(C), _dot(do, v_new, CONTRACT_COLS), 0.0)).astype(dt)
+        dq = scale * _dot(do, s, CONTRACT_COLS) + _dot(dscores, k_ref[b, t, h, ks])
+        dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
+        dk_ref[b, t, h, ks] = _dot(v_new, dh_ref[b, n, h, ks, :], CONTRACT_COLS) + _dot(dscores, q_ref[b, t, h, ks],
+                                                                                        CONTRACT_ROWS)
+        return
+    gate = g_ref[b, t, h]
+    last = _last(gate)
+    q, k, ds = q_ref[b, t, h, ks], k_ref[b, t, h, ks], dh_ref[b, n, h, ks, :]
+    dscores = (scale * _dot(do, v_new, CONTRACT_COLS) * _decay(gate, gate, _tril_mask(C))).astype(dt)
+    dq = scale * _dot(do, s, CONTRACT_COLS) * jnp.exp(gate)[:, None] + _dot(dscores, k)
+    dk_state = _dot(v_new, ds, CONTRACT_COLS) * jnp.exp(last - gate)[:, None]
+    dk = dk_state + _dot(dscores, q, CONTRACT_ROWS)
+    dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
+    dk_ref[b, t, h, ks] = dk
+    q, k = q.astype(F32), k.astype(F32)
+    dlast = jnp.exp(last) * jnp.sum(s.astype(F32) * ds.astype(F32)) + jnp.sum(dk_state * k)
+    dgate = jnp.sum(dq * q, axis=1) - jnp.sum(dk * k, axis=1)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+    dg_ref[kb, b, t, h] = jnp.where(rows == C - 1, dgate + dlast, dgate)
 
 
-def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out_ref, dv_ref, dbeta_ref, *,
-                   H: int, C: int, BK: int, BV: int):
+def _wy_bwd_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out_ref, dv_ref, dbeta_ref,
+                   dg_ref, *, H: int, C: int, BK: int, BV: int):
     """Chunk n = program_id(0), head program_id(1): the WY step of the module docstring, over key and value
     blocks of BK and BV columns; adds its dK terms to dk (the _dqkw part). Value blocks in one pass (dV needs no
-    dA), key blocks in two (dT, then dK).
+    dA), key blocks in two (dT, then dK). With a gate (W = T diag(beta exp(G)) K, A_ij = beta_i k_i.k_j
+    exp(G_i - G_j)): Kb in dT is diag(beta exp(G)) K, T^T dW is scaled by exp(G) before it joins dA K, dA by
+    exp(G_i - G_j), and dL/dG = beta rowsum(exp(G) T^T dW * K) + rowsum(dA * A) - colsum(dA * A).
 
-    Refs: k, dw [B, T, H, K]; v, du (= dV') [B, T, H, V]; beta [B, T, H]; t [B, T, H, C]; dk [B, T, H, K] fp32.
-    Outputs dk_out [B, T, H, K], dv [B, T, H, V], dbeta [B, T, H] fp32.
+    Refs: k, dw [B, T, H, K]; v, du (= dV') [B, T, H, V]; beta [B, T, H]; g (G, or None) [B, T, H] fp32;
+    t [B, T, H, C]; dk [B, T, H, K] fp32. Outputs dk_out [B, T, H, K], dv [B, T, H, V], dbeta [B, T, H] fp32,
+    dg (or None) [B, T, H] fp32.
     """
     n, bh = pl.program_id(0), pl.program_id(1)
     b, h, t = bh // H, bh % H, pl.ds(n * C, C)
@@ -347,14 +443,16 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out
     value_blocks = [pl.ds(i * BV, BV) for i in range(V // BV)]
     beta = beta_ref[b, t, h].astype(F32)[:, None]  # [C, 1]
     tc = t_ref[b, t, h, :]
+    gate = None if g_ref is None else g_ref[b, t, h]
+    beta_w = beta if gate is None else beta * jnp.exp(gate)[:, None]  # W = T diag(beta_w) K
 
-    def load(ref, cols):  # (x, diag(beta) x in the operand dtype)
+    def load(ref, cols, scale=beta):  # (x, diag(scale) x in the operand dtype)
         x = ref[b, t, h, cols]
-        return x, (x.astype(F32) * beta).astype(dt)
+        return x, (x.astype(F32) * scale).astype(dt)
 
     dt_inv = jnp.zeros((C, C), F32)  # dT = dW Kb^T + dU Vb^T
     for cols in key_blocks:
-        dt_inv = dt_inv + _dot(dw_ref[b, t, h, cols], load(k_ref, cols)[1], CONTRACT_COLS)
+        dt_inv = dt_inv + _dot(dw_ref[b, t, h, cols], load(k_ref, cols, beta_w)[1], CONTRACT_COLS)
     dbeta = jnp.zeros((C,), F32)
     for cols in value_blocks:  # dV needs no dA: one pass
         v, vb = load(v_ref, cols)
@@ -364,14 +462,26 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, t_ref, dk_ref, dw_ref, du_ref, dk_out
         dv_ref[b, t, h, cols] = (dvb * beta).astype(dv_ref.dtype)
         dbeta = dbeta + jnp.sum(dvb * v.astype(F32), axis=1)
     x = _dot(dt_inv.astype(dt), tc, CONTRACT_COLS)  # dT T^T
-    da = jnp.where(_tril_mask(C, -1), -_dot(tc, x.astype(dt), CONTRACT_ROWS), 0.0).astype(dt)
+    da = jnp.where(_tril_mask(C, -1), -_dot(tc, x.astype(dt), CONTRACT_ROWS), 0.0)
+    if gate is not None:
+        da = da * _decay(gate, gate, _tril_mask(C, -1))
+        dgate, kk = jnp.zeros((C,), F32), jnp.zeros((C, C), F32)
+    da = da.astype(dt)
     for cols in key_blocks:
         k, kb = load(k_ref, cols)
-        dkb = _dot(tc, dw_ref[b, t, h, cols], CONTRACT_ROWS) + _dot(da, k)  # T^T dW + dA K
+        tdw = _dot(tc, dw_ref[b, t, h, cols], CONTRACT_ROWS)  # T^T dW
+        if gate is not None:
+            tdw = tdw * jnp.exp(gate)[:, None]
+            dgate = dgate + beta[:, 0] * jnp.sum(tdw * k.astype(F32), axis=1)
+            kk = kk + _dot(k, k, CONTRACT_COLS)
+        dkb = tdw + _dot(da, k)  # T^T dW + dA K
         dk = dk_ref[b, t, h, cols] + _dot(da, kb, CONTRACT_ROWS) + dkb * beta
         dk_out_ref[b, t, h, cols] = dk.astype(dk_out_ref.dtype)
         dbeta = dbeta + jnp.sum(dkb * k.astype(F32), axis=1)
     dbeta_ref[b, t, h] = dbeta
+    if gate is not None:
+        da_a = da.astype(F32) * (beta * kk)  # dA * A (A without its decay factor: da carries it)
+        dg_ref[b, t, h] = dgate + jnp.sum(da_a, axis=1) - jnp.sum(da_a, axis=0)
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -404,10 +514,21 @@ def _default_block_v(heads: int, V: int) -> int:
 
 
 def _call(kernel, grid, out_shape, options: Options, num_warps: int, *args, num_stages: int = 2, **static):
-    return pl.pallas_call(
-        functools.partial(kernel, **static), out_shape=out_shape, grid=grid, interpret=options.interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-    )(*args)
+    """pallas_call of kernel(*input refs, *output refs, **static). An input or output given as None (the gate and
+    the dG outputs of an ungated call) is left out of the call: the kernel gets None for its ref, the caller None."""
+    outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+    present = [x is not None for x in (*args, *outs)]
+
+    def body(*refs):
+        given = iter(refs)
+        kernel(*[next(given) if p else None for p in present], **static)
+
+    results = iter(pl.pallas_call(
+        body, out_shape=tuple(x for x in outs if x is not None), grid=grid, interpret=options.interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages), name=kernel.__name__,
+    )(*[x for x in args if x is not None]))
+    results = tuple(next(results) if x is not None else None for x in outs)
+    return results if isinstance(out_shape, tuple) else results[0]
 
 
 def _like(x: jax.Array, dtype=None, last: int | None = None) -> jax.ShapeDtypeStruct:
@@ -416,8 +537,9 @@ def _like(x: jax.Array, dtype=None, last: int | None = None) -> jax.ShapeDtypeSt
     return jax.ShapeDtypeStruct(shape, dtype or x.dtype)
 
 
-def wy_fwd_pallas(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options):
-    """T, W, U of every chunk (`_wy_fwd_kernel`). k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H].
+def wy_fwd_pallas(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options, gate: jax.Array | None = None):
+    """T, W, U of every chunk (`_wy_fwd_kernel`). k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; gate (G, or
+    None) [B, T, H] fp32.
 
     Returns:
         T [B, T, H, C], W [B, T, H, K] and U [B, T, H, V], all in k's dtype.
@@ -425,11 +547,13 @@ def wy_fwd_pallas(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options)
     B, Tp, H, K = k.shape
     C = options.chunk
     out_shape = (_like(k, None, C), _like(k), _like(v, k.dtype))
-    return _call(_wy_fwd_kernel, (Tp // C, B * H), out_shape, options, WARPS["wy_fwd"], k, v, beta, H=H, C=C)
+    return _call(_wy_fwd_kernel, (Tp // C, B * H), out_shape, options, WARPS["wy_fwd"], k, v, beta, gate, H=H, C=C)
 
 
-def state_fwd(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: Options):
-    """Forward recurrence. k, w: [B, T, H, K]; u: [B, T, H, V]; h0: [B, H, K, V] fp32.
+def state_fwd(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: Options,
+              gate: jax.Array | None = None):
+    """Forward recurrence. k, w: [B, T, H, K]; u: [B, T, H, V]; h0: [B, H, K, V] fp32; gate (G, or None):
+    [B, T, H] fp32.
 
     Returns:
         S_n [B, N, H, K, V] and V' [B, T, H, V] in k's dtype; final state [B, H, K, V] fp32.
@@ -438,29 +562,33 @@ def state_fwd(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: 
     V, N, bv = u.shape[-1], Tp // options.chunk, options.block_v
     out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype), _like(u, k.dtype), _like(h0))
     return _call(_state_fwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
-                 k, w, u, h0, num_stages=STAGES["state_fwd"], H=H, C=options.chunk, block_v=bv)
+                 k, w, u, gate, h0, num_stages=STAGES["state_fwd"], H=H, C=options.chunk, block_v=bv)
 
 
-def output_fwd(q: jax.Array, k: jax.Array, states: jax.Array, v_new: jax.Array, options: Options) -> jax.Array:
+def output_fwd(q: jax.Array, k: jax.Array, states: jax.Array, v_new: jax.Array, options: Options,
+               gate: jax.Array | None = None) -> jax.Array:
     """O [B, T, H, V] in q's dtype (`_output_fwd_kernel`). q, k: [B, T, H, K]; states: [B, N, H, K, V];
-    v': [B, T, H, V]."""
+    v': [B, T, H, V]; gate (G, or None): [B, T, H] fp32."""
     B, Tp, H, K = q.shape
     V, BV = v_new.shape[-1], _block(v_new.shape[-1])
     return _call(_output_fwd_kernel, (Tp // options.chunk, B * H, V // BV), _like(v_new, q.dtype), options,
                  WARPS["output_fwd"],
-                 q, k, states, v_new, H=H, C=options.chunk, BV=BV, scale=options.scale)
+                 q, k, gate, states, v_new, H=H, C=options.chunk, BV=BV, scale=options.scale)
 
 
-def dv_local_bwd(q: jax.Array, k: jax.Array, do: jax.Array, options: Options) -> jax.Array:
-    """scale triu(K Q^T) dO per chunk, [B, T, H, V] fp32 (`_dv_local_kernel`)."""
+def dv_local_bwd(q: jax.Array, k: jax.Array, do: jax.Array, options: Options,
+                 gate: jax.Array | None = None) -> jax.Array:
+    """scale triu(K Q^T) dO per chunk (decayed by the gate G [B, T, H] fp32 if given), [B, T, H, V] fp32
+    (`_dv_local_kernel`)."""
     B, Tp, H, K = q.shape
     V, BV = do.shape[-1], _block(do.shape[-1])
     return _call(_dv_local_kernel, (Tp // options.chunk, B * H, V // BV), _like(do, F32), options, WARPS["dv_local"],
-                 q, k, do, H=H, C=options.chunk, BV=BV, scale=options.scale)
+                 q, k, gate, do, H=H, C=options.chunk, BV=BV, scale=options.scale)
 
 
-def state_bwd(q, k, w, do, dv_local, dht, options: Options):
-    """Backward recurrence. q, k, w: [B, T, H, K]; do: [B, T, H, V]; dv_local: same, fp32; dht: [B, H, K, V] fp32.
+def state_bwd(q, k, w, do, dv_local, dht, options: Options, gate: jax.Array | None = None):
+    """Backward recurrence. q, k, w: [B, T, H, K]; do: [B, T, H, V]; dv_local: same, fp32; dht: [B, H, K, V] fp32;
+    gate (G, or None): [B, T, H] fp32.
 
     Returns:
         G_{n+1} [B, N, H, K, V] and dV' [B, T, H, V] in q's dtype; dh0 = G_0 [B, H, K, V] fp32.
@@ -469,33 +597,37 @@ def state_bwd(q, k, w, do, dv_local, dht, options: Options):
     V, N, bv = do.shape[-1], Tp // options.chunk, options.block_v
     out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), q.dtype), _like(dv_local, q.dtype), _like(dht))
     return _call(_state_bwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
-                 q, k, w, do, dv_local, dht, num_stages=STAGES["state_bwd"], H=H, C=options.chunk, block_v=bv,
+                 q, k, w, gate, do, dv_local, dht, num_stages=STAGES["state_bwd"], H=H, C=options.chunk, block_v=bv,
                  scale=options.scale)
 
 
-def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options):
-    """dQ, dK (before the WY terms, fp32) and dW (`_dqkw_kernel`). q, k: [B, T, H, K]; v', do, dv': [B, T, H, V];
-    states, dstates: [B, N, H, K, V].
+def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options, gate: jax.Array | None = None):
+    """dQ, dK (before the WY terms, fp32), dW and dL/dG (`_dqkw_kernel`). q, k: [B, T, H, K]; v', do, dv':
+    [B, T, H, V]; states, dstates: [B, N, H, K, V]; gate (G, or None): [B, T, H] fp32.
 
     Returns:
-        dq [B, T, H, K] in q's dtype, dk [B, T, H, K] fp32, dw [B, T, H, K] in q's dtype.
+        dq [B, T, H, K] in q's dtype, dk [B, T, H, K] fp32, dw [B, T, H, K] in q's dtype, dG by key block
+        [K/BK, B, T, H] fp32 (None without a gate).
     """
     B, Tp, H, K = q.shape
     BK = _dqkw_block(K)
-    out_shape = (_like(q), _like(k, F32), _like(q))
+    dg = None if gate is None else jax.ShapeDtypeStruct((K // BK, *gate.shape), F32)
+    out_shape = (_like(q), _like(k, F32), _like(q), dg)
     return _call(_dqkw_kernel, (Tp // options.chunk, B * H, K // BK), out_shape, options, WARPS["dqkw"],
-                 q, k, v_new, do, states, dstates, dv_new, H=H, C=options.chunk, BK=BK, scale=options.scale)
+                 q, k, gate, v_new, do, states, dstates, dv_new, H=H, C=options.chunk, BK=BK, scale=options.scale)
 
 
-def wy_bwd(k, v, beta, t_inv, dk, dw, du, options: Options):
+def wy_bwd(k, v, beta, t_inv, dk, dw, du, options: Options, gate: jax.Array | None = None):
     """The WY step backward (`_wy_bwd_kernel`). k, dw: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H];
-    t_inv: [B, T, H, C]; dk (the _dqkw part): [B, T, H, K] fp32; du = dV': [B, T, H, V]; t_inv, dw, du in k's dtype.
+    t_inv: [B, T, H, C]; dk (the _dqkw part): [B, T, H, K] fp32; du = dV': [B, T, H, V]; t_inv, dw, du in k's dtype;
+    gate (G, or None): [B, T, H] fp32.
 
     Returns:
-        dk [B, T, H, K] in k's dtype, dv [B, T, H, V] in v's dtype, dbeta [B, T, H] fp32.
+        dk [B, T, H, K] in k's dtype, dv [B, T, H, V] in v's dtype, dbeta [B, T, H] fp32, the WY part of dL/dG
+        [B, T, H] fp32 (None without a gate).
     """
     B, Tp, H, K = k.shape
     V = v.shape[-1]
-    out_shape = (_like(k), _like(v), _like(beta, F32))
+    out_shape = (_like(k), _like(v), _like(beta, F32), None if gate is None else _like(gate, F32))
     return _call(_wy_bwd_kernel, (Tp // options.chunk, B * H), out_shape, options, WARPS["wy_bwd"],
-                 k, v, beta, t_inv, dk, dw, du, H=H, C=options.chunk, BK=_block(K), BV=_block(V))
+                 k, v, beta, gate, t_inv, dk, dw, du, H=H, C=options.chunk, BK=_block(K), BV=_block(V))
