@@ -2,7 +2,8 @@
 
 Within a chunk of C steps entering with state S, let G_t = g_1 + ... + g_t (the cumulative log decay from the chunk
 start) and Gamma_tj = exp(G_t - G_j) for j <= t (0 above the diagonal; every entry <= 1 for g <= 0, so nothing
-overflows; the exponents are summed segment by segment, `segment_sums`). Unrolling u_t = beta_t (v_t - S'_t^T k_t) with S'_t = exp(G_t) S + sum_{j<t} Gamma_tj k_j u_j^T gives
+overflows; the exponents are summed segment by segment, `segment_sums`). Unrolling u_t = beta_t (v_t - S'_t^T k_t)
+with S'_t = exp(G_t) S + sum_{j<t} Gamma_tj k_j u_j^T gives
 
     (I + L) U = diag(beta) V - diag(beta exp(G)) K S,     L_tj = beta_t Gamma_tj k_t . k_j for j < t
 
