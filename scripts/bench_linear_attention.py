@@ -10,19 +10,23 @@ Rows (one table): shape, op or layer, JAX impl, JAX ms, FLA ms, ratio = FLA ms /
 JAX side's achieved TFLOP/s and GB/s under the model below. `--state-block` sweeps chunk_gla's pallas state tile
 (`chunk_gla(..., state_block=...)`; none: its heuristic): one row per value, impl labelled e.g. 'pallas sb=32';
 `--delta-inverse pallas,trsm` and `--delta-block-v` likewise chunk_delta_rule's per-chunk triangular inverse and
-its recurrences' state columns per program ('pallas inv=trsm bv=16').
+its recurrences' state columns per program ('pallas inv=trsm bv=16'); `--delta-block-v` also sweeps
+chunk_gated_delta_rule's (through `chunk_gated_delta_rule_pallas(..., block_v=...)`).
 Every measurement runs twice (columns run 1 / run 2) to show the noise; each is the median over `--reps` samples
 of `--inner` back-to-back fwd+bwd calls (device events for PyTorch, a host clock around a blocked JAX dispatch for
 JAX), after warm-up, rotating over 3 sets of random inputs drawn fresh for every shape. Failures (e.g. a backend
 that is not there yet) print 'n/a' with the error. `--profile DIR` also traces 5 fwd+bwd calls of each row (a
 jax.profiler trace for both sides) and prints each side's GPU kernel time per call by kernel, the costliest first.
 
-Ops (bf16 q, k, v, do; fp32 log-gates / bf16 beta; no initial state):
+Ops (bf16 q, k, v, do; fp32 log-gates / bf16 beta; no initial state; gradients w.r.t. every input):
     chunk_gla         jaxgpt.ops.chunk_gla(q, k, v, gk, backend=impl)      vs fla.ops.gla.chunk_gla
     chunk_delta_rule  jaxgpt.ops.chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True, backend=impl)
                       vs fla.ops.delta_rule.chunk_delta_rule (same flag)
+    chunk_gated_delta_rule  jaxgpt.ops.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True,
+                      backend=impl) vs fla.ops.gated_delta_rule.chunk_gated_delta_rule (same flag); g fp32 from the
+                      layer's gate (`gdn_gate` at FLA's A_log / dt_bias initialisation), beta bf16
 Layers (x [B, T, C], fp32 parameters, bf16 compute / FLA under bf16 autocast; gradients w.r.t. x and all params):
-    gla, gla_conv, deltanet: jaxgpt.layers (config linear_attn_backend=impl) vs torch_ref.linear_attn (the real
+    gla, gla_conv, deltanet, gated_deltanet: jaxgpt.layers (config linear_attn_backend=impl) vs torch_ref (the real
     fla.layers modules with the variants' options); random weights of the same shapes (the harness init).
 
 FLOP model (fwd + bwd = 3 x fwd, per batch and head, chunk C = 64, head dims K and V):
@@ -57,8 +61,14 @@ LAYER_SHAPES = {  # name -> (B, T, C, H)
     "layer4096": (2, 4096, 768, 12),
     "layer16384": (1, 16384, 768, 12),
 }
-OPS = ("chunk_gla", "chunk_delta_rule", "gla", "gla_conv", "deltanet")
-LAYER_OPTIONS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "deltanet": ("deltanet", {})}
+OPS = ("chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule", "gla", "gla_conv", "deltanet", "gated_deltanet")
+INPUT_DTYPES = {  # op -> dtype of each of op_inputs' arrays (q, k, v, *gates, do): log-decays fp32, the rest bf16
+    "chunk_gla": ("bfloat16",) * 3 + ("float32", "bfloat16"),
+    "chunk_delta_rule": ("bfloat16",) * 5,
+    "chunk_gated_delta_rule": ("bfloat16",) * 3 + ("float32", "bfloat16", "bfloat16"),
+}
+LAYER_OPTIONS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "deltanet": ("deltanet", {}),
+                 "gated_deltanet": ("gated_deltanet", {})}
 
 
 def op_flops(B, T, H, K, V):
@@ -138,15 +148,30 @@ def print_kernels(title, table, top=15):
 
 
 def op_inputs(op, B, T, H, D, rng, n_sets=3):
+    """n_sets of (q, k, v, *gates, do) in fp32: gates (gk) for chunk_gla, (beta) for chunk_delta_rule, (g, beta)
+    for chunk_gated_delta_rule."""
     sets = []
     for _ in range(n_sets):
         q, k, v, do = (rng.standard_normal((B, T, H, D), np.float32) for _ in range(4))
+        beta = 1 / (1 + np.exp(-rng.standard_normal((B, T, H)).astype(np.float32)))
         if op == "chunk_gla":  # the layer's gates: logsigmoid(N(0, 1)) / 16
-            gate = np.log(1 / (1 + np.exp(-rng.standard_normal((B, T, H, D))))).astype(np.float32) / 16
+            gates = (np.log(1 / (1 + np.exp(-rng.standard_normal((B, T, H, D))))).astype(np.float32) / 16,)
+        elif op == "chunk_gated_delta_rule":
+            gates = (gdn_log_decays(B, T, H, rng), beta)
         else:
-            gate = 1 / (1 + np.exp(-rng.standard_normal((B, T, H)).astype(np.float32)))
-        sets.append((q, k, v, gate, do))
+            gates = (beta,)
+        sets.append((q, k, v, *gates, do))
     return sets
+
+
+def gdn_log_decays(B, T, H, rng):
+    """g [B, T, H] fp32 as Gated DeltaNet's gate makes it at FLA's initialisation: -exp(A_log) softplus(a + dt_bias),
+    a ~ N(0, 1), A = exp(A_log) ~ U(0, 16), dt_bias = softplus^{-1}(dt), log dt ~ U(log 1e-3, log 0.1)."""
+    a = rng.standard_normal((B, T, H))
+    A = rng.uniform(0, 16, H)
+    dt = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), H))
+    dt_bias = dt + np.log(-np.expm1(-dt))
+    return (-A * np.logaddexp(0.0, a + dt_bias)).astype(np.float32)
 
 
 def jax_op(op, impl, sets, options):
@@ -158,19 +183,24 @@ def jax_op(op, impl, sets, options):
     if op == "chunk_gla":
         def f(q, k, v, g):
             return ops.chunk_gla(q, k, v, g, backend=impl, **options)[0]
+    elif op == "chunk_gated_delta_rule":
+        def f(q, k, v, g, beta):
+            if options:  # swept kernel options: the pallas entry point takes them
+                from jaxgpt.ops.gated_delta_rule.pallas import chunk_gated_delta_rule_pallas
+
+                return chunk_gated_delta_rule_pallas(q, k, v, g, beta, q.shape[-1] ** -0.5, None, False, True, CHUNK,
+                                                     **options)[0]
+            return ops.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, backend=impl)[0]
     else:
         def f(q, k, v, g):
             return ops.chunk_delta_rule(q, k, v, g, use_qk_l2norm_in_kernel=True, backend=impl, **options)[0]
 
     @jax.jit
-    def step(q, k, v, g, do):
-        o, vjp = jax.vjp(f, q, k, v, g)
-        return o, vjp(do)
+    def step(*inputs):
+        o, vjp = jax.vjp(f, *inputs[:-1])
+        return o, vjp(inputs[-1])
 
-    bf = jnp.bfloat16
-    dev = [(jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf),
-            jnp.asarray(g, jnp.float32 if op == "chunk_gla" else bf), jnp.asarray(do, bf)) for q, k, v, g, do in sets]
-    return step, dev
+    return step, [tuple(jnp.asarray(x, getattr(jnp, t)) for x, t in zip(s, INPUT_DTYPES[op])) for s in sets]
 
 
 def fla_op(op, sets):
@@ -179,26 +209,27 @@ def fla_op(op, sets):
     if op == "chunk_gla":
         from fla.ops.gla import chunk_gla as f
 
-        def call(q, k, v, g):
-            return f(q, k, v, g)[0]
+        def call(*inputs):
+            return f(*inputs)[0]
     else:
-        from fla.ops.delta_rule import chunk_delta_rule as f
+        if op == "chunk_gated_delta_rule":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
+        else:
+            from fla.ops.delta_rule import chunk_delta_rule as f
 
-        def call(q, k, v, g):
-            return f(q, k, v, g, use_qk_l2norm_in_kernel=True)[0]
+        def call(*inputs):
+            return f(*inputs, use_qk_l2norm_in_kernel=True)[0]
 
-    def step(q, k, v, g, do):
-        for t in (q, k, v, g):
+    def step(*inputs):
+        for t in inputs[:-1]:
             t.grad = None
-        call(q, k, v, g).backward(do)
+        call(*inputs[:-1]).backward(inputs[-1])
 
-    bf = torch.bfloat16
-    dev = []
-    for q, k, v, g, do in sets:
-        ts = [torch.tensor(x, device="cuda", dtype=bf) for x in (q, k, v)]
-        tg = torch.tensor(g, device="cuda", dtype=torch.float32 if op == "chunk_gla" else bf)
-        dev.append(tuple(t.requires_grad_() for t in ts + [tg]) + (torch.tensor(do, device="cuda", dtype=bf),))
-    return step, dev
+    def tensors(arrays):
+        ts = [torch.tensor(x, device="cuda", dtype=getattr(torch, t)) for x, t in zip(arrays, INPUT_DTYPES[op])]
+        return tuple(t.requires_grad_() for t in ts[:-1]) + (ts[-1],)
+
+    return step, [tensors(s) for s in sets]
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -208,6 +239,9 @@ def layer_flops(op, B, T, C, H):
     if op == "deltanet":
         K = V = C // H
         proj = C * (3 * C + H) + C * C
+    elif op == "gated_deltanet":  # q, k, v, g (output gate), o of C x C; a, b of C x H
+        K = V = C // H
+        proj = 5 * C * C + 2 * C * H
     else:
         Kd, Vd = C // 2, C
         K, V = Kd // H, Vd // H
@@ -219,6 +253,9 @@ def layer_bytes(op, B, T, C, H, n_params):
     if op == "deltanet":
         K = V = C // H
         extra = op_bytes(B, T, H, K, V, 1 / K, 2)
+    elif op == "gated_deltanet":
+        K = V = C // H
+        extra = op_bytes(B, T, H, K, V, 1, 6)
     else:
         K, V = C // 2 // H, C // H
         extra = op_bytes(B, T, H, K, V, K)
@@ -293,7 +330,8 @@ def variants(op, impls, args):
     op's swept options (chunk_gla: --state-block; chunk_delta_rule: --delta-inverse x --delta-block-v); else one
     row per impl."""
     sweeps = {"chunk_gla": [("state_block", "sb", args.state_block)],
-              "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse), ("block_v", "bv", args.delta_block_v)]}
+              "chunk_delta_rule": [("tril_inverse", "inv", args.delta_inverse), ("block_v", "bv", args.delta_block_v)],
+              "chunk_gated_delta_rule": [("block_v", "bv", args.delta_block_v)]}
     rows = []
     for impl in impls:
         swept = [sweep for sweep in sweeps.get(op, []) if sweep[2]] if impl == "pallas" else []
@@ -310,7 +348,7 @@ def run(args):
     ops = args.ops.split(",")
     for shape in args.shapes.split(","):
         for op in ops:
-            is_op = op in ("chunk_gla", "chunk_delta_rule")
+            is_op = op in INPUT_DTYPES
             if is_op != (shape in OP_SHAPES):
                 continue
             fla_ms, fla_err = None, None
@@ -318,7 +356,8 @@ def run(args):
                 B, T, H, D = OP_SHAPES[shape]
                 sets = op_inputs(op, B, T, H, D, rng)
                 flops = op_flops(B, T, H, D, D)
-                nbytes = op_bytes(B, T, H, D, D, D if op == "chunk_gla" else 1, 4 if op == "chunk_gla" else 2)
+                gate_bytes = {"chunk_gla": (D, 4), "chunk_delta_rule": (1, 2), "chunk_gated_delta_rule": (1, 6)}[op]
+                nbytes = op_bytes(B, T, H, D, D, *gate_bytes)
                 label = f"B{B} T{T} H{H} D{D}"
                 try:
                     fstep, fsets = fla_op(op, sets)
