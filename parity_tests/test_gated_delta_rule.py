@@ -6,8 +6,6 @@ state, plus the final state for a random state cotangent; layer: the input and e
 """
 
 import functools
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -156,25 +154,19 @@ def test_gate_parity(with_bias):
 
 
 def test_dispatch(monkeypatch):
-    """'auto' on CPU is xla; on GPU it is pallas where pallas.py exists, else xla; an explicit 'pallas' without it is
-    one clear error; an explicit 'pallas' with it reaches `chunk_gated_delta_rule_pallas` with the resolved scale."""
+    """'auto' runs xla on CPU and the Pallas path on GPU; an explicit 'pallas' reaches it with the resolved scale
+    and every option."""
+    calls = []
+    monkeypatch.setattr(gdr, "chunk_gated_delta_rule_pallas", lambda *args: calls.append(args) or (args[2], None))
     x = jnp.ones((1, 8, 2, 16), jnp.float32)
     gb = jnp.full((1, 8, 2), -0.5)
-    assert gdr.resolve_gdn_backend("auto") == "xla"
-    monkeypatch.setattr(gdr, "HAS_PALLAS", False)
+    chunk_gated_delta_rule(x, x, x, gb, -gb)
+    assert not calls
+    chunk_gated_delta_rule(x, x, x, gb, -gb, use_qk_l2norm_in_kernel=True, chunk_size=32, backend="pallas")
+    assert len(calls) == 1 and calls[0][5] == 16**-0.5 and calls[0][6:] == (None, False, True, 32)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert gdr.resolve_gdn_backend("auto") == "xla"
-    with pytest.raises(ValueError, match="no Pallas path"):
-        chunk_gated_delta_rule(x, x, x, gb, -gb, backend="pallas")
-
-    calls = []
-    fake = types.ModuleType(gdr.PALLAS_MODULE)
-    fake.chunk_gated_delta_rule_pallas = lambda *args: calls.append(args) or (args[2], None)
-    monkeypatch.setitem(sys.modules, gdr.PALLAS_MODULE, fake)
-    monkeypatch.setattr(gdr, "HAS_PALLAS", True)
-    assert gdr.resolve_gdn_backend("auto") == "pallas"
-    chunk_gated_delta_rule(x, x, x, gb, -gb, use_qk_l2norm_in_kernel=True, chunk_size=32)
-    assert len(calls) == 1 and calls[0][5] == 16**-0.5 and calls[0][8:] == (True, 32)
+    chunk_gated_delta_rule(x, x, x, gb, -gb)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(

@@ -1,34 +1,16 @@
-"""Gated delta rule (Gated DeltaNet) ops (FLA layout [B, T, H, D]) and the one dispatch between their backends.
-
-'xla' is `chunk.chunk_gated_delta_rule_xla` (fp32, autodiff, any device); 'pallas' is the fused GPU path in
-`pallas.py` (`chunk_gated_delta_rule_pallas`). Where that file is absent, 'auto' runs 'xla' on every device and an
-explicit 'pallas' is an error.
-"""
-
-import importlib
-import importlib.util
+"""Gated delta rule (Gated DeltaNet) ops (FLA layout [B, T, H, D]) and the one dispatch between their backends:
+'xla' is `chunk.chunk_gated_delta_rule_xla` (fp32, autodiff, any device), 'pallas' the fused GPU path
+`pallas.chunk_gated_delta_rule_pallas` (interpreted off GPU: tests only)."""
 
 import jax
 
 from jaxgpt.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_xla
 from jaxgpt.ops.gated_delta_rule.gate import gdn_gate
 from jaxgpt.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+from jaxgpt.ops.gated_delta_rule.pallas import chunk_gated_delta_rule_pallas
 from jaxgpt.ops.utils import resolve_backend
 
-__all__ = ["chunk_gated_delta_rule", "gdn_gate", "naive_recurrent_gated_delta_rule", "resolve_gdn_backend"]
-
-PALLAS_MODULE = f"{__name__}.pallas"
-HAS_PALLAS = importlib.util.find_spec(PALLAS_MODULE) is not None
-
-
-def resolve_gdn_backend(backend: str) -> str:
-    """`resolve_backend`, with 'auto' falling back to 'xla' where the Pallas path is not built."""
-    resolved = resolve_backend(backend)
-    if resolved == "pallas" and not HAS_PALLAS:
-        if backend == "pallas":
-            raise ValueError(f"backend='pallas': the gated delta rule has no Pallas path ({PALLAS_MODULE} is missing)")
-        return "xla"
-    return resolved
+__all__ = ["chunk_gated_delta_rule", "gdn_gate", "naive_recurrent_gated_delta_rule"]
 
 
 def chunk_gated_delta_rule(
@@ -59,7 +41,8 @@ def chunk_gated_delta_rule(
         output_final_state: whether to return the final state.
         use_qk_l2norm_in_kernel: L2-normalise q and k first (FLA's flag; eps 1e-6 inside the sqrt).
         chunk_size: steps per chunk, a power of two; any T works (padded internally).
-        backend: 'auto' | 'xla' | 'pallas' (`resolve_gdn_backend`).
+        backend: 'auto' | 'xla' | 'pallas' (`jaxgpt.ops.utils.resolve_backend`: 'auto' is pallas on GPU, xla
+            elsewhere).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
@@ -67,8 +50,8 @@ def chunk_gated_delta_rule(
     check_arguments(q, k, v, g, beta, initial_state, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     args = (q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, chunk_size)
-    if resolve_gdn_backend(backend) == "pallas":
-        return importlib.import_module(PALLAS_MODULE).chunk_gated_delta_rule_pallas(*args)
+    if resolve_backend(backend) == "pallas":
+        return chunk_gated_delta_rule_pallas(*args)
     return chunk_gated_delta_rule_xla(*args)
 
 
