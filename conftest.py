@@ -54,7 +54,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
             yield
         finally:
             faulthandler.cancel_dump_traceback_later()
-    path.unlink()
+    path.unlink(missing_ok=True)
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
