@@ -8,8 +8,9 @@ Formats:
              when bias=False). All `vocab_size` rows (50304, padding included) are kept, so the softmax
              normalises over the same rows as in JAX and log-probabilities match, not just logits.
   torch_ref  any variant -> a folder loaded by `AutoModelForCausalLM.from_pretrained(dir,
-             trust_remote_code=True)`: config.json's auto_map points at a `modeling_jaxgpt.py` that imports
-             `torch_ref.hf` from the installed jaxgpt package (which must be importable where it loads).
+             trust_remote_code=True)`: config.json's auto_map points at `modeling_jaxgpt.py` (torch_ref.hf),
+             and the folder carries the torch_ref and jaxgpt.spec modules it imports (`modeling_sources`), so
+             it loads with torch and transformers alone (+ FLA for the linear mixers), without jaxgpt.
   auto       gpt2 where the variant is plain GPT-2, else torch_ref.
 Every folder also holds the GPT-2 tokenizer (built offline from jaxgpt/assets/gpt2) and `jaxgpt.json`
 (step, variant, full run config, val loss of that step when the run logged one), which the importer uses to
@@ -23,8 +24,10 @@ writes RUN_DIR/checkpoints/<step> (params, a fresh optimizer state, meta) plus R
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,23 +37,23 @@ from flax import nnx
 
 from jaxgpt import __version__
 from jaxgpt.checkpoint import Checkpointer, TrainState, abstract_params, checkpoint_dir, load_run, make_meta
-from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.convert import hf_gpt2_to_torch, jax_to_torch, torch_to_hf_gpt2, torch_to_jax
 from jaxgpt.data import staging_dir as _staging_dir
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.losses import OUTPUT_TRANSFORMS
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.optim import make_optimizer
-from jaxgpt.tokenizer import _ASSETS, EOT
+from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.spec.variants import PRESETS
+from jaxgpt.tokenizer import _ASSETS, EOT
 
 FORMATS = ("auto", "gpt2", "torch_ref")
 META_FILE = "jaxgpt.json"
 MODELING_FILE = "modeling_jaxgpt.py"
-MODELING_SOURCE = '''"""jaxgpt torch_ref export: the model code is torch_ref.hf of the installed jaxgpt package."""
-
-from torch_ref.hf import JaxgptConfig, JaxgptForCausalLM  # noqa: F401
-'''
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # holds jaxgpt/ and torch_ref/
+MODELING_ENTRY = PACKAGE_ROOT / "torch_ref" / "hf.py"  # written as MODELING_FILE
+SPEC_MODULE = re.compile(r"jaxgpt\.spec\.\w+")
+SPEC_IMPORT = re.compile(r"^(\s*)from jaxgpt\.spec\.(\w+) import ", re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,6 +134,47 @@ def gpt2_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]):
     return hf.eval()
 
 
+def modeling_sources() -> dict[str, str]:
+    """The model code of a torch_ref export: file name -> source text, flat in one folder.
+
+    torch_ref/hf.py becomes MODELING_FILE; with it go the torch_ref modules it imports (relatively, `from .x
+    import`) and the jaxgpt.spec modules those import, transitively. Each `from jaxgpt.spec.x import` becomes
+    `from .x import`, so the folder imports only itself (transformers' remote-code loader copies the files a
+    module imports relatively). Any other import of jaxgpt or torch_ref, or two modules of one flat name, is an
+    error: the folder could not load on its own.
+    """
+    sources: dict[str, str] = {}
+    origin: dict[str, Path] = {}
+    todo = [(MODELING_FILE, MODELING_ENTRY)]
+    while todo:
+        name, path = todo.pop()
+        if name in origin:
+            if origin[name] != path:
+                raise ValueError(f"{path} and {origin[name]} would both be {name} in an export folder")
+            continue
+        origin[name] = path
+        text = path.read_text()
+        spec_imports = 0
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append((f"{node.module}.py", path.parent / f"{node.module}.py"))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and SPEC_MODULE.fullmatch(node.module):
+                spec_imports += 1
+                module = node.module.removeprefix("jaxgpt.spec.")
+                todo.append((f"{module}.py", PACKAGE_ROOT / "jaxgpt" / "spec" / f"{module}.py"))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or "."]
+                if getattr(node, "level", 0) or any(m.split(".")[0] in ("jaxgpt", "torch_ref") for m in modules):
+                    raise ValueError(f"{path}:{node.lineno}: an export folder cannot hold this import; torch_ref "
+                                     "imports its own modules as `from .x import` and jaxgpt only as "
+                                     "`from jaxgpt.spec.x import`")
+        text, rewritten = SPEC_IMPORT.subn(r"\1from .\2 import ", text)
+        if rewritten != spec_imports:
+            raise ValueError(f"{path}: {spec_imports} jaxgpt.spec imports, {rewritten} rewritten")
+        sources[name] = text
+    return sources
+
+
 def torch_ref_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]):
     """JaxgptForCausalLM (torch_ref) holding the weights, its config pointing at the shipped modeling file."""
     from torch_ref.hf import JaxgptConfig, JaxgptForCausalLM
@@ -168,7 +212,8 @@ def export(src: str | Path, out: str | Path, step: int | None = None, fmt: str =
         hf.save_pretrained(tmp)
         gpt2_tokenizer().save_pretrained(tmp)
         if fmt == "torch_ref":
-            (tmp / MODELING_FILE).write_text(MODELING_SOURCE)
+            for name, text in modeling_sources().items():
+                (tmp / name).write_text(text)
         (tmp / META_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out
 

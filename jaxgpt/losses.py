@@ -16,7 +16,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-Z_WEIGHT = 1e-4
+from jaxgpt.spec.constants import (
+    LABEL_SMOOTHING,
+    LOGIT_CAP,
+    SIGMOID_CAP_SCALE,
+    TANH_CAP_SMOOTHING,
+    Z_WEIGHT,
+)
 
 
 class LogitStats(NamedTuple):
@@ -121,7 +127,7 @@ def nll(stats: LogitStats, smoothing: float = 0.0) -> jax.Array:
 
 
 def z_penalty(lse: jax.Array) -> jax.Array:
-    """1e-4 * mean(lse^2), lse = logsumexp(logits) [B, T] in fp32."""
+    """Z_WEIGHT * mean(lse^2), lse = logsumexp(logits) [B, T] in fp32."""
     return Z_WEIGHT * jnp.square(lse).mean()
 
 
@@ -133,17 +139,17 @@ def nll_z(stats: LogitStats, smoothing: float = 0.0) -> jax.Array:
 def poly_ls_z(stats: LogitStats) -> jax.Array:
     """CE with label smoothing 0.05 + PolyLoss-1 term mean(1 - p_target) + z-loss of the raw logits."""
     p_target = jnp.exp(stats.z_target - stats.lse)
-    return nll(stats, 0.05) + (1 - p_target).mean() + z_penalty(stats.lse)
+    return nll(stats, LABEL_SMOOTHING) + (1 - p_target).mean() + z_penalty(stats.lse)
 
 
 def tanh_cap(logits: jax.Array) -> jax.Array:
     """`tanh_cap_ls_z`'s cap inside the loss: 30*tanh(logits/30), in fp32."""
-    return 30 * jnp.tanh(logits.astype(jnp.float32) / 30)
+    return LOGIT_CAP * jnp.tanh(logits.astype(jnp.float32) / LOGIT_CAP)
 
 
 def sigmoid_cap(logits: jax.Array) -> jax.Array:
     """`softcap_ce` model output: 30*sigmoid(logits/7.5), in fp32."""
-    return 30 * jax.nn.sigmoid(logits.astype(jnp.float32) / 7.5)
+    return LOGIT_CAP * jax.nn.sigmoid(logits.astype(jnp.float32) / SIGMOID_CAP_SCALE)
 
 
 @dataclass(frozen=True)
@@ -162,11 +168,11 @@ class Loss:
 
 LOSSES: dict[str, Loss] = {
     "ce": Loss(nll),
-    "label_smoothing": Loss(partial(nll, smoothing=0.05)),
+    "label_smoothing": Loss(partial(nll, smoothing=LABEL_SMOOTHING)),
     "z_loss": Loss(nll_z),
     "softcap_ce": Loss(nll),  # on the capped model output
     "poly_ls_z": Loss(poly_ls_z),
-    "tanh_cap_ls_z": Loss(partial(nll_z, smoothing=0.1), transform=tanh_cap),
+    "tanh_cap_ls_z": Loss(partial(nll_z, smoothing=TANH_CAP_SMOOTHING), transform=tanh_cap),
 }
 cross_entropy = LOSSES["ce"]  # evaluation's loss: cross_entropy(logits, targets), mean token CE in fp32
 

@@ -1,4 +1,4 @@
-"""GPT: the composition of the four variant axes (embedding, norm/block, mixer, loss) of DESIGN §2."""
+"""GPT: the composition of the four variant axes (embedding, norm/block, mixer, loss; docs/variants.md)."""
 
 import jax
 from flax import nnx

@@ -8,7 +8,8 @@ from jaxgpt.spec.config import Config
 
 
 def learning_rate(cfg: Config, it: jax.Array | int) -> jax.Array:
-    """nanoGPT's get_lr: lr*(it+1)/(warmup+1) during warmup, cosine to min_lr at decay_iters, then min_lr."""
+    """jaxgpt.spec.schedule.learning_rate as a traced function of the step (what optax calls inside the jitted
+    step): lr*(it+1)/(warmup+1) during warmup, cosine to min_lr at decay_iters, then min_lr."""
     it = jnp.asarray(it, jnp.float32)
     warmup = cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     ratio = jnp.clip((it - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters), 0.0, 1.0)

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.spec.config import CONFIG_DIR, MODEL_PRESETS, Config, ModelConfig, available_configs
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
 from jaxgpt.optim import decay_mask, learning_rate, make_optimizer
-from jaxgpt.train import build_config, parser
+from jaxgpt.spec import schedule
+from jaxgpt.spec.config import CONFIG_DIR, MODEL_PRESETS, Config, ModelConfig, available_configs
 from jaxgpt.spec.variants import OVERRIDABLE_BY_VARIANT, PRESETS, Variant, apply_variant
+from jaxgpt.train import build_config, parser
 
 
 def cfg_from(*argv: str) -> Config:
@@ -235,6 +236,7 @@ def test_learning_rate_matches_nanogpt(overrides):
         want = nanogpt_get_lr(it, cfg.learning_rate, W, D, cfg.min_lr)
         got = float(learning_rate(cfg, it))
         assert got == pytest.approx(want, rel=1e-5, abs=1e-12), it
+        assert schedule.learning_rate(cfg, it) == pytest.approx(want, rel=1e-12, abs=1e-15), it  # the spec's, fp64
     # and it is a traced function too (what optax calls inside the jitted step)
     got = jax.jit(lambda i: learning_rate(cfg, i))(jnp.asarray(its))
     want = [nanogpt_get_lr(it, cfg.learning_rate, W, D, cfg.min_lr) for it in its]

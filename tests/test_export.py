@@ -1,5 +1,6 @@
 """Export to Hugging Face folders and import back: logits parity, round trips, bad input (CPU, fp32)."""
 
+import ast
 import json
 import os
 import subprocess
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxgpt import export as export_module
 from jaxgpt.checkpoint import Checkpointer, TrainState
-from jaxgpt.spec.config import Config, ModelConfig
-from jaxgpt.export import export, import_folder, load_checkpoint
+from jaxgpt.export import MODELING_FILE, export, import_folder, load_checkpoint, modeling_sources
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
+from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.spec.variants import PRESETS, apply_variant
 
 torch = pytest.importorskip("torch")
@@ -125,6 +127,81 @@ def test_torch_ref_export_loads_in_fresh_process(baseline_run, tmp_path):
     err = rel_err(np.load(tmp_path / "logits.npy"), jax_logits(path, idx))
     print(f"torch_ref export rel err (fresh process): {err:.2e}")
     assert err < TOL
+
+
+# A fresh process that cannot import JAX, jaxgpt or torch_ref (a meta-path finder refuses them; the checkout is
+# neither the working directory nor on PYTHONPATH): it loads the export folder with transformers alone, saves the
+# logits of argv[2]'s tokens to argv[3] and fails if anything asked whether to trust remote code.
+STANDALONE_LOAD = """
+import builtins, importlib.abc, sys
+import numpy as np
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax", "jaxgpt", "torch_ref"):
+            raise ImportError(f"{name} is not importable here")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+prompts = []
+builtins.input = lambda message="": prompts.append(message) or "n"
+import torch, transformers as t
+model = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__name__ == "JaxgptForCausalLM", type(model)
+tok = t.AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert tok("Hello world")["input_ids"] == [15496, 995]
+assert not prompts, prompts
+with torch.no_grad():
+    np.save(sys.argv[3], model(torch.tensor(np.load(sys.argv[2]))).logits.numpy())
+"""
+
+
+@pytest.mark.parametrize("variant", ["gla_conv", "value_embed"])
+def test_torch_ref_export_stands_alone(variant, tmp_path):
+    """The folder carries its model code: it loads where JAX, jaxgpt and torch_ref cannot be imported, and
+    computes the JAX model's logits."""
+    cfg = make_run(tmp_path / "run", bias=False, variant=variant)
+    out = export(tmp_path / "run", tmp_path / "hf", fmt="torch_ref")
+    assert set(modeling_sources()) <= {p.name for p in out.iterdir()}
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert "auto_map" not in tokenizer_config and tokenizer_config["tokenizer_class"].startswith("GPT2Tokenizer")
+    idx = tokens(cfg)
+    np.save(tmp_path / "idx.npy", idx)
+    env = {k: v for k, v in subprocess_env(tmp_path).items() if k != "PYTHONPATH"}
+    (tmp_path / "cwd").mkdir()
+    subprocess.run([sys.executable, "-c", STANDALONE_LOAD, str(out), str(tmp_path / "idx.npy"),
+                    str(tmp_path / "logits.npy")], check=True, env=env, cwd=tmp_path / "cwd")
+    _, _, params = load_checkpoint(tmp_path / "run")
+    err = rel_err(np.load(tmp_path / "logits.npy"), apply_jax(cfg, params, idx))
+    print(f"stand-alone torch_ref export rel err ({variant}): {err:.2e}")
+    assert err < TOL
+
+
+def test_modeling_sources_are_flat_and_import_only_each_other():
+    sources = modeling_sources()
+    assert {MODELING_FILE, "model.py", "config.py", "variants.py", "constants.py"} <= set(sources)
+    assert "class JaxgptForCausalLM(PreTrainedModel)" in sources[MODELING_FILE]  # torch_ref/hf.py
+    for name, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in sources, (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not [m for m in modules if m.split(".")[0] in ("jaxgpt", "torch_ref")], (name, modules)
+
+
+def test_modeling_sources_refuse_what_a_folder_cannot_hold(tmp_path, monkeypatch):
+    """An import of jaxgpt outside jaxgpt.spec, and two modules with one flat name, are errors naming the file."""
+    entry = tmp_path / "torch_ref" / "hf.py"
+    entry.parent.mkdir()
+    monkeypatch.setattr(export_module, "MODELING_ENTRY", entry)
+    entry.write_text("from jaxgpt.model import GPT\n")
+    with pytest.raises(ValueError, match=r"hf.py:1: an export folder cannot hold this import"):
+        modeling_sources()
+    entry.write_text("from .config import X\nfrom jaxgpt.spec.config import ModelConfig\n")
+    (entry.parent / "config.py").write_text("X = 1\n")
+    with pytest.raises(ValueError, match=r"would both be config.py in an export folder"):
+        modeling_sources()
 
 
 @pytest.mark.parametrize("fmt", ["gpt2", "torch_ref"])

@@ -228,7 +228,7 @@ CONSTANT_INIT = {
 
 
 def expected_init(name: str, shape: tuple, n_layer: int) -> tuple[str, float]:
-    """The harness's effective init of a parameter (DESIGN §1): ("const", value), ("normal", std) or
+    """The harness's effective init of a parameter: ("const", value), ("normal", std) or
     ("uniform", bound): FLA's ShortConvolution is a Conv1d and keeps PyTorch's U(-1/sqrt(W), 1/sqrt(W))."""
     for suffix, value in CONSTANT_INIT.items():
         if name == suffix or name.endswith("." + suffix):
@@ -296,14 +296,14 @@ def test_bigram_hash_matches_numpy_with_int32_overflow():
 
 
 def test_value_embed_layers():
-    assert jemb.value_embed_layers(12, cyclic=False) == {1: (0,), 2: (1,), 9: (2,), 10: (3,), 11: (4,)}
-    assert jemb.value_embed_layers(4, cyclic=False) == {1: (0, 2), 2: (1, 3), 3: (4,)}
-    assert jemb.value_embed_layers(8, cyclic=True) == {i: ((i - 1) % 5,) for i in range(1, 8)}
+    assert variants.value_embed_layers(12, cyclic=False) == {1: (0,), 2: (1,), 9: (2,), 10: (3,), 11: (4,)}
+    assert variants.value_embed_layers(4, cyclic=False) == {1: (0, 2), 2: (1, 3), 3: (4,)}
+    assert variants.value_embed_layers(8, cyclic=True) == {i: ((i - 1) % 5,) for i in range(1, 8)}
 
 
 @pytest.mark.parametrize("name", ["bigram_hash", "ve_lcr"])
 def test_value_embed_formula(name):
-    """value_embed(layer) against the DESIGN formula on a module with random scalars."""
+    """value_embed(layer) against the formula of docs/variants.md on a module with random scalars."""
     cfg = dataclasses.replace(TINY, n_layer=12, embedding=name)
     emb = jemb.EMBEDDINGS[name](cfg, nnx.Rngs(0))
     rng = np.random.default_rng(1)

@@ -3,6 +3,6 @@
 Parameter names and shapes match jaxgpt one to one (see jaxgpt.convert for the layout rules).
 """
 
-from torch_ref.model import GPT, build_model
+from .model import GPT, build_model
 
 __all__ = ["GPT", "build_model"]

@@ -4,7 +4,6 @@ Effective init: LayerNorm/RMSNorm gains one; the gates of `rmsnorm_parallel_gate
 (1/sqrt(2)), so the harness's Linear/Embedding re-init leaves them alone.
 """
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -13,28 +12,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jaxgpt.spec.config import ModelConfig
-from torch_ref.mixers import MIXERS
+from jaxgpt.spec.constants import LAYER_NORM_EPS, PARALLEL_GATE_INIT, RMS_NORM_EPS
+
+from .mixers import MIXERS
+from .norms import RMSNorm
 
 
 def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
-
-
-class RMSNorm(nn.Module):
-    """Gain-only RMSNorm in (at least) fp32, eps 1e-6: [..., C] -> fp32 [..., C]."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
+    return nn.LayerNorm(cfg.n_embd, eps=LAYER_NORM_EPS, bias=cfg.bias)
 
 
 def rms_norm(cfg: ModelConfig) -> RMSNorm:
-    return RMSNorm(cfg.n_embd)
+    """Gain-only RMSNorm over C in (at least) fp32: [..., C] -> fp32 [..., C]."""
+    return RMSNorm(cfg.n_embd, eps=RMS_NORM_EPS)
 
 
 class MLP(nn.Module):
@@ -94,8 +84,8 @@ class GatedParallelBlock(Block):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(cfg, layer, norm=rms_norm)
-        self.attn_gate = nn.Parameter(torch.tensor(1 / math.sqrt(2)))
-        self.mlp_gate = nn.Parameter(torch.tensor(1 / math.sqrt(2)))
+        self.attn_gate = nn.Parameter(torch.tensor(PARALLEL_GATE_INIT))
+        self.mlp_gate = nn.Parameter(torch.tensor(PARALLEL_GATE_INIT))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attn_gate * self.attn(self.ln_1(x)) + self.mlp_gate * self.mlp(self.ln_2(x))

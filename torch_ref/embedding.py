@@ -1,6 +1,6 @@
 """Embedding axis in PyTorch (twin of jaxgpt.layers.embedding), same names, shapes and effective init.
 
-Module types decide the effective init (DESIGN §1): nn.Embedding / nn.Linear tables are re-drawn
+Module types decide the effective init: nn.Embedding / nn.Linear tables are re-drawn
 N(0, 0.02) by GPT._init_weights whatever they declare; raw nn.Parameters keep their own init.
 """
 
@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jaxgpt.spec.config import ModelConfig
-from jaxgpt.layers.embedding import HASH_CUR, HASH_PREV, NUM_TABLES, value_embed_layers
-from jaxgpt.spec.variants import LINEAR_MIXERS
+from jaxgpt.spec.constants import BIGRAM_LAMBDA_INIT, HASH_CUR, HASH_PREV, NUM_TABLES, VE_BETA_INIT, VE_LAMBDA_INIT
+from jaxgpt.spec.variants import LINEAR_MIXERS, value_embed_layers
 
 
 class TokenEmbedding(nn.Module):
@@ -65,7 +65,7 @@ class BigramHashEmbedding(TokenEmbedding):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.bigram = nn.Embedding(NUM_TABLES * cfg.vocab_size, cfg.n_embd)
-        self.bigram_lambda = nn.Parameter(torch.full((cfg.n_layer,), 0.1))
+        self.bigram_lambda = nn.Parameter(torch.full((cfg.n_layer,), BIGRAM_LAMBDA_INIT))
 
     def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings))
@@ -83,8 +83,8 @@ class ValueEmbedding(TokenEmbedding):
         self.vocab_size = cfg.vocab_size
         self.tables = value_embed_layers(cfg.n_layer, cyclic)
         self.value_embeds = nn.Embedding(NUM_TABLES * cfg.vocab_size, cfg.n_embd)
-        self.ve_lambda = nn.Parameter(torch.full((NUM_TABLES,), 0.5))
-        self.ve_beta = nn.Parameter(torch.full((NUM_TABLES,), 0.1)) if local_residual else None
+        self.ve_lambda = nn.Parameter(torch.full((NUM_TABLES,), VE_LAMBDA_INIT))
+        self.ve_beta = nn.Parameter(torch.full((NUM_TABLES,), VE_BETA_INIT)) if local_residual else None
         self.lm_head = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.n_embd)) if zero_head else None
 
     def lm_head_weight(self) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """torch_ref.GPT as a Hugging Face model, for variants that are not plain GPT-2.
 
-An exported folder's config.json maps `AutoConfig`/`AutoModelForCausalLM` (via `auto_map`) to a two-line
-`modeling_jaxgpt.py` that imports these classes from the installed jaxgpt package, so
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` computes with torch_ref. The
-state dict is torch_ref's under the prefix `gpt.`.
+An exported folder holds this file as `modeling_jaxgpt.py`, next to copies of the torch_ref and jaxgpt.spec
+modules it imports (jaxgpt.export.modeling_sources); its config.json maps `AutoConfig`/`AutoModelForCausalLM`
+(via `auto_map`) to these classes, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+computes with torch_ref without jaxgpt installed. The state dict is torch_ref's under the prefix `gpt.`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from jaxgpt.spec.config import ModelConfig
-from torch_ref.model import GPT
+
+from .model import GPT
 
 
 class JaxgptConfig(PretrainedConfig):

@@ -12,15 +12,17 @@ keeps PyTorch's kaiming-uniform default, norm weights are ones.
 """
 
 import functools
+import importlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from jaxgpt.spec.config import ModelConfig
-from torch_ref.fla_naive import naive_delta_rule_l2, naive_gla
+from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM
 
-CONV_SIZE = 4
+from .fla_naive import naive_delta_rule_l2, naive_gla
+from .norms import RMSNorm, rms_normalize
 
 
 class ShortConvolution(nn.Conv1d):
@@ -31,15 +33,6 @@ class ShortConvolution(nn.Conv1d):
         self.activation = activation
 
 
-class RMSNorm(nn.Module):
-    """Parameters of `fla.modules.RMSNorm` / `FusedRMSNormGated`: weight [D] (ones)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-
-
 def short_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """Causal depthwise conv of a ShortConvolution (FLA's or ours) + its activation: [B, T, C] -> [B, T, C]."""
     y = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=conv.groups)
@@ -47,14 +40,10 @@ def short_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return F.silu(y) if conv.activation is not None else y
 
 
-def rms_norm(norm: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-    """FLA's per-head RMSNorm in (at least) fp32, with the swish output gate g if given: [..., D] -> x's dtype."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xf = x.to(dtype)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.to(dtype)
-    if g is not None:
-        y = y * F.silu(g.to(dtype))
-    return y.to(x.dtype)
+def head_norm(norm: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    """FLA's per-head output norm `norm` (ours or FLA's module: its weight and eps) with the swish output gate g if
+    given: x, g [..., D] -> x's dtype. Computed without calling `norm`, whose FLA forward needs Triton."""
+    return rms_normalize(x, norm.weight, norm.eps, g).to(x.dtype)
 
 
 def gla_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +53,8 @@ def gla_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if m.use_short_conv:
         q, k, v = short_conv(m.q_conv1d, q), short_conv(m.k_conv1d, k), short_conv(m.v_conv1d, v)
     q, k, v, gk, g = (t.view(B, T, m.num_heads, -1) for t in (q, k, v, m.gk_proj(x), m.g_proj(x)))  # [B, T, H, D]
-    gk = F.logsigmoid(gk) / m.gate_logit_normalizer
-    o = rms_norm(m.g_norm_swish_gate, naive_gla(q, k, v, gk), g)
+    gk = F.logsigmoid(gk) / GATE_LOGIT_NORMALIZER
+    o = head_norm(m.g_norm_swish_gate, naive_gla(q, k, v, gk), g)
     return m.o_proj(o.reshape(B, T, -1))
 
 
@@ -75,7 +64,7 @@ def deltanet_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q, k, v = (short_conv(conv, proj(x)) for conv, proj in ((m.q_conv1d, m.q_proj), (m.k_conv1d, m.k_proj),
                                                              (m.v_conv1d, m.v_proj)))
     q, k, v = (t.view(B, T, m.num_heads, -1) for t in (q, k, v))  # [B, T, H, D]
-    o = rms_norm(m.o_norm, naive_delta_rule_l2(q, k, v, m.b_proj(x).sigmoid()))
+    o = head_norm(m.o_norm, naive_delta_rule_l2(q, k, v, m.b_proj(x).sigmoid()))
     return m.o_proj(o.reshape(B, T, -1))
 
 
@@ -85,7 +74,7 @@ class NaiveGatedLinearAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
         super().__init__()
         key_dim = round(hidden_size * expand_k)
-        self.num_heads, self.use_short_conv, self.gate_logit_normalizer = num_heads, use_short_conv, 16
+        self.num_heads, self.use_short_conv = num_heads, use_short_conv
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -94,9 +83,10 @@ class NaiveGatedLinearAttention(nn.Module):
             self.q_conv1d = ShortConvolution(key_dim, CONV_SIZE)
             self.k_conv1d = ShortConvolution(key_dim, CONV_SIZE)
             self.v_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
-        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, 16, bias=False), nn.Linear(16, key_dim, bias=True))
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, GATE_LOW_RANK_DIM, bias=False),
+                                     nn.Linear(GATE_LOW_RANK_DIM, key_dim, bias=True))
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.g_norm_swish_gate = RMSNorm(hidden_size // num_heads)
+        self.g_norm_swish_gate = RMSNorm(hidden_size // num_heads, eps=FLA_NORM_EPS)
 
     forward = gla_naive_forward
 
@@ -114,7 +104,7 @@ class NaiveDeltaNet(nn.Module):
         self.q_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
         self.k_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
         self.v_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
-        self.o_norm = RMSNorm(hidden_size // num_heads)
+        self.o_norm = RMSNorm(hidden_size // num_heads, eps=FLA_NORM_EPS)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     forward = deltanet_naive_forward
@@ -124,13 +114,15 @@ class NaiveDeltaNet(nn.Module):
 def layer_classes() -> tuple[type[nn.Module], type[nn.Module]]:
     """(GLA, DeltaNet) classes: FLA's own with CUDA (output only; the naive path for CPU inputs), else the twins.
 
-    Both take the constructor arguments of the twins and fix the variants' other FLA options (DESIGN §2).
+    Both take the constructor arguments of the twins and fix the variants' other FLA options (docs/variants.md).
     """
     if not torch.cuda.is_available():
         return NaiveGatedLinearAttention, NaiveDeltaNet
-    import fla.layers
+    # By name: transformers' remote-code check requires every package an exported file names in an import
+    # statement, and FLA is needed only by the linear mixers.
+    fla_layers = importlib.import_module("fla.layers")
 
-    class FLAGatedLinearAttention(fla.layers.GatedLinearAttention):
+    class FLAGatedLinearAttention(fla_layers.GatedLinearAttention):
         def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
             super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, expand_k=expand_k,
                              expand_v=1.0, use_output_gate=True, gate_fn="swish", use_short_conv=use_short_conv,
@@ -139,7 +131,7 @@ def layer_classes() -> tuple[type[nn.Module], type[nn.Module]]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x)[0] if x.is_cuda else gla_naive_forward(self, x)
 
-    class FLADeltaNet(fla.layers.DeltaNet):
+    class FLADeltaNet(fla_layers.DeltaNet):
         def __init__(self, hidden_size: int, num_heads: int):
             super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, use_beta=True,
                              use_short_conv=True, conv_size=CONV_SIZE, qk_activation="silu", qk_norm="l2")

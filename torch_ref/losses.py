@@ -6,7 +6,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from jaxgpt.losses import Z_WEIGHT
+from jaxgpt.spec.constants import LABEL_SMOOTHING, LOGIT_CAP, SIGMOID_CAP_SCALE, TANH_CAP_SMOOTHING, Z_WEIGHT
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,21 +25,21 @@ def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def poly_ls_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     p_target = logits.float().softmax(-1).gather(-1, targets.unsqueeze(-1))
-    return cross_entropy(logits, targets, 0.05) + (1 - p_target).mean() + z_penalty(logits)
+    return cross_entropy(logits, targets, LABEL_SMOOTHING) + (1 - p_target).mean() + z_penalty(logits)
 
 
 def tanh_cap_ls_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    capped = 30 * torch.tanh(logits.float() / 30)
-    return cross_entropy(capped, targets, 0.1) + z_penalty(capped)
+    capped = LOGIT_CAP * torch.tanh(logits.float() / LOGIT_CAP)
+    return cross_entropy(capped, targets, TANH_CAP_SMOOTHING) + z_penalty(capped)
 
 
 def sigmoid_cap(logits: torch.Tensor) -> torch.Tensor:
-    return 30 * torch.sigmoid(logits.float() / 7.5)
+    return LOGIT_CAP * torch.sigmoid(logits.float() / SIGMOID_CAP_SCALE)
 
 
 LOSSES: dict[str, LossFn] = {
     "ce": cross_entropy,
-    "label_smoothing": partial(cross_entropy, smoothing=0.05),
+    "label_smoothing": partial(cross_entropy, smoothing=LABEL_SMOOTHING),
     "z_loss": z_loss,
     "softcap_ce": cross_entropy,
     "poly_ls_z": poly_ls_z,

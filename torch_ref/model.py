@@ -7,9 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jaxgpt.spec.config import ModelConfig
-from torch_ref.block import BLOCKS
-from torch_ref.embedding import EMBEDDINGS
-from torch_ref.losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
+from jaxgpt.spec.constants import INIT_STD
+
+from .block import BLOCKS
+from .embedding import EMBEDDINGS
+from .losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
 
 
 class GPT(nn.Module):
@@ -23,17 +25,17 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """The harness's effective init: every Linear/Embedding re-drawn after construction."""
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, V]."""

@@ -3,7 +3,7 @@
 import torch
 
 from jaxgpt.spec.config import Config
-from jaxgpt.optim import learning_rate
+from jaxgpt.spec.schedule import learning_rate
 
 
 def configure_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -18,7 +18,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Adam
 
 def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, it: int) -> float:
     """One nanoGPT update after backward(): set lr for iteration `it`, clip, step, zero grads; returns grad norm."""
-    lr = float(learning_rate(cfg, it))
+    lr = learning_rate(cfg, it)
     for group in opt.param_groups:
         group["lr"] = lr
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -14,8 +14,9 @@ import contextlib
 import torch
 
 from jaxgpt.spec.config import Config
-from torch_ref.model import GPT
-from torch_ref.optim import configure_optimizer
+
+from .model import GPT
+from .optim import configure_optimizer
 
 
 def allow_tf32() -> None:

@@ -4,7 +4,6 @@ Effective init: norm gains one (biases zero); the scalar gates of `rmsnorm_paral
 parameters, 1/sqrt(2). MLP and mixer weights follow common.py.
 """
 
-import math
 from collections.abc import Callable
 from functools import partial
 
@@ -12,12 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import compute_dtype, linear, proj_std
 from jaxgpt.layers.mixers import MIXERS
 from jaxgpt.ops.layernorm import add_layer_norm
 from jaxgpt.ops.mlp import gelu, mlp
 from jaxgpt.ops.utils import resolve_backend
+from jaxgpt.spec.config import ModelConfig
+from jaxgpt.spec.constants import LAYER_NORM_EPS, PARALLEL_GATE_INIT, RMS_NORM_EPS
 
 NormFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 
@@ -45,13 +45,13 @@ class LayerNorm(nnx.LayerNorm):
 
 def layer_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> LayerNorm:
     """LayerNorm (weight, optional bias, eps 1e-5) computed in fp32, as torch autocast does."""
-    return LayerNorm(cfg.n_embd, epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs,
+    return LayerNorm(cfg.n_embd, epsilon=LAYER_NORM_EPS, use_bias=cfg.bias, dtype=jnp.float32, rngs=rngs,
                      out_dtype=compute_dtype(cfg))
 
 
 def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
     """RMSNorm (gain only, eps 1e-6) computed in fp32: x / sqrt(mean(x^2) + eps) * weight."""
-    return nnx.RMSNorm(cfg.n_embd, epsilon=1e-6, dtype=jnp.float32, rngs=rngs)
+    return nnx.RMSNorm(cfg.n_embd, epsilon=RMS_NORM_EPS, dtype=jnp.float32, rngs=rngs)
 
 
 class MLP(nnx.Module):
@@ -134,8 +134,8 @@ class GatedParallelBlock(Block):
 
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         super().__init__(cfg, layer, rngs, norm=rms_norm)
-        self.attn_gate = nnx.Param(jnp.asarray(1 / math.sqrt(2), jnp.float32))
-        self.mlp_gate = nnx.Param(jnp.asarray(1 / math.sqrt(2), jnp.float32))
+        self.attn_gate = nnx.Param(jnp.asarray(PARALLEL_GATE_INIT, jnp.float32))
+        self.mlp_gate = nnx.Param(jnp.asarray(PARALLEL_GATE_INIT, jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x + self.attn_gate[...] * self.attn(self.ln_1(x)) + self.mlp_gate[...] * self.mlp(self.ln_2(x))

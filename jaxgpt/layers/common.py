@@ -1,6 +1,6 @@
 """Shared building blocks: compute dtype and the harness's effective initialisation.
 
-Effective init (DESIGN §1): the benchmark re-initialises every nn.Linear / nn.Embedding after construction
+Effective init: the benchmark re-initialises every nn.Linear / nn.Embedding after construction
 (nanoGPT's `_init_weights`): weights N(0, 0.02), biases zero; `c_proj` weights N(0, 0.02/sqrt(2*n_layer)).
 Modules that are not Linear/Embedding in PyTorch (norms, convolutions, raw parameters) keep their own init.
 """
@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt.spec.config import ModelConfig
-
-INIT_STD = 0.02
+from jaxgpt.spec.constants import INIT_STD
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:

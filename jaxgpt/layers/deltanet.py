@@ -1,22 +1,22 @@
 """DeltaNet layer: `fla.layers.DeltaNet` (FLA 0.6.0) in JAX.
 
-The options the mixer variants use (DESIGN §2): mode='chunk', expand_k=expand_v=1.0, use_beta=True (beta =
+The options the mixer variants use (docs/variants.md): mode='chunk', expand_k=expand_v=1.0, use_beta=True (beta =
 sigmoid(b_proj(x)), b_proj without bias), use_gate=False, short convolutions (conv_size 4, no bias, SiLU on q, k
 and v: qk_activation='silu'), qk_norm='l2' (inside the kernel, eps 1e-6 inside the sqrt), per-head fp32 RMSNorm
 `o_norm` (eps 1e-5). Parameter names: q_proj, k_proj, v_proj, b_proj, q_conv1d, k_conv1d, v_conv1d, o_norm, o_proj.
 
-Effective init (DESIGN §1): the harness re-draws every nn.Linear weight N(0, 0.02) (o_proj too: no FLA name ends
+Effective init: the harness re-draws every nn.Linear weight N(0, 0.02) (o_proj too: no FLA name ends
 in `c_proj`); convolutions and the norm keep FLA/PyTorch's init (fla_modules.py).
 """
 
 import jax
 from flax import nnx
 
-from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import linear
 from jaxgpt.layers.fla_modules import RMSNorm, ShortConvolution
-from jaxgpt.layers.gla import CONV_SIZE, NORM_EPS
 from jaxgpt.ops import chunk_delta_rule
+from jaxgpt.spec.config import ModelConfig
+from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS
 
 
 class DeltaNet(nnx.Module):
@@ -34,7 +34,7 @@ class DeltaNet(nnx.Module):
         self.q_conv1d = ShortConvolution(C, CONV_SIZE, rngs)
         self.k_conv1d = ShortConvolution(C, CONV_SIZE, rngs)
         self.v_conv1d = ShortConvolution(C, CONV_SIZE, rngs)
-        self.o_norm = RMSNorm(C // H, eps=NORM_EPS)
+        self.o_norm = RMSNorm(C // H, eps=FLA_NORM_EPS)
         self.o_proj = linear(cfg, C, C, rngs, bias=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ Interface of every embedding: `__call__(idx [B, T]) -> x [B, T, C]` (fp32), `lm_
 `num_pos_params() -> int`, `value_embed(layer, idx) -> [B, T, C] | None` (added to the residual stream
 just before block `layer`).
 
-Effective init (DESIGN §1; torch_ref.embedding declares the same module types): every table that is an
+Effective init (torch_ref.embedding declares the same module types): every table that is an
 nn.Embedding / nn.Linear in the harness is N(0, 0.02) whatever the variant declares; raw parameters
 (scalars, the zero head of `ve_lcr_cyclic_untied`) keep their declared init.
 """
@@ -16,12 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import embed
-from jaxgpt.spec.variants import LINEAR_MIXERS
-
-HASH_CUR, HASH_PREV = 36313, 27191  # bigram hash multipliers
-NUM_TABLES = 5  # extra tables (in units of vocab_size) of bigram_hash and the value embeddings
+from jaxgpt.spec.config import ModelConfig
+from jaxgpt.spec.constants import BIGRAM_LAMBDA_INIT, HASH_CUR, HASH_PREV, NUM_TABLES, VE_BETA_INIT, VE_LAMBDA_INIT
+from jaxgpt.spec.variants import LINEAR_MIXERS, value_embed_layers
 
 
 class TokenEmbedding(nnx.Module):
@@ -79,22 +77,10 @@ class BigramHashEmbedding(TokenEmbedding):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)
         self.bigram = embed(NUM_TABLES * cfg.vocab_size, cfg.n_embd, rngs)
-        self.bigram_lambda = nnx.Param(jnp.full((cfg.n_layer,), 0.1, jnp.float32))
+        self.bigram_lambda = nnx.Param(jnp.full((cfg.n_layer,), BIGRAM_LAMBDA_INIT, jnp.float32))
 
     def value_embed(self, layer: int, idx: jax.Array) -> jax.Array:
         return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings))
-
-
-def value_embed_layers(n_layer: int, cyclic: bool) -> dict[int, tuple[int, ...]]:
-    """block index -> the value tables added before it.
-
-    Plain: tables 0..4 at layers [1, 2, L-3, L-2, L-1] (for L < 6 coinciding layers add several tables and
-    layers outside 0..L-1 are skipped). Cyclic: layer i in 1..L-1 uses table (i-1) mod 5.
-    """
-    if cyclic:
-        return {i: ((i - 1) % NUM_TABLES,) for i in range(1, n_layer)}
-    layers = [1, 2, n_layer - 3, n_layer - 2, n_layer - 1]
-    return {i: tuple(j for j, l in enumerate(layers) if l == i) for i in sorted(set(layers)) if 0 <= i < n_layer}
 
 
 class ValueEmbedding(TokenEmbedding):
@@ -102,7 +88,7 @@ class ValueEmbedding(TokenEmbedding):
 
     Table j is rows j*V..(j+1)*V of the joint table `value_embeds` [5V, C]; before its layer it adds
     `ve_lambda[j] * ve_j(idx)` (+ `ve_beta[j] * shift(ve_j(idx))` with `local_residual`, shift = one step
-    right with zeros at t=0). Layer placement: see `value_embed_layers`.
+    right with zeros at t=0). Layer placement: jaxgpt.spec.variants.value_embed_layers.
     Init: `value_embeds` is an nn.Embedding declared N(0, 0.01), effective N(0, 0.02); raw parameters
     `ve_lambda` [5] 0.5, `ve_beta` [5] 0.1; with `zero_head` a raw untied head `lm_head` [V, C] of zeros.
     """
@@ -113,8 +99,8 @@ class ValueEmbedding(TokenEmbedding):
         self.vocab_size = cfg.vocab_size
         self.tables = value_embed_layers(cfg.n_layer, cyclic)
         self.value_embeds = embed(NUM_TABLES * cfg.vocab_size, cfg.n_embd, rngs)
-        self.ve_lambda = nnx.Param(jnp.full((NUM_TABLES,), 0.5, jnp.float32))
-        self.ve_beta = nnx.Param(jnp.full((NUM_TABLES,), 0.1, jnp.float32)) if local_residual else None
+        self.ve_lambda = nnx.Param(jnp.full((NUM_TABLES,), VE_LAMBDA_INIT, jnp.float32))
+        self.ve_beta = nnx.Param(jnp.full((NUM_TABLES,), VE_BETA_INIT, jnp.float32)) if local_residual else None
         self.lm_head = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.n_embd), jnp.float32)) if zero_head else None
 
     def lm_head_weight(self) -> jax.Array:

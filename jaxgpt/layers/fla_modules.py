@@ -3,7 +3,7 @@
 Parameter names and layouts are FLA's (`weight`, conv kernels in torch Conv1d layout [C, 1, W]), so
 jaxgpt.convert passes them through unchanged.
 
-Effective init: neither is an nn.Linear/nn.Embedding, so the harness's re-init (DESIGN §1) leaves them alone.
+Effective init: neither is an nn.Linear/nn.Embedding, so the harness's re-init leaves them alone.
 ShortConvolution keeps PyTorch's Conv1d default, kaiming-uniform: weight (and bias) ~ U(-b, b) with
 b = 1/sqrt(fan_in), fan_in = W for a depthwise kernel; the norm weights are ones.
 """

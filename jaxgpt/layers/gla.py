@@ -1,12 +1,12 @@
 """Gated Linear Attention layer: `fla.layers.GatedLinearAttention` (FLA 0.6.0) in JAX.
 
-The options the mixer variants use (DESIGN §2): mode='chunk', expand_k (0.5, or per layer for gla_depth),
+The options the mixer variants use (docs/variants.md): mode='chunk', expand_k (0.5, or per layer for gla_depth),
 expand_v=1.0, use_output_gate=True, gate_fn='swish' with fuse_norm (the norm is `g_norm_swish_gate`),
 gate_low_rank_dim=16, gate_logit_normalizer=16, norm_eps=1e-5, optional short convolutions (conv_size 4, no bias).
 Parameter names and shapes are FLA's state-dict names: q_proj, k_proj, v_proj, g_proj, gk_proj.0, gk_proj.1,
 o_proj, [q_conv1d, k_conv1d, v_conv1d], g_norm_swish_gate.
 
-Effective init (DESIGN §1): every nn.Linear is re-drawn by the harness: weights N(0, 0.02) (o_proj too: no FLA
+Effective init: every nn.Linear is re-drawn by the harness: weights N(0, 0.02) (o_proj too: no FLA
 name ends in `c_proj`), the one bias (gk_proj.1) zero. Convolutions and the norm keep FLA/PyTorch's init
 (fla_modules.py).
 """
@@ -17,15 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.common import linear
 from jaxgpt.layers.fla_modules import RMSNorm, ShortConvolution
 from jaxgpt.ops import chunk_gla
-
-GATE_LOW_RANK_DIM = 16
-GATE_LOGIT_NORMALIZER = 16
-CONV_SIZE = 4
-NORM_EPS = 1e-5
+from jaxgpt.spec.config import ModelConfig
+from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM
 
 
 def projection_dim(cfg: ModelConfig, expand: float) -> int:
@@ -57,7 +53,7 @@ class GatedLinearAttention(nnx.Module):
             linear(cfg, GATE_LOW_RANK_DIM, key_dim, rngs, bias=True),
         ])
         self.o_proj = linear(cfg, value_dim, C, rngs, bias=False)
-        self.g_norm_swish_gate = RMSNorm(value_dim // H, eps=NORM_EPS)
+        self.g_norm_swish_gate = RMSNorm(value_dim // H, eps=FLA_NORM_EPS)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, _ = x.shape

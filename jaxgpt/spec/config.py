@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/
+CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"  # the repository's configs/
 
 
 @dataclass(frozen=True)
