@@ -2,8 +2,8 @@
 # Device calls for the gated delta rule's Pallas path (jaxgpt/ops/gated_delta_rule/pallas.py). Run through the
 # device tool from the repo root, carrying .whl (FLA 0.6.0's wheels) and .triton-autotune (FLA's autotuning results):
 #   bash scripts/device_gated_delta_rule.sh parity                  Triton lowering checks, bf16 parity against FLA
-#   bash scripts/device_gated_delta_rule.sh bench [OPS] [SHAPES]    fwd+bwd side by side against FLA, block_v 16 / 32,
-#                                                                   GPU kernel time per call by kernel
+#   bash scripts/device_gated_delta_rule.sh bench [OPS] [SHAPES] [BENCH ARGS...]   fwd+bwd side by side against FLA
+#                                                                   and GPU kernel time per call by kernel
 # Logs (and bench.json) land in $OUT. FLA autotunes each (heads, head dims) for minutes on a fresh machine: run
 # parity first and bench on the same warm machine, or copy $OUT/triton-autotune.tgz to .triton-autotune/.
 set -uo pipefail
@@ -19,8 +19,8 @@ triton.__version__, jax.devices(), torch.cuda.get_device_name(0))' 2>&1 | tee "$
     ;;
   bench)
     timeout 540 python3 scripts/bench_linear_attention.py --ops "${2:-chunk_gated_delta_rule}" \
-      --shapes "${3:-op1,op2,op3}" --impl pallas --delta-block-v 16,32 --out "$OUT/bench.json" --profile /tmp/prof \
-      2>&1 | tee "$OUT/bench.log"
+      --shapes "${3:-op1,op2,op3}" --impl pallas --out "$OUT/bench.json" --profile /tmp/prof "${@:4}" 2>&1 \
+      | tee "$OUT/bench.log"
     ;;
   *)
     echo "usage: bash scripts/device_gated_delta_rule.sh parity | bench [OPS] [SHAPES]"; exit 2
