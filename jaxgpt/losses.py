@@ -1,11 +1,13 @@
 """Loss axis (the benchmark's `compute_loss`). Training losses only: evaluation is always plain CE.
 
-Every loss is a function of three per-token statistics of the logits z [..., V] (`LogitStats`, fp32 [...] each):
+Most losses are functions of three per-token statistics of the logits z [..., V] (`LogitStats`, fp32 [...] each):
 lse = logsumexp_v z, z_target = z[target] and z_mean = mean_v z (label smoothing). `Loss` pairs that function with
 the logits it is taken of: from the logits (`Loss.__call__(logits, targets)`, through `logit_stats`), or, where the
 loss needs no transform of the logits, straight from the LM head (GPT.loss: jaxgpt.ops.cross_entropy.head_stats, which
-never forms the logits' gradient). `OUTPUT_TRANSFORMS` holds the loss variants whose logit transform is part of the
-model output (also at eval): those take the logits path.
+never forms the logits' gradient). A loss that needs more of the distribution than these statistics (its entropy,
+say) is a function of the full logits instead (`Loss.of_logits`): the model materialises the logits for it.
+`OUTPUT_TRANSFORMS` holds the loss variants whose logit transform is part of the model output (also at eval): those
+take the logits path too.
 """
 
 from collections.abc import Callable
@@ -154,15 +156,29 @@ def sigmoid_cap(logits: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Loss:
-    """One loss of the axis: `of_stats` (LogitStats -> scalar) of the logits, after `transform` if it has one."""
+    """One loss of the axis, of the logits after `transform` if it has one: either `of_stats` (LogitStats ->
+    scalar) or `of_logits` ((logits [B, T, V], int targets [B, T]) -> scalar), for a loss the statistics do not
+    determine."""
 
-    of_stats: Callable[[LogitStats], jax.Array]
+    of_stats: Callable[[LogitStats], jax.Array] | None = None
     transform: Callable[[jax.Array], jax.Array] | None = None  # logits -> logits, inside the loss only
+    of_logits: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+    def __post_init__(self):
+        if (self.of_stats is None) == (self.of_logits is None):
+            raise ValueError("a Loss is a function of either the logit statistics (of_stats) or the logits (of_logits)")
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the loss takes the materialised logits (GPT.loss), not the fused head's statistics."""
+        return self.of_logits is not None or self.transform is not None
 
     def __call__(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
         """The loss of logits [B, T, V] and int targets [B, T]: a scalar, fp32."""
         if self.transform is not None:
             logits = self.transform(logits)
+        if self.of_logits is not None:
+            return self.of_logits(logits, targets)
         return self.of_stats(logit_stats(logits, targets))
 
 

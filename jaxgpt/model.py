@@ -52,11 +52,12 @@ class GPT(nnx.Module):
         """Training loss of the loss axis (train=True) or plain cross-entropy (evaluation).
 
         A loss of the raw logits' statistics takes them from the fused head (jaxgpt.ops.cross_entropy.head_stats),
-        which never forms the logits' gradient; a loss of transformed logits (softcap_ce's model output,
-        tanh_cap_ls_z's cap) takes the logits.
+        which never forms the logits' gradient; a loss that needs the logits (`Loss.needs_logits`: of the full
+        logits, or of transformed ones like tanh_cap_ls_z's cap) or of a transformed model output (softcap_ce)
+        takes the materialised logits.
         """
         loss = LOSSES[self.cfg.loss] if train else cross_entropy
-        if loss.transform is not None or self.cfg.loss in OUTPUT_TRANSFORMS:
+        if loss.needs_logits or self.cfg.loss in OUTPUT_TRANSFORMS:
             return loss(self(idx), targets)
         return loss.of_stats(LogitStats(*head_stats(*self.head_inputs(idx), targets)))
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -128,3 +129,50 @@ def test_conversion_rejects_mismatch():
     state["ln_f.weight"] = torch.zeros(7)
     with pytest.raises(ValueError, match="ln_f.weight"):
         torch_to_jax(state, params_of(jmodel))
+
+
+CONFIDENCE_PENALTY = 0.1
+
+
+def confidence_penalty_jax(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """CE - 0.1 * mean predictive entropy (Pereyra et al. 2017) of logits [B, T, V]: the entropy needs the whole
+    distribution, more than LogitStats holds."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    ce = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1).mean()
+    return ce + CONFIDENCE_PENALTY * (jnp.exp(logp) * logp).sum(-1).mean()
+
+
+def confidence_penalty_torch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(-1)
+    ce = torch.nn.functional.nll_loss(logp.flatten(0, 1), targets.flatten())
+    return ce + CONFIDENCE_PENALTY * (logp.exp() * logp).sum(-1).mean()
+
+
+def test_loss_of_the_full_logits(monkeypatch):
+    """A loss registered as a function of the full logits: the model computes it from the materialised logits (the
+    fused head is never called) and matches torch_ref, loss and every gradient."""
+    import jaxgpt.losses
+    import jaxgpt.model
+    import torch_ref.losses
+
+    full_logits_loss = jaxgpt.losses.Loss(of_logits=confidence_penalty_jax)
+    assert full_logits_loss.needs_logits
+    monkeypatch.setitem(jaxgpt.losses.LOSSES, "confidence_penalty", full_logits_loss)
+    monkeypatch.setitem(torch_ref.losses.LOSSES, "confidence_penalty", confidence_penalty_torch)
+
+    def fused_head(*args):
+        raise AssertionError("a loss of the full logits took the fused head's statistics")
+
+    monkeypatch.setattr(jaxgpt.model, "head_stats", fused_head)
+    cfg = dataclasses.replace(variant_config("baseline").model, loss="confidence_penalty")
+    jmodel, tmodel = twin_models(cfg, seed=5)
+    idx, targets = random_batch(cfg, batch=3, seed=6)
+    t_idx, t_tgt = torch.from_numpy(idx).long(), torch.from_numpy(targets).long()
+    j_loss, j_grads = jax_grads(jmodel, idx, targets)
+    t_loss = tmodel.loss(t_idx, t_tgt).item()
+    assert abs(j_loss - t_loss) / abs(t_loss) < TOL, (j_loss, t_loss)
+    assert abs(t_loss - torch.nn.functional.cross_entropy(tmodel(t_idx).flatten(0, 1), t_tgt.flatten()).item()) > 1e-3
+    t_grads = torch_grads(tmodel, t_idx, t_tgt)
+    errors = {n: rel_err(j_grads[n], t_grads[n]) for n in t_grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOL, f"{worst}: rel err {errors[worst]:.2e}"

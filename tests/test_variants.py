@@ -82,6 +82,14 @@ def test_loss_matches_numpy_formula(name):
     assert got_torch == pytest.approx(want, rel=1e-5)
 
 
+def test_a_loss_is_of_the_statistics_or_of_the_logits():
+    assert not jl.LOSSES["poly_ls_z"].needs_logits and jl.LOSSES["tanh_cap_ls_z"].needs_logits  # its cap
+    assert jl.Loss(of_logits=lambda z, y: z.mean()).needs_logits
+    for bad in ({}, {"of_stats": jl.nll, "of_logits": lambda z, y: z.mean()}):
+        with pytest.raises(ValueError, match="either the logit statistics"):
+            jl.Loss(**bad)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", list(variants.AXES["loss"]))
 def test_loss_gradient_matches_torch_autograd(name, dtype):
@@ -229,12 +237,15 @@ CONSTANT_INIT = {
 
 def expected_init(name: str, shape: tuple, n_layer: int) -> tuple[str, float]:
     """The harness's effective init of a parameter: ("const", value), ("normal", std) or
-    ("uniform", bound): FLA's ShortConvolution is a Conv1d and keeps PyTorch's U(-1/sqrt(W), 1/sqrt(W))."""
+    ("uniform", bound): FLA's ShortConvolution is a Conv1d and keeps PyTorch's U(-1/sqrt(W), 1/sqrt(W)); or
+    ("fla_decay", 0): Gated DeltaNet's A_log and dt_bias keep FLA's random init."""
     for suffix, value in CONSTANT_INIT.items():
         if name == suffix or name.endswith("." + suffix):
             return "const", value
     if name.endswith("conv1d.weight"):
         return "uniform", 1 / math.sqrt(shape[-1])
+    if name.endswith(("A_log", "dt_bias")):
+        return "fla_decay", 0.0
     if name.endswith("bias"):
         return "const", 0.0
     if len(shape) == 1:  # norm gains
@@ -260,6 +271,9 @@ def test_effective_init_on_both_sides(variant):
             kind, value = expected_init(name, a.shape, cfg.n_layer)
             if kind == "const":
                 np.testing.assert_allclose(a, value, rtol=1e-6, err_msg=f"{side} {name}")
+            elif kind == "fla_decay":  # within the support (the distribution: parity_tests/test_gated_delta_rule.py)
+                u = np.exp(a) / 16 if name.endswith("A_log") else np.log(np.logaddexp(0.0, a) / 1e-3) / np.log(100)
+                assert u.min() >= 0 and u.max() <= 1 + 1e-6, (side, name)
             elif kind == "uniform":  # the sample std's relative error is about 0.45/sqrt(n) (1/sqrt(2n) normal)
                 assert np.abs(a).max() <= value, (side, name)
                 assert abs(a.std() * math.sqrt(3) / value - 1) < max(0.1, 2 / math.sqrt(a.size)), (side, name)
@@ -333,16 +347,57 @@ def test_value_embed_formula(name):
 # --- registry ---------------------------------------------------------------------------------------------
 
 
+# Where each axis choice is implemented: axis -> ((JAX table, where), (torch_ref table, where)).
+IMPLEMENTATIONS = {
+    "embedding": ((jemb.EMBEDDINGS, "jaxgpt/layers/embedding.py EMBEDDINGS"),
+                  (temb.EMBEDDINGS, "torch_ref/embedding.py EMBEDDINGS")),
+    "norm": ((jblock.BLOCKS, "jaxgpt/layers/block.py BLOCKS"), (tblock.BLOCKS, "torch_ref/block.py BLOCKS")),
+    "loss": ((jl.LOSSES, "jaxgpt/losses.py LOSSES"), (tl.LOSSES, "torch_ref/losses.py LOSSES")),
+    "mixer": ((jmix.MIXERS, "jaxgpt/layers/mixers.py MIXERS"), (tmix.MIXERS, "torch_ref/mixers.py MIXERS")),
+}
+LAYER_TABLES = ((jmix.LINEAR_LAYERS, "jaxgpt module in jaxgpt/layers/mixers.py LINEAR_LAYERS"),
+                (tmix.LINEAR_LAYERS, "torch_ref module in torch_ref/mixers.py LINEAR_LAYERS"))
+
+
+def registry_gaps(axes: dict[str, dict[str, str]], linear_mixers: frozenset[str]) -> list[str]:
+    """What is missing for the registry's choices, one line each: an axis choice without a JAX or torch_ref
+    module, an implementation no choice names, and a linear mixer's layer kind without a layer on either side."""
+    gaps = []
+    for axis, choices in axes.items():
+        for side, (table, where) in zip(("jaxgpt", "torch_ref"), IMPLEMENTATIONS[axis]):
+            gaps += [f"{axis} {name!r}: no {side} module in {where}" for name in choices if name not in table]
+            gaps += [f"{axis} {name!r}: in {where} but not in jaxgpt/spec/variants.py AXES"
+                     for name in table if name not in choices]
+    for mixer in sorted(linear_mixers):
+        for n_layer in (1, 2, 12):
+            for layer in range(n_layer):
+                kind, _ = variants.linear_mixer_layer(mixer, layer, n_layer)
+                gaps += [f"mixer {mixer!r}: layer kind {kind!r} has no {what}" for table, what in LAYER_TABLES
+                         if kind not in table]
+    return sorted(set(gaps))
+
+
 def test_every_axis_choice_has_jax_and_torch_implementations():
-    impls = {
-        "embedding": (jemb.EMBEDDINGS, temb.EMBEDDINGS),
-        "norm": (jblock.BLOCKS, tblock.BLOCKS),
-        "loss": (jl.LOSSES, tl.LOSSES),
-        "mixer": (jmix.MIXERS, tmix.MIXERS),
-    }
-    assert impls.keys() == variants.AXES.keys()
-    for axis, (jax_impl, torch_impl) in impls.items():
-        assert set(jax_impl) == set(torch_impl) == set(variants.AXES[axis]), axis
+    assert IMPLEMENTATIONS.keys() == variants.AXES.keys()
+    gaps = registry_gaps(variants.AXES, variants.LINEAR_MIXERS)
+    assert not gaps, "registry entries without both twins (docs/adding-a-variant.md):\n" + "\n".join(gaps)
+
+
+def test_registry_gaps_name_the_missing_piece(monkeypatch):
+    axes = {axis: dict(choices) for axis, choices in variants.AXES.items()}
+    axes["mixer"]["foo"] = "a mixer with no implementation yet"
+    axes["loss"].pop("z_loss")
+    monkeypatch.delitem(tmix.LINEAR_LAYERS, "gla")
+    gaps = registry_gaps(axes, variants.LINEAR_MIXERS)
+    assert gaps[:4] == [
+        "loss 'z_loss': in jaxgpt/losses.py LOSSES but not in jaxgpt/spec/variants.py AXES",
+        "loss 'z_loss': in torch_ref/losses.py LOSSES but not in jaxgpt/spec/variants.py AXES",
+        "mixer 'foo': no jaxgpt module in jaxgpt/layers/mixers.py MIXERS",
+        "mixer 'foo': no torch_ref module in torch_ref/mixers.py MIXERS",
+    ]
+    gla_kind = "layer kind 'gla' has no torch_ref module in torch_ref/mixers.py LINEAR_LAYERS"
+    assert {"gla", "gla_conv", "gla_deltanet", "gla_depth"} <= {g.split("'")[1] for g in gaps[4:]}
+    assert all(g.endswith(gla_kind) for g in gaps[4:]) and not any("'deltanet'" in g for g in gaps)
 
 
 def test_unknown_names_list_the_valid_ones():
