@@ -124,7 +124,7 @@ def _adversarial_rows(V: int, rng: np.random.Generator) -> np.ndarray:
 def test_loss_online_logsumexp_matches_jax(V, dtype):
     """jl.online_max_sum_exp (one variadic reduce) vs jax.nn.logsumexp in fp32 on the same (rounded) logits, and
     its z_max exactly; rows with -inf entries stay NaN-free. On the CPU the reduce accumulates each row in order,
-    so a sorted row of 50304 gathers ~3e-6 relative rounding (measured); the other rows stay under ~2e-7."""
+    so a sorted row of 50304 gathers ~3e-6 relative rounding; the other rows stay under ~2e-7."""
     import jax
 
     z = jnp.asarray(_adversarial_rows(V, np.random.default_rng(0)), dtype).astype(jnp.float32)
