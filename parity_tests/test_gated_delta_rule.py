@@ -7,16 +7,25 @@ state, plus the final state for a random state cotangent; layer: the input and e
 
 import functools
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 import torch
+from flax import nnx
 
 import jaxgpt.ops.gated_delta_rule as gdr
+from jaxgpt.layers.gated_deltanet import GatedDeltaNet
 from jaxgpt.ops import chunk_gated_delta_rule, gdn_gate, naive_recurrent_gated_delta_rule
+from jaxgpt.spec.config import ModelConfig
+from jaxgpt.spec.variants import linear_mixer_layer
+from parity_tests import test_mixer_parity
 from parity_tests.test_ops_parity import assert_close, log_sigmoid, random_qkv, rel_err, torch_outputs_and_grads
 from torch_ref.fla_naive import l2norm, load_fla_file, naive_gdn_gate
+from torch_ref.gated_deltanet import NaiveGatedDeltaNet
 
 TOL = 1e-5
 FLA_GATED_DELTA = load_fla_file("ops/gated_delta_rule/naive.py")
@@ -186,3 +195,39 @@ def test_invalid_arguments(kwargs, match):
     args = {"q": x, "k": x, "v": x, "g": jnp.full((1, 8, 2), -0.5), "beta": jnp.full((1, 8, 2), 0.5)} | kwargs
     with pytest.raises(ValueError, match=match):
         chunk_gated_delta_rule(**args)
+
+
+# --- the layer ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 63, 65, 130])
+def test_layer_parity(T):
+    """GatedDeltaNet vs torch_ref's twin (FLA's module tree on FLA's naive op and gate), output and the gradients
+    w.r.t. the input and every parameter: test_mixer_parity's check, with A_log and dt_bias at FLA's init (the
+    gate-bias argument is GLA's and unused here)."""
+    test_mixer_parity.test_layer_parity("gated_deltanet", "weak", T)
+
+
+def test_decay_parameters_keep_flas_init():
+    """A_log and dt_bias on both sides follow FLA's init: exp(A_log) ~ U(0, 16) and softplus(dt_bias) = dt with
+    log(dt) ~ U(log 1e-3, log 0.1) (Kolmogorov-Smirnov against the uniform, 1024 heads of width 1 per side)."""
+    H = 1024
+    jlayer = GatedDeltaNet(ModelConfig(n_layer=1, n_head=H, n_embd=H, block_size=8, dtype="float32"), nnx.Rngs(0))
+    torch.manual_seed(0)
+    tlayer = NaiveGatedDeltaNet(H, H)
+    sides = {
+        "jax": (np.asarray(jlayer.A_log[...]), np.asarray(jlayer.dt_bias[...])),
+        "torch": (tlayer.A_log.detach().numpy(), tlayer.dt_bias.detach().numpy()),
+    }
+    for side, (A_log, dt_bias) in sides.items():
+        dt = np.logaddexp(0.0, dt_bias.astype(np.float64))
+        uniforms = {"A": np.exp(A_log) / 16, "dt": (np.log(dt) - math.log(1e-3)) / math.log(100)}
+        for name, u in uniforms.items():
+            assert u.min() >= 0 and u.max() <= 1 + 1e-6, (side, name)
+            assert scipy.stats.kstest(u, "uniform").pvalue > 1e-3, (side, name)
+
+
+def test_mixer_stacks():
+    assert [linear_mixer_layer("gated_deltanet", layer, 3) for layer in range(3)] == [("gated_deltanet", {})] * 3
+    kinds = [linear_mixer_layer("gla_gated_deltanet", layer, 4)[0] for layer in range(4)]
+    assert kinds == ["gated_deltanet", "gla", "gated_deltanet", "gla"]

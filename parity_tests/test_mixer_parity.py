@@ -26,6 +26,7 @@ LAYERS = {  # id -> (layer kind, options): every layer the mixer variants stack
     "gla_conv": ("gla", {"use_short_conv": True}),
     "gla_depth_0.75": ("gla", {"use_short_conv": True, "expand_k": 0.75}),
     "deltanet": ("deltanet", {}),
+    "gated_deltanet": ("gated_deltanet", {}),  # its cases: parity_tests/test_gated_delta_rule.py
 }
 GATE_BIAS = {"weak": 0.0, "strong": -6.0}  # gk_proj.1 bias: per-step log decays about -0.04 / -0.38
 # At T = 1 each head's output is c * v (c = scale * q.k, times beta for DeltaNet), and the per-head RMSNorm removes
@@ -36,11 +37,14 @@ SCALE_FREE_AT_T1 = ("q_", "k_", "b_proj", "gk_proj")
 
 def random_params(model: nnx.Module, rng: np.random.Generator, gate_bias: float) -> dict[str, np.ndarray]:
     """Torch-named weights with O(1) activations: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2),
-    conv kernels U(-0.5, 0.5), the GLA gate bias `gate_bias`."""
+    conv kernels U(-0.5, 0.5), the GLA gate bias `gate_bias`, Gated DeltaNet's A_log and dt_bias as initialised (FLA's
+    random init: per-step decays from ~1 to ~e^-1.6)."""
     params = {}
     for name, p in jax_to_torch(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items():
         if name == "gk_proj.1.bias":
             params[name] = np.full(p.shape, gate_bias, np.float32)
+        elif name in ("A_log", "dt_bias"):
+            params[name] = np.array(p)
         elif "conv1d" in name:
             params[name] = rng.uniform(-0.5, 0.5, p.shape).astype(np.float32)
         elif p.ndim == 1:

@@ -1,6 +1,7 @@
 """Mixer axis in PyTorch (twin of jaxgpt.layers.mixers): [B, T, C] -> [B, T, C].
 
-The linear mixers stack FLA's layers (torch_ref.linear_attn) as jaxgpt.spec.variants.linear_mixer_layer says.
+The linear mixers stack FLA's layers (torch_ref.linear_attn, torch_ref.gated_deltanet) as
+jaxgpt.spec.variants.linear_mixer_layer says.
 """
 
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 
+from .gated_deltanet import gated_delta_net
 from .linear_attn import delta_net, gated_linear_attention
 
 
@@ -32,7 +34,9 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-LINEAR_LAYERS: dict[str, Callable[..., nn.Module]] = {"gla": gated_linear_attention, "deltanet": delta_net}
+LINEAR_LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "gla": gated_linear_attention, "deltanet": delta_net, "gated_deltanet": gated_delta_net
+}
 
 
 def linear_mixer(mixer: str, cfg: ModelConfig, layer: int) -> nn.Module:
