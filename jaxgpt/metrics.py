@@ -1,18 +1,29 @@
-"""Run metrics: one JSON record per line in `metrics.jsonl`, and a loss-curve PNG drawn from it."""
+"""Run metrics: one JSON record per line in `metrics.jsonl`, the same scalars as TensorBoard event files next to
+it, and a loss-curve PNG drawn from the records."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from jaxgpt.errors import UserError
 from jaxgpt.spec.config import ModelConfig
+
+# bf16 dense matmul peak of one device, TFLOP/s, by a substring of jax's device_kind (first match wins)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+TENSORBOARD_GLOB = "events.out.tfevents.*"  # the event files tensorboardX writes
 
 
 class MetricsLog:
-    """Append-only JSONL log (strict JSON: non-finite numbers are written as null); records get a `time`."""
+    """Append-only JSONL log (strict JSON: non-finite numbers are written as null); records get a `time`.
+
+    Each record is appended, flushed and fsynced on its own, so a killed process loses at most the line it was
+    writing; `read` drops such a torn line with a warning, and `truncate_after` replaces the file atomically."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -21,18 +32,90 @@ class MetricsLog:
     def write(self, **record: Any) -> None:
         record = {"time": round(time.time(), 3), **record}
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise UserError(f"writing {self.path} failed: {e.strerror}") from None
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line that is not a JSON object (a write cut off by a kill) is dropped with a warning."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records, torn = [], []
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                torn.append(n)
+        if torn:
+            print(f"warning: {self.path}: dropped line {', '.join(map(str, torn))} (not a complete JSON record)",
+                  file=sys.stderr)
+        return records
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (a resumed run rewrites them)."""
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """Keep the records up to `step` (a resumed run rewrites the later ones); -> the records kept. The file
+        is replaced atomically: written to a temporary sibling, fsynced, renamed over it."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"rewriting {self.path} failed: {e.strerror}") from None
+        return kept
+
+
+class TensorBoard:
+    """TensorBoard scalars of a run: one tensorboardX writer, its event files in the run folder. On resume,
+    `purge_step` hides the events an earlier process logged at or after that step (TensorBoard's own mechanism),
+    so a resumed curve has no duplicate points."""
+
+    def __init__(self, logdir: str | Path, purge_step: int | None = None):
+        self._writer = _summary_writer_class()(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+
+    def scalars(self, prefix: str, step: int, values: dict[str, float | None]) -> None:
+        """Write `values` as `<prefix>/<name>` at `step` (None and non-finite values are left out)."""
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it can (only for
+    torch tensor inputs, which this writer never gets), seconds of start-up in every training process."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # makes tensorboardX's `import torch` fail, as if torch were not installed
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+def device_peak_tflops(device_kind: str) -> float | None:
+    """The bf16 dense matmul peak of one device of this kind (PEAK_TFLOPS), or None if unknown (CPUs)."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_kind), None)
 
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path, title: str) -> None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +38,15 @@ from jaxgpt.spec.config import (
 )
 from jaxgpt.data import BatchSampler, ensure_default_corpus
 from jaxgpt.errors import UserError, cli_main
-from jaxgpt.metrics import MetricsLog, flops_per_token, model_label, plot_losses
+from jaxgpt.metrics import (
+    TENSORBOARD_GLOB,
+    MetricsLog,
+    TensorBoard,
+    device_peak_tflops,
+    flops_per_token,
+    model_label,
+    plot_losses,
+)
 from jaxgpt.model import init_model, num_params
 from jaxgpt.optim import learning_rate, make_optimizer
 from jaxgpt.sharding import (
@@ -48,12 +57,23 @@ from jaxgpt.sharding import (
     state_bytes_per_device,
     state_shardings,
 )
+from jaxgpt.signals import StopRequest
 from jaxgpt.steps import all_finite, init_state, make_eval_step, make_train_step
 from jaxgpt.spec.variants import AXES, PRESETS, apply_variant
+from jaxgpt.watchdog import Watchdog, WatchdogLimits
 
 
 class TrainingDiverged(UserError):
-    """The loss or the parameters became non-finite; the run stops without saving."""
+    """A loss, a gradient norm or the parameters became non-finite; the run stops without saving and names the
+    last checkpoint that verifies."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run after it saved its last step; the process exits with 128 + `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
 
 
 def run_dir(cfg: Config) -> Path:
@@ -122,8 +142,16 @@ class Evaluator:
         return out
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run (or resume) training; returns the final evaluation {'train_loss', 'val_loss', 'step'}."""
+def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = WatchdogLimits(),
+          peak_tflops: float | None = None) -> dict:
+    """Run (or resume) training; returns the final evaluation {'train_loss', 'val_loss', 'step'}.
+
+    Resuming loads the newest checkpoint that verifies (checkpoint.py); newer damaged ones are reported and set
+    aside. The run stops with TrainingDiverged when a loss, a gradient norm, a validation loss or the parameters
+    become non-finite, with CheckpointSaveError when a save fails, with Stopped after SIGINT/SIGTERM (one save
+    first, signals.py), and, through the watchdog thread, with exit code 3 when a step stalls (watchdog.py).
+    `peak_tflops` (one device's) turns tokens/s into MFU; by default it comes from metrics.PEAK_TFLOPS.
+    """
     out = run_dir(cfg)
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
@@ -144,15 +172,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
     abstract_opt = jax.eval_shape(tx.init, abstract)
     param_sh, opt_sh = state_shardings(abstract, mesh), state_shardings(abstract_opt, mesh)
     log = MetricsLog(out / "metrics.jsonl")
-    start = 0
+    start, records = 0, []
     if resume:
-        saved = Config.from_dict(ckpt.read_meta()["config"])
+        start = ckpt.select(set_aside=True, action="resuming from")
+        saved = Config.from_dict(ckpt.read_meta(start)["config"])
         if saved.model != cfg.model:
             raise UserError(f"--resume: the checkpoint's model {saved.model} differs from the requested {cfg.model}")
         # restored straight onto this run's layout, whatever mesh saved it
-        state = ckpt.restore(abstract_with_shardings(abstract, param_sh), abstract_with_shardings(abstract_opt, opt_sh))
-        params, opt_state, start = state.params, state.opt_state, state.step
-        log.truncate_after(start)
+        state = ckpt.restore(abstract_with_shardings(abstract, param_sh), abstract_with_shardings(abstract_opt, opt_sh),
+                             start)
+        params, opt_state = state.params, state.opt_state
+        records = log.truncate_after(start)
         print(f"resumed from {ckpt.directory} at step {start}")
         changed = [f"{k} ({v} -> {getattr(cfg, k)})" for k, v in saved.to_dict().items()
                    if k != "model" and getattr(cfg, k) != v]
@@ -163,7 +193,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         params, opt_state = init_state(cfg.model, cfg.seed, tx, param_sh, opt_sh)
         out.mkdir(parents=True, exist_ok=True)
         log.path.unlink(missing_ok=True)
+        for old in out.glob(TENSORBOARD_GLOB):
+            old.unlink()
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tb = TensorBoard(out, purge_step=start + 1 if resume else None)
 
     train_step = make_train_step(graphdef, tx, abstract, abstract_opt, param_shardings=param_sh, opt_shardings=opt_sh,
                                  remat=cfg.remat)
@@ -179,80 +212,134 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     p, o = train_step.leaves(params, opt_state)  # the loop's state; trees are rebuilt for evaluation and saving
     del params, opt_state
+    saved_step = start  # the newest step saved (or restored) by this process
+
+    def last_verified() -> str:
+        ckpt.wait()
+        step, _ = ckpt.newest_intact()
+        if step is None:
+            return f"No verified checkpoint in {ckpt.directory}."
+        return f"Last verified checkpoint: step {step} in {ckpt.directory}."
 
     def save(step: int) -> None:
+        nonlocal saved_step
         params, opt_state = train_step.trees(p, o)
         if not bool(all_finite(params)):
-            raise TrainingDiverged(f"non-finite state at step {step}; not saved. {_last_good(ckpt)}")
+            raise TrainingDiverged(f"non-finite parameters at step {step}; not saved. {last_verified()}")
+        tb.flush()  # the events up to a checkpoint are on disk with it
         ckpt.save(TrainState(params, opt_state, make_meta(cfg, step, data_dir)))
+        saved_step = step
 
     def run_eval(step: int) -> dict:
         t0 = time.time()
         losses = evaluate(train_step.trees(p, o)[0])
+        bad = [f"{'validation' if split == 'val' else split} loss is {v}" for split, v in losses.items()
+               if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"{' and '.join(bad)} at step {step}; stopping. {last_verified()}")
         print(f"TRAIN_METRICS: step={step}, train_loss={losses['train']:.4f}, val_loss={losses['val']:.4f}")
         log.write(kind="eval", step=step, train_loss=losses["train"], val_loss=losses["val"], seconds=time.time() - t0)
+        tb.scalars("eval", step, {"train_loss": losses["train"], "val_loss": losses["val"]})
         return {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}
 
-    final = run_eval(start) if start == 0 else None
     flops = flops_per_token(cfg.model, n_params)
-    t_last, step_last, completed = time.time(), start, start
+    peak = (peak_tflops or device_peak_tflops(jax.devices()[0].device_kind) or 0.0) * mesh.devices.size
+    t_last, step_last = time.time(), start
+
+    def report(step: int, metrics: dict) -> None:
+        """Wait for step `step`, check its loss and gradient norm, and log them at log steps."""
+        nonlocal t_last, step_last
+        metrics = jax.device_get(metrics)
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        for name, value in (("loss", loss), ("grad norm", grad_norm)):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"{name} is {value} at step {step}; stopping. {last_verified()}")
+        dog.beat(step)
+        if step % cfg.log_interval and step != cfg.max_iters and step != start + 1:
+            return
+        dt = (time.time() - t_last) / max(1, step - step_last)
+        t_last, step_last = time.time(), step
+        tok_s = cfg.tokens_per_iter / dt
+        lr = float(learning_rate(cfg, step - 1))
+        print(
+            f"step {step:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            f"{dt * 1e3:.1f} ms/iter | {tok_s / 1e3:.1f}k tok/s" + (" (incl. compile)" if step == start + 1 else ""),
+            flush=True,
+        )
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "ms_per_iter": dt * 1e3, "tokens_per_s": tok_s,
+                  "tflops": tok_s * flops / 1e12}
+        if peak:
+            values["mfu"] = values["tflops"] / peak
+        log.write(kind="train", step=step, **values)
+        tb.scalars("train", step, values)
+
+    # a run resumed at its last step has its final evaluation in its records already
+    logged = [r for r in records if r.get("kind") == "eval" and r.get("step") == start]
+    final = run_eval(0) if start == 0 else (dict(logged[-1]) if logged and start >= cfg.max_iters else None)
+    completed = start
 
     def fetch(step: int) -> tuple[jax.Array, jax.Array]:
         x, y = train_data.get(step, B * A)
         return shard_batch(x.reshape(A, B, T), mesh), shard_batch(y.reshape(A, B, T), mesh)
 
     batches = Prefetcher(fetch, range(start, cfg.max_iters))
+    dog = Watchdog(watchdog, context=lambda: _on_disk(ckpt))
+    stop = StopRequest(abort_note=lambda: _on_disk(ckpt))
+    pending = None  # (step, metrics) of the step dispatched last, not reported yet
     try:
-        for step, (x, y) in batches:
-            p, o, metrics = train_step.jitted(p, o, x, y)
-            completed = done = step + 1
-            if done % cfg.log_interval == 0 or done == cfg.max_iters or step == start:
-                metrics = jax.device_get(metrics)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"loss is {loss} at step {done}; stopping. {_last_good(ckpt)}")
-                dt = (time.time() - t_last) / max(1, done - step_last)
-                t_last, step_last = time.time(), done
-                tok_s = cfg.tokens_per_iter / dt
-                lr = float(learning_rate(cfg, step))
-                print(
-                    f"step {done:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
-                    f"{float(metrics['grad_norm']):.3f} | {dt * 1e3:.1f} ms/iter | {tok_s / 1e3:.1f}k tok/s"
-                    + (" (incl. compile)" if step == start else ""),
-                    flush=True,
-                )
-                log.write(kind="train", step=done, loss=loss, lr=lr, grad_norm=float(metrics["grad_norm"]),
-                          ms_per_iter=dt * 1e3, tokens_per_s=tok_s, tflops=tok_s * flops / 1e12)
-            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-                final = run_eval(done)
-                t_last = time.time()
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_iters:
-                save(done)
-    except KeyboardInterrupt:
-        ckpt.wait()
-        if completed > (ckpt.latest_step() or 0):
-            save(completed)
-            ckpt.wait()
-            print(f"\ninterrupted: saved step {completed} to {ckpt.directory}; continue with --resume")
-        raise
+        with stop:
+            for step, (x, y) in batches:
+                p, o, metrics = train_step.jitted(p, o, x, y)
+                completed = done = step + 1
+                if pending is not None:
+                    report(*pending)  # the step before, while this one runs
+                pending = (done, metrics)
+                evaluate_now = done % cfg.eval_interval == 0 or done == cfg.max_iters
+                save_now = done % cfg.checkpoint_every == 0 or done == cfg.max_iters
+                if evaluate_now or save_now:
+                    report(*pending)
+                    pending = None
+                    with dog.paused():
+                        if evaluate_now:
+                            final = run_eval(done)
+                            t_last = time.time()
+                        if save_now:
+                            save(done)
+                else:
+                    ckpt.poll()  # a failed background save stops the run at the next step
+                if stop.requested:
+                    if pending is not None:
+                        report(*pending)
+                        pending = None
+                    with dog.paused():
+                        if saved_step != done:
+                            save(done)
+                        ckpt.wait()
+                    print(f"\nstopped by {stop.requested}: saved step {done} to {ckpt.directory}; "
+                          "continue with --resume", flush=True)
+                    raise Stopped(stop.signum)
     finally:
         batches.close()
-        ckpt.wait()
+        dog.close()
+        tb.close()
         ckpt.close()
 
     plot_losses(log.read(), out / "loss.png", title=f"{cfg.variant} {cfg.model_size}")
     if final is None:
-        final = run_eval(cfg.max_iters)
+        final = run_eval(completed)
+    final = {k: final[k] for k in ("step", "train_loss", "val_loss")}
     label = model_label(cfg.model_size)
     print(f"Final metrics ({label}): val_loss_{label}={final['val_loss']:.4f}")
-    print(f"run folder: {out} (metrics.jsonl, loss.png, checkpoints/)")
+    print(f"run folder: {out} (metrics.jsonl, TensorBoard events, loss.png, checkpoints/)")
     return final
 
 
-def _last_good(ckpt: Checkpointer) -> str:
-    ckpt.wait()
-    step = ckpt.latest_step()
-    return f"Last good checkpoint: step {step} in {ckpt.directory}" if step is not None else "No checkpoint was saved."
+def _on_disk(ckpt: Checkpointer) -> str:
+    """Where the newest committed checkpoint is (from the folder listing: safe from any thread)."""
+    steps = ckpt.committed_steps()
+    if not steps:
+        return f"No checkpoint in {ckpt.directory} yet."
+    return f"Last checkpoint: step {steps[-1]} in {ckpt.directory} (continue with --resume)."
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -281,7 +368,16 @@ def parser() -> argparse.ArgumentParser:
                    "devices; sizes multiply to the visible device count); default: all devices on data")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override any recipe key or model.<key>; model_size in {', '.join(MODEL_PRESETS)}")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in the run folder (damaged ones are set aside)")
+    defaults = WatchdogLimits()
+    p.add_argument("--watchdog-seconds", type=float, default=defaults.min_seconds, metavar="S",
+                   help="stop a run whose step takes longer than S seconds and --watchdog-factor x the median of "
+                   f"the last steps (default {defaults.min_seconds:g}; 0: no watchdog)")
+    p.add_argument("--watchdog-factor", type=float, default=defaults.factor, metavar="F",
+                   help=f"see --watchdog-seconds (default {defaults.factor:g})")
+    p.add_argument("--peak-tflops", type=float, metavar="TF",
+                   help="one device's peak TFLOP/s for MFU (default: the bf16 peak of known GPUs; none on CPU)")
     return p
 
 
@@ -289,7 +385,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = build_config(args)
-    train(cfg, resume=args.resume)
+    limits = WatchdogLimits(factor=args.watchdog_factor, min_seconds=args.watchdog_seconds)
+    try:
+        train(cfg, resume=args.resume, watchdog=limits, peak_tflops=args.peak_tflops)
+    except Stopped as e:
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

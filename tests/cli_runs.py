@@ -4,6 +4,7 @@
 import fcntl
 import json
 import os
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,17 @@ class Run:
         return self
 
 
+def train_env(cache: Path, devices: int = 1) -> dict[str, str]:
+    """The environment of a training subprocess: JAX on `devices` virtual CPU devices, this checkout importable,
+    and the compilation cache `cache` shared by the session's runs (it only saves compile time)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A directory of this test session shared by all pytest-xdist workers."""
     base = tmp_path_factory.getbasetemp()
@@ -88,3 +100,31 @@ def assert_trees_equal(a, b, rtol: float = 0.0):
         else:
             err = np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30)
             assert err < rtol, (k, err)
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the TensorBoard event files in `run_dir`, read as TensorBoard reads them: TFRecord
+    frames (length, masked CRC-32C, Event proto, masked CRC-32C; the CRCs are checked), files in name order, and
+    a SessionLog START at step s (a resumed writer's purge_step) discards the earlier events at steps >= s. A tag
+    logged twice at one step is an error here."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.record_writer import masked_crc32c
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,), (length_crc,) = struct.unpack_from("<Q", data, pos), struct.unpack_from("<I", data, pos + 8)
+            assert length_crc == masked_crc32c(data[pos:pos + 8]), f"{path}: bad length CRC at {pos}"
+            record = data[pos + 12:pos + 12 + length]
+            (record_crc,) = struct.unpack_from("<I", data, pos + 12 + length)
+            assert record_crc == masked_crc32c(record), f"{path}: bad record CRC at {pos}"
+            pos += 16 + length
+            event = Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars = {tag: {s: v for s, v in values.items() if s < event.step} for tag, values in scalars.items()}
+            for value in event.summary.value:
+                steps = scalars.setdefault(value.tag, {})
+                assert event.step not in steps, f"{value.tag} logged twice at step {event.step}"
+                steps[event.step] = value.simple_value
+    return scalars

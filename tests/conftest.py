@@ -1,7 +1,6 @@
 """Shared fixtures for tests/."""
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -12,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # import jaxgpt from this checkout under a bare `pytest` (tests/ is no package)
 
-from cli_runs import SCHEDULE, TIMEOUT, TINY, Run, locked, shared_dir  # noqa: E402
+from cli_runs import SCHEDULE, TIMEOUT, TINY, Run, locked, shared_dir, train_env  # noqa: E402
 from jaxgpt.data import ensure_default_corpus, is_prepared  # noqa: E402
 
 
@@ -33,13 +32,9 @@ def cli(tmp_path_factory):
     cache = shared_dir(tmp_path_factory, "jax-compilation-cache")
 
     def run(out: Path | None, *args: str, devices: int = 1, timeout: int = TIMEOUT) -> Run:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        env.pop("XLA_FLAGS", None)
-        if devices > 1:
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
         argv = [sys.executable, "-m", "jaxgpt.train", *args] + (["--out", str(out)] if out else [])
-        p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(argv, cwd=ROOT, env=train_env(cache, devices), capture_output=True, text=True,
+                           timeout=timeout)
         return Run(out, p.returncode, p.stdout, p.stderr)
 
     return run

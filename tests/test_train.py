@@ -243,7 +243,7 @@ def test_existing_run_is_not_overwritten(cli, reference, default_corpus):
 
 
 # ---------------------------------------------------------------------------------------------------
-# a diverging run stops with a message and leaves its last good checkpoint
+# a diverging run stops with a message naming its last verified checkpoint
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -269,7 +269,7 @@ def test_non_finite_loss_stops_the_run(cli, default_corpus, tmp_path, ckpt_inter
     finally:
         ckpt.close()
     assert steps and max(steps) < diverged
-    assert f"Last good checkpoint: step {max(steps)}" in line
+    assert f"Last verified checkpoint: step {max(steps)} in " in line
     meta, params, opt_state = restore(out)
     assert meta["step"] == max(steps)
     for name, leaf in {**leaves(params), **leaves(opt_state)}.items():
