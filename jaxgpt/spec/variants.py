@@ -45,11 +45,15 @@ AXES: dict[str, dict[str, str]] = {
         "gla_deltanet": "DeltaNet (short conv, beta, L2 qk norm) in even layers, gla in odd layers",
         "gla_depth": "gla_conv with expand_k growing from 0.5 (first layer) to 1.0 (last), in steps of 1/8",
         "deltanet": "DeltaNet in every layer",
+        "gated_deltanet": "Gated DeltaNet (FLA GatedDeltaNet: decay gate, short conv, L2 qk norm, swish output gate)",
+        "gla_gated_deltanet": "Gated DeltaNet in even layers, gla in odd layers",
     },
 }
 
 # Mixers that encode position themselves: the model drops the learned position embedding.
-LINEAR_MIXERS: frozenset[str] = frozenset({"gla", "gla_conv", "gla_deltanet", "gla_depth", "deltanet"})
+LINEAR_MIXERS: frozenset[str] = frozenset(
+    {"gla", "gla_conv", "gla_deltanet", "gla_depth", "deltanet", "gated_deltanet", "gla_gated_deltanet"}
+)
 
 
 def gla_depth_expand_k(layer: int, n_layer: int) -> float:
@@ -59,17 +63,20 @@ def gla_depth_expand_k(layer: int, n_layer: int) -> float:
 
 
 def linear_mixer_layer(mixer: str, layer: int, n_layer: int) -> tuple[str, dict[str, Any]]:
-    """The FLA layer ('gla' or 'deltanet') and its options that a linear mixer puts at `layer` (0-based).
+    """The FLA layer ('gla', 'deltanet' or 'gated_deltanet') and its options that a linear mixer puts at `layer`
+    (0-based).
 
     One definition for jaxgpt and torch_ref, so both stack the same layers.
     """
     if mixer == "deltanet" or (mixer == "gla_deltanet" and layer % 2 == 0):
         return "deltanet", {}
+    if mixer == "gated_deltanet" or (mixer == "gla_gated_deltanet" and layer % 2 == 0):
+        return "gated_deltanet", {}
     if mixer == "gla_conv":
         return "gla", {"use_short_conv": True}
     if mixer == "gla_depth":
         return "gla", {"use_short_conv": True, "expand_k": gla_depth_expand_k(layer, n_layer)}
-    if mixer in ("gla", "gla_deltanet"):
+    if mixer in ("gla", "gla_deltanet", "gla_gated_deltanet"):
         return "gla", {}
     raise ValueError(f"{mixer!r} is not a linear mixer; linear mixers: {', '.join(sorted(LINEAR_MIXERS))}")
 
@@ -140,6 +147,9 @@ PRESETS: dict[str, Variant] = {
         Variant("gla_deltanet", "DeltaNet / GLA hybrid (DeltaNet in even layers)", mixer="gla_deltanet"),
         Variant("gla_depth", "GLA + short conv, key dim growing with depth", mixer="gla_depth"),
         Variant("deltanet", "DeltaNet in every layer", mixer="deltanet"),
+        Variant("gated_deltanet", "Gated DeltaNet in every layer", mixer="gated_deltanet"),
+        Variant("gla_gated_deltanet", "Gated DeltaNet / GLA hybrid (Gated DeltaNet in even layers)",
+                mixer="gla_gated_deltanet"),
     ]
 }
 
