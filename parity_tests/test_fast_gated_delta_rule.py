@@ -163,11 +163,12 @@ def test_bf16_pallas_vs_fla(shape):
     grads = torch.autograd.grad((o, ht), ts, (torch.tensor(do, device="cuda", dtype=torch.bfloat16),
                                               torch.tensor(dht, device="cuda")))
     fla = [x.detach().float().cpu().numpy() for x in (o, ht, *grads)]
-    report = {}
-    for name, g, r, f in zip(NAMES, got, ref, fla):
+    report = {name: {"vs_fp32": rel_err(g, r), "vs_fla": rel_err(g, f), "fla_vs_fp32": rel_err(f, r)}
+              for name, g, r, f in zip(NAMES, got, ref, fla)}
+    print(f"\nB{B} T{T} H{H} D{D} (pallas vs fp32 / pallas vs FLA / FLA vs fp32): " + "; ".join(
+        f"{n} {e['vs_fp32']:.2e} / {e['vs_fla']:.2e} / {e['fla_vs_fp32']:.2e}" for n, e in report.items()))
+    assert len(report) == len(NAMES)
+    for name, e in report.items():
         tol = FWD_TOL if name in ("o", "ht") else GRAD_TOL
-        e = report[name] = {"vs_fp32": rel_err(g, r), "vs_fla": rel_err(g, f), "fla_vs_fp32": rel_err(f, r)}
         assert e["vs_fp32"] <= ACCURACY_FACTOR * max(e["fla_vs_fp32"], tol), (name, e)
         assert e["vs_fla"] <= max(tol, NOISE_FACTOR * e["fla_vs_fp32"]), (name, e)
-    print(f"\nB{B} T{T} H{H} D{D}: " + "; ".join(
-        f"{n} {e['vs_fp32']:.2e} / {e['vs_fla']:.2e} / {e['fla_vs_fp32']:.2e}" for n, e in report.items()))
