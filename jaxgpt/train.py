@@ -318,6 +318,8 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
                     print(f"\nstopped by {stop.requested}: saved step {done} to {ckpt.directory}; "
                           "continue with --resume", flush=True)
                     raise Stopped(stop.signum)
+            if final is None:  # resumed at or past max_iters, without a logged evaluation of that step
+                final = run_eval(completed)
     finally:
         batches.close()
         dog.close()
@@ -325,8 +327,6 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
         ckpt.close()
 
     plot_losses(log.read(), out / "loss.png", title=f"{cfg.variant} {cfg.model_size}")
-    if final is None:
-        final = run_eval(completed)
     final = {k: final[k] for k in ("step", "train_loss", "val_loss")}
     label = model_label(cfg.model_size)
     print(f"Final metrics ({label}): val_loss_{label}={final['val_loss']:.4f}")
@@ -349,7 +349,7 @@ def build_config(args: argparse.Namespace) -> Config:
     cfg = apply_variant(cfg, args.variant, **{axis: getattr(args, axis) for axis in AXES})
     cfg = apply_overrides(cfg, parse_set_args(args.set), source="--set")
     direct = {"data": args.data, "out": args.out, "max_iters": args.max_iters, "mesh": args.mesh}
-    return apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option")
+    return apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option").check_schedule()
 
 
 def parser() -> argparse.ArgumentParser:

@@ -18,10 +18,11 @@ from jaxgpt.checkpoint import load_run
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 
-# 1 layer, 32 wide, 32 tokens of context, batch 4: a few hundred ms per step including the 50304-row head.
+# 1 layer, 32 wide, 32 tokens of context, batch 4: a few hundred ms per step including the 50304-row head; no warmup
+# (a run shorter than the preset's warmup is rejected).
 TINY = [
     "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.block_size=32",
-    "--set", "batch_size=4", "--set", "eval_iters=2", "--set", "log_interval=1",
+    "--set", "batch_size=4", "--set", "eval_iters=2", "--set", "log_interval=1", "--set", "warmup_iters=0",
 ]
 # The 4-step schedule shared by the reference, resume and data-parallel runs: the lr schedule is pinned by
 # lr_decay_iters (not max_iters), so a run stopped at step 2 follows the same schedule as the full one.

@@ -121,7 +121,8 @@ def test_model_size_switches_the_preset_and_keeps_the_axes():
 
 
 def test_direct_options_override_config_and_set():
-    cfg = cfg_from("--config", "gpt2-124m", "--set", "max_iters=7", "--max-iters", "3", "--out", "x", "--data", "d")
+    cfg = cfg_from("--config", "gpt2-124m", "--set", "max_iters=7", "--set", "warmup_iters=2", "--max-iters", "3",
+                   "--out", "x", "--data", "d")
     assert (cfg.max_iters, cfg.out, cfg.data) == (3, "x", "d")
 
 

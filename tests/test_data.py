@@ -192,7 +192,8 @@ def test_train_cli_reports_a_bad_shard_in_one_line(tmp_path):
     write_shard(bad / "val_000000.bin", np.arange(100))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.train", "--data", str(bad), "--max-iters", "1", "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "jaxgpt.train", "--data", str(bad), "--max-iters", "1", "--set", "warmup_iters=0",
+         "--out", str(tmp_path / "run")],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -207,6 +207,7 @@ BAD_INPUT = {
     "heads": (["--set", "model.n_embd=30", "--set", "model.n_head=4"], ["n_embd", "30", "n_head", "4"]),
     "data": (["--data", "{tmp}/no_such_dir"], ["no_such_dir", "prepare"]),
     "resume_nothing": (["--resume"], ["resume", "no checkpoint"]),
+    "recipe": (["--set", "learning_rate=nan"], ["learning_rate", "finite", "nan"]),
 }
 
 
@@ -232,6 +233,34 @@ def test_bad_input_is_one_clear_line(cli, default_corpus, tmp_path):
         except AssertionError as e:
             failures.append(f"{name}: {e}\n  rc={run.returncode} stderr={run.stderr[-600:]!r}")
     assert not failures, "\n".join(failures)
+
+
+INVALID_RECIPES = {  # arguments -> the error
+    "lr_zero": (["--set", "learning_rate=0"], "learning_rate must be a finite number > 0, got 0.0"),
+    "lr_negative": (["--set", "learning_rate=-3e-4"], "learning_rate must be a finite number > 0, got -0.0003"),
+    "lr_inf": (["--set", "learning_rate=inf"], "learning_rate must be a finite number > 0, got inf"),
+    "min_lr_nan": (["--set", "min_lr=nan"], "min_lr must be a finite number >= 0, got nan"),
+    "min_lr_above_lr": (["--set", "min_lr=0.01"], "min_lr (0.01) must be <= learning_rate (0.002)"),
+    "warmup_past_max_iters": (["--max-iters", "10"], "warmup_iters (40) must be <= max_iters (10); set it with "
+                                                     "--set warmup_iters=N"),
+    "decay_before_warmup": (["--set", "lr_decay_iters=20"], "lr_decay_iters (20) must be 0 (max_iters) or >= "
+                                                            "warmup_iters (40)"),
+    "batch_zero": (["--set", "batch_size=0"], "batch_size must be >= 1, got 0"),
+    "iters_zero": (["--max-iters", "0"], "max_iters must be >= 1, got 0"),
+    "accum_negative": (["--set", "grad_accum=-2"], "grad_accum must be >= 1, got -2"),
+    "eps_zero": (["--set", "eps=0"], "eps must be a finite number > 0, got 0.0"),
+    "beta2_one": (["--set", "beta2=1"], "beta2 must be in [0, 1), got 1.0"),
+    "weight_decay_negative": (["--set", "weight_decay=-0.1"], "weight_decay must be a finite number >= 0, got -0.1"),
+    "grad_clip_nan": (["--set", "grad_clip=nan"], "grad_clip must be a finite number >= 0, got nan"),
+}
+
+
+@pytest.mark.parametrize("name", INVALID_RECIPES)
+def test_invalid_recipe_is_rejected_when_parsed(name):
+    argv, message = INVALID_RECIPES[name]
+    with pytest.raises(UserError) as e:
+        build_config(parser().parse_args(argv))
+    assert str(e.value) == message
 
 
 def test_existing_run_is_not_overwritten(cli, reference, default_corpus):

@@ -8,6 +8,7 @@ the defaults, and every unknown key is an error naming the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,28 @@ class Config:
             raise UserError("warmup_iters, lr_decay_iters and ckpt_interval must be >= 0")
         if self.keep_checkpoints < 1:
             raise UserError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for name in ("learning_rate", "eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise UserError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def check_schedule(self) -> Config:
+        """The rules between fields, for a recipe once it is complete (defaults, config file, variant, overrides);
+        -> self. Not part of construction, so a saved run's config always loads."""
+        if self.min_lr > self.learning_rate:
+            raise UserError(f"min_lr ({self.min_lr:g}) must be <= learning_rate ({self.learning_rate:g})")
+        if self.warmup_iters > self.max_iters:
+            raise UserError(f"warmup_iters ({self.warmup_iters}) must be <= max_iters ({self.max_iters}); "
+                            "set it with --set warmup_iters=N")
+        if self.lr_decay_iters and self.lr_decay_iters < self.warmup_iters:
+            raise UserError(f"lr_decay_iters ({self.lr_decay_iters}) must be 0 (max_iters) or >= warmup_iters "
+                            f"({self.warmup_iters})")
+        return self
 
     @property
     def decay_iters(self) -> int:
