@@ -139,9 +139,12 @@ def model_info(model_dir: Path) -> tuple[int, str, float | None]:
     """(context length, benchmark label, logged val loss) of an exported folder."""
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not an exported model folder (no config.json); see python -m jaxgpt.export")
-    config = json.loads((model_dir / "config.json").read_text())
     meta_path = model_dir / "jaxgpt.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except ValueError as e:  # a file cut short or overwritten
+        raise UserError(f"{model_dir} is not a readable export: {e}") from None
     block = config.get("n_positions") or config.get("max_position_embeddings")
     size = meta.get("config", {}).get("model_size", model_dir.name)
     return int(block), model_label(size), meta.get("val_loss")

@@ -39,6 +39,7 @@ from jaxgpt import __version__
 from jaxgpt.checkpoint import Checkpointer, TrainState, abstract_params, checkpoint_dir, load_run, make_meta
 from jaxgpt.convert import hf_gpt2_to_torch, jax_to_torch, torch_to_hf_gpt2, torch_to_jax
 from jaxgpt.data import staging_dir as _staging_dir
+from jaxgpt.data.writer import check_out
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.losses import OUTPUT_TRANSFORMS
 from jaxgpt.metrics import MetricsLog
@@ -193,8 +194,9 @@ def torch_ref_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]):
 def export(src: str | Path, out: str | Path, step: int | None = None, fmt: str = "auto", force: bool = False) -> Path:
     """Export a checkpoint of `src` (run or checkpoints folder) to the HF folder `out`; returns `out`."""
     out = Path(out)
-    if out.exists() and not force:
+    if out.is_dir() and not force:
         raise UserError(f"{out} exists; pass --force to replace it")
+    check_out(out, force)  # before the checkpoint is read: no file in the way
     cfg, meta, params = load_checkpoint(src, step)
     plain = is_plain_gpt2(cfg.model)
     fmt = ("gpt2" if plain else "torch_ref") if fmt == "auto" else fmt
@@ -255,6 +257,7 @@ def read_hf_folder(src: Path) -> tuple[Config, int, dict[str, np.ndarray]]:
 def import_folder(src: str | Path, run: str | Path, force: bool = False) -> Path:
     """Import an HF folder into a jaxgpt run folder `run` (checkpoints/<step>, config.json); returns `run`."""
     src, run = Path(src), Path(run)
+    check_out(run, force)
     if not src.is_dir():
         raise UserError(f"{src} does not exist or is not a folder")
     cfg, step, torch_sd = read_hf_folder(src)

@@ -26,7 +26,9 @@ import pytest
 import jaxgpt.train as train_module
 from cli_runs import ROOT, TINY, assert_trees_equal, restore, shared_dir, tensorboard_scalars, train_env
 from jaxgpt.checkpoint import MANIFEST, TMP_GLOB, Checkpointer, damage, load_run
+from jaxgpt.data import staging_dir
 from jaxgpt.errors import UserError
+from jaxgpt.export import main as export_main
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.train import Stopped, TrainingDiverged, build_config, parser, train
 
@@ -521,3 +523,53 @@ def test_nan_validation_loss_stops_the_run(base, default_corpus, tmp_path, monke
                                                r"checkpoint: step 2 in "):
         run_here(default_corpus, run, resume=True)
     assert not [r for r in MetricsLog(run / "metrics.jsonl").read() if r["step"] > 4]
+
+
+# ---------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_export_refuses_a_file_in_the_way_and_a_damaged_checkpoint(base, tmp_path, capsys):
+    """`python -m jaxgpt.export` with a file at or above the output folder, or from a run whose only checkpoint is
+    truncated or an empty folder (also with --force over a good export): one error line each, and nothing
+    written or replaced."""
+
+    def error(*argv: Path | str) -> str:
+        with pytest.raises(SystemExit) as e:
+            export_main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        return err.strip().removeprefix("error: ")
+
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert error(base, file) == f"--out {file}: {file} is a file, not a directory"
+    assert error(base, file / "hf") == f"--out {file / 'hf'}: {file} is a file, not a directory"
+    run = copy_run(base, tmp_path / "run", upto=2)
+    truncate(largest_array_file(run / "checkpoints" / "2"))
+    assert re.fullmatch(r"no intact checkpoint in \S+: step 2 is damaged \(state/\S+ has \d+ bytes, \d+ written\)",
+                        error(run, tmp_path / "hf"))
+    empty(run / "checkpoints" / "2")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "config.json").write_text("{}")
+    assert re.fullmatch(r"no intact checkpoint in \S+: step 2 is damaged \(empty step folder\)",
+                        error(run, good, "--force"))
+    assert [p.name for p in good.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "good", "run"]
+
+
+def test_staging_folder_of_a_killed_writer_is_removed(tmp_path):
+    """Exports, imports and data preparation write into `OUT.tmp-<pid>` and rename it: the next writer of OUT
+    removes such a folder whose process is gone, and leaves one whose process still runs."""
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale, running = tmp_path / f"out.tmp-{gone.pid}", tmp_path / f"out.tmp-{os.getppid()}"
+    for folder in (stale, running):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    with staging_dir(tmp_path / "out", force=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", running.name]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]

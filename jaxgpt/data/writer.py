@@ -1,6 +1,7 @@
 """Writing a prepared data directory: fixed-size llm.c shards per split, a staging folder renamed into place
 when complete, and meta.json (written last, so its presence means the directory is complete)."""
 
+import glob
 import json
 import os
 import shutil
@@ -49,14 +50,40 @@ class ShardWriter:
             self.filled = 0
 
 
+def check_out(out: Path, force: bool) -> None:
+    """A folder can be written at `out`: no file at `out` or above it, and a non-empty `out` only with `force`."""
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out}: {blocker} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the `OUT.tmp-<pid>` folders of processes that no longer run (killed during a write)."""
+    for tmp in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """A fresh `OUT.tmp-<pid>` to write into; on success it is renamed to `out`, so a data directory
-    appears complete or not at all. Refuses a non-empty `out` unless `force` (then it is replaced)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
+    appears complete or not at all. Refuses a non-empty `out` unless `force` (then it is replaced), and a file
+    in the way; removes what killed writers of `out` left."""
+    check_out(out, force)
+    _remove_stale_staging(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
