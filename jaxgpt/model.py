@@ -5,6 +5,7 @@ from flax import nnx
 
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.layers.block import BLOCKS, LayerNorm
+from jaxgpt.layers.cache import DecodeContext
 from jaxgpt.layers.common import compute_dtype
 from jaxgpt.layers.embedding import EMBEDDINGS
 from jaxgpt.losses import LOSSES, OUTPUT_TRANSFORMS, LogitStats, cross_entropy
@@ -12,7 +13,12 @@ from jaxgpt.ops.cross_entropy import head_stats
 
 
 class GPT(nnx.Module):
-    """nanoGPT-style decoder: embedding -> n_layer blocks -> final norm -> head (via the embedding)."""
+    """nanoGPT-style decoder: embedding -> n_layer blocks -> final norm -> head (via the embedding).
+
+    Decode mode (`init_cache`, jaxgpt.layers.cache): each call continues the sequence of the calls before it.
+    """
+
+    context: DecodeContext | None = None  # set by init_cache
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -23,10 +29,22 @@ class GPT(nnx.Module):
 
     def __call__(self, idx: jax.Array) -> jax.Array:
         """idx [B, T] int -> logits [B, T, V] in the compute dtype."""
-        x, w = self.head_inputs(idx)
+        return self.logits(*self.head_inputs(idx))
+
+    def logits(self, x: jax.Array, w: jax.Array) -> jax.Array:
+        """The model output of the head's operands (`head_inputs`): x [..., C] @ w.T [C, V], transformed as the
+        loss axis says (softcap_ce)."""
         logits = x @ w.astype(x.dtype).T
         transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
         return logits if transform is None else transform(logits)
+
+    def init_cache(self, batch_size: int, max_length: int, start: jax.Array | None = None) -> None:
+        """Decode mode for `batch_size` rows of at most `max_length` tokens (the softmax KV cache's size), each
+        row's first real token at `start` [B] (left padding; default 0)."""
+        self.context = DecodeContext(batch_size, start)
+        self.embedding.init_cache(self.context)
+        for block in self.h:
+            block.attn.init_cache(self.context, max_length)
 
     def head_inputs(self, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The LM head's operands: the final normed hidden states x [B, T, C] in the compute dtype and the head
@@ -46,6 +64,8 @@ class GPT(nnx.Module):
             x = self.ln_f.add(x, r, residual_out=False)[1]
         else:
             x = self.ln_f(_settle(x, r))
+        if self.context is not None:
+            self.context.advance(idx)
         return x.astype(compute_dtype(self.cfg)), self.embedding.lm_head_weight()
 
     def loss(self, idx: jax.Array, targets: jax.Array, train: bool = True) -> jax.Array:

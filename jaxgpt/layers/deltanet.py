@@ -12,15 +12,16 @@ in `c_proj`); convolutions and the norm keep FLA/PyTorch's init (fla_modules.py)
 import jax
 from flax import nnx
 
+from jaxgpt.layers.cache import RecurrentCache
 from jaxgpt.layers.common import linear
 from jaxgpt.layers.fla_modules import RMSNorm, ShortConvolution
-from jaxgpt.ops import chunk_delta_rule
+from jaxgpt.ops import chunk_delta_rule, naive_recurrent_delta_rule
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS
 
 
-class DeltaNet(nnx.Module):
-    """x [B, T, C] -> [B, T, C]; K = V = C / H per head."""
+class DeltaNet(RecurrentCache, nnx.Module):
+    """x [B, T, C] -> [B, T, C]; K = V = C / H per head. Decode mode: RecurrentCache."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         C, H = cfg.n_embd, cfg.n_head
@@ -39,8 +40,10 @@ class DeltaNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, C = x.shape
+        x = self.mask_padding(x)
         q, k, v = self.q_conv1d(self.q_proj(x)), self.k_conv1d(self.k_proj(x)), self.v_conv1d(self.v_proj(x))
         q, k, v = (t.reshape(B, T, self.n_head, -1) for t in (q, k, v))  # [B, T, H, K|V]
         beta = jax.nn.sigmoid(self.b_proj(x))  # [B, T, H]
-        o, _ = chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True, backend=self.backend)  # [B, T, H, V]
+        o = self.linear_attention(chunk_delta_rule, naive_recurrent_delta_rule, q, k, v, beta,
+                                  use_qk_l2norm_in_kernel=True)  # [B, T, H, V]
         return self.o_proj(self.o_norm(o).reshape(B, T, C))

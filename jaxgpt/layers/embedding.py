@@ -2,7 +2,8 @@
 
 Interface of every embedding: `__call__(idx [B, T]) -> x [B, T, C]` (fp32), `lm_head_weight() -> [V, C]`,
 `num_pos_params() -> int`, `value_embed(layer, idx) -> [B, T, C] | None` (added to the residual stream
-just before block `layer`).
+just before block `layer`), `init_cache(context)` (decode mode, jaxgpt.layers.cache: positions, the previous
+token of bigram_hash and the shift of ve_lcr continue from the tokens fed before).
 
 Effective init (torch_ref.embedding declares the same module types): every table that is an
 nn.Embedding / nn.Linear in the harness is N(0, 0.02) whatever the variant declares; raw parameters
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt.layers.cache import DecodeContext
 from jaxgpt.layers.common import embed
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import BIGRAM_LAMBDA_INIT, HASH_CUR, HASH_PREV, NUM_TABLES, VE_BETA_INIT, VE_LAMBDA_INIT
@@ -28,6 +30,8 @@ class TokenEmbedding(nnx.Module):
     Init: wte, wpe N(0, 0.02) (nn.Embedding).
     """
 
+    context: DecodeContext | None = None  # set by init_cache
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.wte = embed(cfg.vocab_size, cfg.n_embd, rngs)
         self.wpe = embed(cfg.block_size, cfg.n_embd, rngs) if cfg.mixer not in LINEAR_MIXERS else None
@@ -35,8 +39,13 @@ class TokenEmbedding(nnx.Module):
     def __call__(self, idx: jax.Array) -> jax.Array:
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(jnp.arange(idx.shape[1]))[None]
+            T = idx.shape[1]
+            x = x + self.wpe(jnp.arange(T)[None] if self.context is None else self.context.positions(T))
         return x
+
+    def init_cache(self, context: DecodeContext) -> None:
+        """Decode mode: read positions and the tokens fed before from `context`."""
+        self.context = context
 
     def lm_head_weight(self) -> jax.Array:
         return self.wte.embedding[...]
@@ -59,12 +68,17 @@ class UntiedEmbedding(TokenEmbedding):
         return self.lm_head.embedding[...]
 
 
-def bigram_hash(idx: jax.Array, num_buckets: int) -> jax.Array:
-    """[B, T] tokens -> [B, T] bucket ((36313*cur) XOR (27191*prev)) mod (B-1) in wrapping int32; t=0 -> B-1."""
+def bigram_hash(idx: jax.Array, num_buckets: int, prev: jax.Array | None = None,
+                first: jax.Array | None = None) -> jax.Array:
+    """[B, T] tokens -> [B, T] bucket ((36313*cur) XOR (27191*prev)) mod (B-1) in wrapping int32; first token -> B-1.
+
+    prev [B, T]: each token's previous token (default: idx shifted right); first [B, T] bool: the tokens that
+    start a sequence (default: t=0).
+    """
     cur = idx.astype(jnp.int32)
-    prev = jnp.pad(cur[:, :-1], ((0, 0), (1, 0)))
+    prev = jnp.pad(cur[:, :-1], ((0, 0), (1, 0))) if prev is None else prev.astype(jnp.int32)
     h = ((HASH_CUR * cur) ^ (HASH_PREV * prev)) % (num_buckets - 1)
-    return h.at[:, 0].set(num_buckets - 1)
+    return h.at[:, 0].set(num_buckets - 1) if first is None else jnp.where(first, num_buckets - 1, h)
 
 
 class BigramHashEmbedding(TokenEmbedding):
@@ -80,7 +94,12 @@ class BigramHashEmbedding(TokenEmbedding):
         self.bigram_lambda = nnx.Param(jnp.full((cfg.n_layer,), BIGRAM_LAMBDA_INIT, jnp.float32))
 
     def value_embed(self, layer: int, idx: jax.Array) -> jax.Array:
-        return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings))
+        ctx, n = self.context, self.bigram.num_embeddings
+        if ctx is None:
+            buckets = bigram_hash(idx, n)
+        else:
+            buckets = bigram_hash(idx, n, ctx.shift_right(idx, ctx.last[...]), ctx.first(idx.shape[1]))
+        return self.bigram_lambda[layer] * self.bigram(buckets)
 
 
 class ValueEmbedding(TokenEmbedding):
@@ -114,8 +133,14 @@ class ValueEmbedding(TokenEmbedding):
             ve = self.value_embeds(idx + j * self.vocab_size)
             out = out + self.ve_lambda[j] * ve
             if self.ve_beta is not None:
-                out = out + self.ve_beta[j] * jnp.pad(ve[:, :-1], ((0, 0), (1, 0), (0, 0)))
+                out = out + self.ve_beta[j] * self.shift_right(ve, j)
         return out
+
+    def shift_right(self, ve: jax.Array, j: int) -> jax.Array:
+        """shift(ve_j(idx)) for ve = ve_j(idx) [B, T, C]: one step right, zeros at each row's first token."""
+        if self.context is None:
+            return jnp.pad(ve[:, :-1], ((0, 0), (1, 0), (0, 0)))
+        return self.context.shift_right(ve, self.value_embeds(self.context.last[...] + j * self.vocab_size))
 
 
 EMBEDDINGS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {

@@ -21,8 +21,11 @@ from jaxgpt.ops.utils import accumulation_dtype
 class ShortConvolution(nnx.Module):
     """`fla.modules.ShortConvolution`: causal depthwise conv over time + optional SiLU, [B, T, C] -> [B, T, C].
 
-    Computed in (at least) fp32 (as FLA's kernels accumulate), returned in the input dtype.
+    Computed in (at least) fp32 (as FLA's kernels accumulate), returned in the input dtype. In decode mode
+    (`init_cache`) the last W-1 inputs [B, W-1, C] of each call precede the next call's (FLA's conv cache).
     """
+
+    conv_state: nnx.Cache | None = None  # set by init_cache
 
     def __init__(self, hidden_size: int, kernel_size: int, rngs: nnx.Rngs, bias: bool = False,
                  activation: str | None = "silu"):
@@ -35,7 +38,17 @@ class ShortConvolution(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
         acc = accumulation_dtype(x.dtype)
-        return short_conv(x.astype(acc), self.weight[...], bias, self.activation).astype(x.dtype)
+        history = 0 if self.conv_state is None else self.conv_state.shape[1]
+        if history:
+            x = jnp.concatenate([self.conv_state[...], x], axis=1)
+            self.conv_state[...] = x[:, -history:]
+        y = short_conv(x.astype(acc), self.weight[...], bias, self.activation).astype(x.dtype)
+        return y[:, history:] if history else y
+
+    def init_cache(self, batch_size: int, dtype: jnp.dtype) -> None:
+        """Decode mode: keep the last W-1 inputs (zeros before the first call) in `dtype`, the inputs' dtype."""
+        hidden_size, _, kernel_size = self.weight.shape
+        self.conv_state = nnx.Cache(jnp.zeros((batch_size, kernel_size - 1, hidden_size), dtype))
 
 
 class RMSNorm(nnx.Module):

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt.layers.cache import RecurrentCache
 from jaxgpt.layers.common import linear
 from jaxgpt.layers.fla_modules import RMSNorm, ShortConvolution
-from jaxgpt.ops import chunk_gla
+from jaxgpt.ops import chunk_gla, naive_recurrent_gla
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM
 
@@ -32,8 +33,8 @@ def projection_dim(cfg: ModelConfig, expand: float) -> int:
     return dim
 
 
-class GatedLinearAttention(nnx.Module):
-    """x [B, T, C] -> [B, T, C]; K = C * expand_k / H and V = C / H per head."""
+class GatedLinearAttention(RecurrentCache, nnx.Module):
+    """x [B, T, C] -> [B, T, C]; K = C * expand_k / H and V = C / H per head. Decode mode: RecurrentCache."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, expand_k: float = 0.5, use_short_conv: bool = False):
         C, H = cfg.n_embd, cfg.n_head
@@ -57,12 +58,13 @@ class GatedLinearAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, T, _ = x.shape
+        x = self.mask_padding(x)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             q, k, v = self.q_conv1d(q), self.k_conv1d(k), self.v_conv1d(v)
         gk = self.gk_proj[1](self.gk_proj[0](x))
         q, k, v, gk, g = (t.reshape(B, T, self.n_head, -1) for t in (q, k, v, gk, self.g_proj(x)))  # [B, T, H, K|V]
         gk = jax.nn.log_sigmoid(gk.astype(jnp.float32)) / GATE_LOGIT_NORMALIZER  # fp32: the kernel's cumsum input
-        o, _ = chunk_gla(q, k, v, gk, backend=self.backend)  # [B, T, H, V]
+        o = self.linear_attention(chunk_gla, naive_recurrent_gla, q, k, v, gk)  # [B, T, H, V]
         o = self.g_norm_swish_gate(o, g)
         return self.o_proj(o.reshape(B, T, -1))

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt.spec.config import ModelConfig
+from jaxgpt.layers.cache import DecodeContext
 from jaxgpt.layers.common import linear, proj_std, qkv_heads
 from jaxgpt.layers.deltanet import DeltaNet
 from jaxgpt.layers.gated_deltanet import GatedDeltaNet
 from jaxgpt.layers.gla import GatedLinearAttention
+from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 
 
@@ -28,7 +29,14 @@ def attention_implementation(dtype: jnp.dtype) -> str:
 
 
 class CausalSelfAttention(nnx.Module):
-    """`softmax`: causal multi-head attention, fused qkv projection `c_attn`, output `c_proj`."""
+    """`softmax`: causal multi-head attention, fused qkv projection `c_attn`, output `c_proj`.
+
+    Decode mode (`init_cache`): keys and values of every token fed so far in a KV cache [B, max_length, H, D].
+    """
+
+    context: DecodeContext | None = None  # set by init_cache
+    cached_key: nnx.Cache | None = None
+    cached_value: nnx.Cache | None = None
 
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         self.n_head = cfg.n_head
@@ -42,8 +50,30 @@ class CausalSelfAttention(nnx.Module):
         if self.c_attn.use_bias:  # [3C] -> one [H, D] bias per third
             b = self.c_attn.bias[...].astype(dtype).reshape(3, self.n_head, C // self.n_head)
             q, k, v = q + b[0], k + b[1], v + b[2]
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
+        if self.context is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
+        else:
+            y = self.cached_attention(q, k, v)
         return self.c_proj(y.reshape(B, T, C))  # y: [B, T, H, D]
+
+    def init_cache(self, context: DecodeContext, max_length: int) -> None:
+        """Decode mode with an empty KV cache of `max_length` steps in the compute dtype."""
+        B, H, C = context.start.shape[0], self.n_head, self.c_proj.in_features
+        self.context = context
+        self.cached_key = nnx.Cache(jnp.zeros((B, max_length, H, C // H), self.c_attn.dtype))
+        self.cached_value = nnx.Cache(jnp.zeros((B, max_length, H, C // H), self.c_attn.dtype))
+
+    def cached_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """q, k, v [B, T, H, D] of the tokens at sequence indices context.times(T) -> y [B, T, H, D]: k and v go into
+        the cache, q attends to the cached keys up to its own index from its row's first real token (a padding
+        query only to itself)."""
+        index = (0, self.context.index[...], 0, 0)
+        self.cached_key[...] = keys = jax.lax.dynamic_update_slice(self.cached_key[...], k, index)
+        self.cached_value[...] = values = jax.lax.dynamic_update_slice(self.cached_value[...], v, index)
+        s, t = jnp.arange(keys.shape[1]), self.context.times(q.shape[1])  # key and query indices
+        first = jnp.minimum(self.context.start[...][:, None], t[None])  # [B, T]
+        mask = (s <= t[:, None]) & (s >= first[..., None])  # [B, T, S]
+        return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
 
 
 LINEAR_LAYERS: dict[str, Callable[..., nnx.Module]] = {
