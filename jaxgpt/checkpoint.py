@@ -108,18 +108,18 @@ def damage(step_dir: Path) -> str | None:
         return "empty step folder"
     try:
         files = json.loads((step_dir / MANIFEST).read_text())["files"]
+        entries = [(name, int(want["size"]), str(want["sha256"])) for name, want in files.items()]
     except FileNotFoundError:
         return f"no {MANIFEST}"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"unreadable {MANIFEST}"
-    for name, want in files.items():
+    for name, size, sha256 in entries:
         path = step_dir / name
         if not path.is_file():
             return f"{name} is missing"
-        size = path.stat().st_size
-        if size != want["size"]:
-            return f"{name} has {size} bytes, {want['size']} written"
-        if _sha256(path) != want["sha256"]:
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} written"
+        if _sha256(path) != sha256:
             return f"{name} does not match its checksum"
     return None
 
@@ -158,7 +158,7 @@ def save_error_reason(e: BaseException) -> str:
     `[os_error_code='28']` inside a long message), else the error's first line."""
     for err in (e, e.__cause__, e.__context__):
         if isinstance(err, OSError) and err.errno:
-            return f"{os.strerror(err.errno)}" + (f": {err.filename}" if err.filename else "")
+            return os.strerror(err.errno) + (f": {err.filename}" if err.filename else "")
     if m := re.search(r"os_error_code='(\d+)'", str(e)):
         return os.strerror(int(m[1]))
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
