@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device calls for the gated delta rule's Pallas path (jaxgpt/ops/gated_delta_rule/pallas.py). Run through the
 # device tool from the repo root, carrying .whl (FLA 0.6.0's wheels) and .triton-autotune (FLA's autotuning results):
-#   bash scripts/device_gated_delta_rule.sh all       both below in one call (at most 8 minutes: the timeouts cut parity, then bench)
+#   bash scripts/device_gated_delta_rule.sh all [PARITY_S] [BENCH_S]   both below in one call, each cut at its timeout
+#                                                     (default 270 s and 170 s)
 #   bash scripts/device_gated_delta_rule.sh parity    Triton lowering checks, bf16 parity against FLA (-m gpu)
 #   bash scripts/device_gated_delta_rule.sh bench [OPS] [SHAPES] [BENCH ARGS...]   fwd+bwd side by side against FLA
 #                                                     and GPU kernel time per call by kernel
@@ -24,7 +25,7 @@ bench() {  # timeout, ops, shapes, extra arguments
       | tee "$OUT/bench.log"
 }
 case "${1:-}" in
-  all) parity 270; bench 170 ;;
+  all) parity "${2:-270}"; bench "${3:-170}" ;;
   parity) parity 420 ;;
   bench) bench 540 "${@:2}" ;;
   *) echo "usage: bash scripts/device_gated_delta_rule.sh all | parity | bench [OPS] [SHAPES] [ARGS...]"; exit 2 ;;
