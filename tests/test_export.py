@@ -180,7 +180,7 @@ def test_torch_ref_export_stands_alone(variant, tmp_path):
 def test_modeling_sources_are_flat_and_import_only_each_other():
     sources = modeling_sources()
     assert {MODELING_FILE, "model.py", "config.py", "variants.py", "constants.py"} <= set(sources)
-    assert "class JaxgptForCausalLM(PreTrainedModel)" in sources[MODELING_FILE]  # torch_ref/hf.py
+    assert "class JaxgptForCausalLM(PreTrainedModel, GenerationMixin)" in sources[MODELING_FILE]  # torch_ref/hf.py
     for name, text in sources.items():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ImportFrom) and node.level:

@@ -145,9 +145,9 @@ def test_linear_mixers_run_past_block_size_softmax_does_not():
 # ---------------------------------------------------------------------------------------------------
 
 
-def make_run(run: Path, variant: str) -> Config:
+def make_run(run: Path, variant: str, block_size: int = 32) -> Config:
     """A run folder with one checkpoint (step 3) of a perturbed tiny model."""
-    cfg = tiny_config(variant)
+    cfg = tiny_config(variant, block_size)
     params = nnx.state(perturbed_model(cfg), nnx.Param)
     ckpt = Checkpointer(run / "checkpoints")
     ckpt.save(TrainState(params, make_optimizer(cfg).init(params), {"step": 3, "config": cfg.to_dict(),
@@ -198,3 +198,92 @@ def test_cli_missing_folder_is_one_line(tmp_path):
         p = sample_cli(str(src))
         assert p.returncode != 0 and p.stderr.strip().count("\n") == 0, p.stderr
         assert ("does not exist" if src != tmp_path else "no checkpoint") in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exports: transformers' generate()
+# ---------------------------------------------------------------------------------------------------
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module", params=["baseline", "ve_lcr", "gla_conv", "deltanet"])
+def exported(request, tmp_path_factory) -> tuple[Path, str]:
+    """(an export folder of a perturbed tiny model, its variant): GPT2LMHeadModel for baseline, torch_ref else."""
+    from jaxgpt.export import export
+
+    root = tmp_path_factory.mktemp(request.param)
+    make_run(root / "run", request.param, block_size=64)
+    return export(root / "run", root / "hf"), request.param
+
+
+def greedy_prompts() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 50257, size=(2, 8))
+
+
+def assert_same_greedy(ours: list[list[int]], theirs: np.ndarray) -> None:
+    """jaxgpt's rows (each up to its EOT) against transformers' new tokens [B, N] (EOT-padded after a row's end)."""
+    assert theirs.shape[1] == max(len(row) for row in ours)
+    for mine, row in zip(ours, theirs):
+        assert row[: len(mine)].tolist() == mine
+
+
+def test_greedy_matches_transformers_generate(exported):
+    """Greedy tokens of the export read back into JAX (the sampler's import path) equal transformers' generate() on
+    the exported model (GPT2LMHeadModel, or torch_ref's JaxgptForCausalLM with its cache)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxgpt.sample import load_model
+    from torch_ref.hf import JaxgptForCausalLM
+
+    path, variant = exported
+    model, cfg, _ = load_model(path)
+    prompts = greedy_prompts()
+    ours = generate(model, prompts, NEW_TOKENS, Sampling(temperature=0)).rows()
+    model_class = transformers.GPT2LMHeadModel if variant == "baseline" else JaxgptForCausalLM
+    hf = model_class.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=50256)
+    assert_same_greedy(ours, out[:, prompts.shape[1]:].numpy())
+    assert min(len(row) for row in ours) == NEW_TOKENS  # no row ended early: all 32 tokens compared
+
+
+# A fresh process loading the export with transformers alone (trust_remote_code): greedy generate() of argv[2]'s
+# prompts, new tokens saved to argv[3]; nothing asks whether to trust remote code. (transformers >= 5 reads the model
+# config in AutoTokenizer too, so the tokenizer takes trust_remote_code as well; GPT2TokenizerFast needs none.)
+STANDALONE_GENERATE = """
+import builtins, sys
+import numpy as np
+prompts = []
+builtins.input = lambda message="": prompts.append(message) or "n"
+import torch, transformers as t
+model = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__name__ == "JaxgptForCausalLM", type(model)
+idx = torch.tensor(np.load(sys.argv[2]))
+with torch.no_grad():
+    out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=%d, do_sample=False,
+                         pad_token_id=50256)
+np.save(sys.argv[3], out[:, idx.shape[1]:].numpy())
+for tok in (t.AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True),
+            t.GPT2TokenizerFast.from_pretrained(sys.argv[1])):
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+assert not prompts, prompts
+""" % NEW_TOKENS
+
+
+def test_export_generates_in_fresh_process(tmp_path):
+    from jaxgpt.export import export
+    from jaxgpt.sample import load_model
+
+    make_run(tmp_path / "run", "gla_conv")
+    path = export(tmp_path / "run", tmp_path / "hf")
+    np.save(tmp_path / "prompts.npy", greedy_prompts())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    subprocess.run([sys.executable, "-c", STANDALONE_GENERATE, str(path), str(tmp_path / "prompts.npy"),
+                    str(tmp_path / "tokens.npy")], check=True, env=env, cwd=tmp_path, timeout=300)
+    model, _, _ = load_model(path)
+    ours = generate(model, greedy_prompts(), NEW_TOKENS, Sampling(temperature=0)).rows()
+    assert_same_greedy(ours, np.load(tmp_path / "tokens.npy"))

@@ -1,11 +1,16 @@
 """Norm / block axis in PyTorch (twin of jaxgpt.layers.block), same module names.
 
+Every block's forward takes an optional transformers Cache, which its mixer reads and extends (decoding).
+
 Effective init: LayerNorm/RMSNorm gains one; the gates of `rmsnorm_parallel_gated` are raw parameters
 (1/sqrt(2)), so the harness's Linear/Embedding re-init leaves them alone.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -16,6 +21,9 @@ from jaxgpt.spec.constants import LAYER_NORM_EPS, PARALLEL_GATE_INIT, RMS_NORM_E
 
 from .mixers import MIXERS
 from .norms import RMSNorm
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 def layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
@@ -47,8 +55,8 @@ class Block(nn.Module):
         self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -61,9 +69,9 @@ class ParallelBlock(nn.Module):
         self.attn = MIXERS[cfg.mixer](cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         h = self.ln_1(x)
-        return x + self.attn(h) + self.mlp(h)
+        return x + self.attn(h, cache) + self.mlp(h)
 
 
 class SandwichBlock(Block):
@@ -74,8 +82,8 @@ class SandwichBlock(Block):
         self.ln_1_out = rms_norm(cfg)
         self.ln_2_out = rms_norm(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ln_1_out(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        x = x + self.ln_1_out(self.attn(self.ln_1(x), cache))
         return x + self.ln_2_out(self.mlp(self.ln_2(x)))
 
 
@@ -87,8 +95,8 @@ class GatedParallelBlock(Block):
         self.attn_gate = nn.Parameter(torch.tensor(PARALLEL_GATE_INIT))
         self.mlp_gate = nn.Parameter(torch.tensor(PARALLEL_GATE_INIT))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.attn_gate * self.attn(self.ln_1(x)) + self.mlp_gate * self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        return x + self.attn_gate * self.attn(self.ln_1(x), cache) + self.mlp_gate * self.mlp(self.ln_2(x))
 
 
 BLOCKS = {

@@ -1,5 +1,8 @@
 """Embedding axis in PyTorch (twin of jaxgpt.layers.embedding), same names, shapes and effective init.
 
+Decoding (torch_ref.model.GPT with a cache) continues a sequence: `forward(idx, offset)` places idx at positions
+offset.., and `value_embed(layer, idx, previous)` takes the token before idx[:, 0] (None: idx starts the sequence).
+
 Module types decide the effective init: nn.Embedding / nn.Linear tables are re-drawn
 N(0, 0.02) by GPT._init_weights whatever they declare; raw nn.Parameters keep their own init.
 """
@@ -23,10 +26,10 @@ class TokenEmbedding(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.mixer not in LINEAR_MIXERS else None
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            x = x + self.wpe(torch.arange(offset, offset + idx.shape[1], device=idx.device))
         return x
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -35,7 +38,7 @@ class TokenEmbedding(nn.Module):
     def num_pos_params(self) -> int:
         return 0 if self.wpe is None else self.wpe.weight.numel()
 
-    def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor | None:
+    def value_embed(self, layer: int, idx: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor | None:
         return None
 
 
@@ -50,12 +53,15 @@ class UntiedEmbedding(TokenEmbedding):
         return self.lm_head.weight
 
 
-def bigram_hash(idx: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """[B, T] -> [B, T] bucket ((36313*cur) XOR (27191*prev)) mod (B-1) in wrapping int32; t=0 -> B-1."""
+def bigram_hash(idx: torch.Tensor, num_buckets: int, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] -> [B, T] bucket ((36313*cur) XOR (27191*prev)) mod (B-1) in wrapping int32; t=0 -> B-1, unless
+    `previous` [B] gives the token before idx[:, 0]."""
     cur = idx.to(torch.int32)
-    prev = F.pad(cur[:, :-1], (1, 0))
+    prev = F.pad(cur[:, :-1], (1, 0)) if previous is None else torch.cat([previous[:, None].to(torch.int32),
+                                                                          cur[:, :-1]], dim=1)
     h = ((HASH_CUR * cur) ^ (HASH_PREV * prev)) % (num_buckets - 1)
-    h[:, 0] = num_buckets - 1
+    if previous is None:
+        h[:, 0] = num_buckets - 1
     return h
 
 
@@ -67,8 +73,8 @@ class BigramHashEmbedding(TokenEmbedding):
         self.bigram = nn.Embedding(NUM_TABLES * cfg.vocab_size, cfg.n_embd)
         self.bigram_lambda = nn.Parameter(torch.full((cfg.n_layer,), BIGRAM_LAMBDA_INIT))
 
-    def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
-        return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings))
+    def value_embed(self, layer: int, idx: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bigram_lambda[layer] * self.bigram(bigram_hash(idx, self.bigram.num_embeddings, previous))
 
 
 class ValueEmbedding(TokenEmbedding):
@@ -90,15 +96,19 @@ class ValueEmbedding(TokenEmbedding):
     def lm_head_weight(self) -> torch.Tensor:
         return super().lm_head_weight() if self.lm_head is None else self.lm_head
 
-    def value_embed(self, layer: int, idx: torch.Tensor) -> torch.Tensor | None:
+    def value_embed(self, layer: int, idx: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor | None:
         if layer not in self.tables:
             return None
         out = 0.0
         for j in self.tables[layer]:
             ve = self.value_embeds(idx + j * self.vocab_size)
             out = out + self.ve_lambda[j] * ve
-            if self.ve_beta is not None:
-                out = out + self.ve_beta[j] * F.pad(ve[:, :-1], (0, 0, 1, 0))
+            if self.ve_beta is not None:  # shift: one step right, zeros (or the previous token's ve_j) at t=0
+                if previous is None:
+                    shifted = F.pad(ve[:, :-1], (0, 0, 1, 0))
+                else:
+                    shifted = torch.cat([self.value_embeds(previous[:, None] + j * self.vocab_size), ve[:, :-1]], 1)
+                out = out + self.ve_beta[j] * shifted
         return out
 
 

@@ -54,27 +54,34 @@ def l2norm(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def naive_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
-    """FLA's naive_recurrent_gla: q, k, gk [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] (scale K^-0.5)."""
-    return load_fla_file("ops/gla/naive.py").naive_recurrent_gla(q, k, v, gk)[0]
+# The recurrences take the state before their first step, initial_state [B, H, K, V] (None: zeros), and return
+# (o, the state after their last step [B, H, K, V] fp32), as FLA's do with output_final_state=True.
 
 
-def naive_delta_rule_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def naive_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
+              initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLA's naive_recurrent_gla: q, k, gk [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] (scale K^-0.5), state."""
+    return load_fla_file("ops/gla/naive.py").naive_recurrent_gla(q, k, v, gk, initial_state, output_final_state=True)
+
+
+def naive_delta_rule_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                        initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta rule with FLA's in-kernel L2 norm of q and k (use_qk_l2norm_in_kernel=True), through FLA's naive
-    gated delta rule with zero log-decay: q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> o [B, T, H, V]."""
-    gated_delta_rule = load_fla_file("ops/gated_delta_rule/naive.py").naive_recurrent_gated_delta_rule
-    o, _ = gated_delta_rule(l2norm(q), l2norm(k), v, beta, torch.zeros_like(beta))
-    return o.to(v.dtype)
+    gated delta rule with zero log-decay: q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> o [B, T, H, V],
+    state."""
+    return naive_gated_delta_rule_l2(q, k, v, torch.zeros_like(beta), beta, initial_state)
 
 
 def naive_gated_delta_rule_l2(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FLA's naive_recurrent_gated_delta_rule with the in-kernel L2 norm of q and k (use_qk_l2norm_in_kernel=True):
-    q, k [B, T, H, K], v [B, T, H, V], g (log decays) and beta [B, T, H] -> o [B, T, H, V] in v's dtype."""
+    q, k [B, T, H, K], v [B, T, H, V], g (log decays) and beta [B, T, H] -> o [B, T, H, V] in v's dtype, state."""
     gated_delta_rule = load_fla_file("ops/gated_delta_rule/naive.py").naive_recurrent_gated_delta_rule
-    o, _ = gated_delta_rule(l2norm(q), l2norm(k), v, beta, g)
-    return o.to(v.dtype)
+    o, state = gated_delta_rule(l2norm(q), l2norm(k), v, beta, g, initial_state=initial_state,
+                                output_final_state=True)
+    return o.to(v.dtype), state
 
 
 def naive_gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,14 +3,17 @@
 With CUDA the layer is FLA 0.6.0's own module (forward returns the output only; inputs on the CPU take the naive
 path). Without CUDA, `fla.layers` cannot be imported (Triton), so the layer is `NaiveGatedDeltaNet`: FLA's module
 tree and parameter names (state dicts load either way), computing with FLA's naive recurrence and its
-`naive_gdn_gate` (torch_ref.fla_naive).
+`naive_gdn_gate` (torch_ref.fla_naive). Decoding: as torch_ref.linear_attn's layers (an FLA cache, `layer_idx`).
 
 Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02)); the short convolutions keep PyTorch's
 Conv1d default, the norm weight is ones, and A_log and dt_bias are drawn as FLA draws them.
 """
 
+from __future__ import annotations
+
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,21 +22,25 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS, GDN_A_INIT_MAX, GDN_DT_INIT_FLOOR, GDN_DT_MAX, GDN_DT_MIN
 
 from .fla_naive import naive_gated_delta_rule_l2, naive_gdn_gate
-from .linear_attn import ShortConvolution, head_norm, short_conv
+from .linear_attn import LayerState, ShortConvolution, head_norm
 from .norms import RMSNorm
 
+if TYPE_CHECKING:
+    from transformers import Cache
 
-def gated_deltanet_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+
+def gated_deltanet_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
     """What fla.layers.GatedDeltaNet.forward computes in training (x [B, T, C]), with FLA's naive gated delta rule:
     beta = sigmoid(b_proj(x)) and g = naive_gdn_gate(a_proj(x), A_log, dt_bias), both fp32 (FLA's kernel options
     use_beta_sigmoid_in_kernel and use_gate_in_kernel), q and k L2-normalised, swish-gated output norm."""
     B, T, _ = x.shape
-    q, k, v = (short_conv(conv, proj(x)) for conv, proj in ((m.q_conv1d, m.q_proj), (m.k_conv1d, m.k_proj),
-                                                             (m.v_conv1d, m.v_proj)))
+    state = LayerState(cache, m.layer_idx)
+    q, k, v = state.convs((m.q_conv1d, m.q_proj(x)), (m.k_conv1d, m.k_proj(x)), (m.v_conv1d, m.v_proj(x)))
     q, k, v, g_out = (t.view(B, T, m.num_heads, -1) for t in (q, k, v, m.g_proj(x)))  # [B, T, H, D]
     beta = m.b_proj(x).float().sigmoid()
     g = naive_gdn_gate(m.a_proj(x), m.A_log, m.dt_bias)
-    o = head_norm(m.o_norm, naive_gated_delta_rule_l2(q, k, v, g, beta), g_out)
+    o = head_norm(m.o_norm, state.recurrence(naive_gated_delta_rule_l2, q, k, v, g, beta), g_out)
+    state.save(T)
     return m.o_proj(o.reshape(B, T, -1))
 
 
@@ -43,7 +50,7 @@ class NaiveGatedDeltaNet(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.layer_idx = num_heads, None
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -78,8 +85,10 @@ def layer_class() -> type[nn.Module]:
                              head_dim=hidden_size // num_heads, expand_v=1.0, use_gate=True, use_short_conv=True,
                              conv_size=CONV_SIZE)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0] if x.is_cuda else gated_deltanet_naive_forward(self, x)
+        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+            if not x.is_cuda:
+                return gated_deltanet_naive_forward(self, x, cache)
+            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
 
     return FLAGatedDeltaNet
 

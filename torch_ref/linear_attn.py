@@ -7,12 +7,19 @@ CUDA, `fla.layers` cannot even be imported (Triton), so the layers are `NaiveGat
 FLA's own naive PyTorch ops (torch_ref.fla_naive). Inputs on CPU always take that naive path, and so does an fp32
 DeltaNet forward on CUDA (no autocast), which FLA's chunk_delta_rule refuses.
 
+Decoding: every layer's forward takes an optional FLA cache (`new_fla_cache`: per layer the recurrent state and the
+short convolutions' last W inputs, FLA's `past_key_values`), found by the layer's `layer_idx` and extended in place.
+FLA's layers keep their own state in it; the twins theirs (`LayerState`), continuing the same recurrences.
+
 Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02), biases zero); ShortConvolution (a Conv1d)
 keeps PyTorch's kaiming-uniform default, norm weights are ones.
 """
 
+from __future__ import annotations
+
 import functools
 import importlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,8 +28,11 @@ import torch.nn.functional as F
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS, GATE_LOGIT_NORMALIZER, GATE_LOW_RANK_DIM
 
-from .fla_naive import naive_delta_rule_l2, naive_gla
+from .fla_naive import load_fla_file, naive_delta_rule_l2, naive_gla
 from .norms import RMSNorm, rms_normalize
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 class ShortConvolution(nn.Conv1d):
@@ -40,31 +50,84 @@ def short_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return F.silu(y) if conv.activation is not None else y
 
 
+def cached_short_conv(conv: nn.Conv1d, x: torch.Tensor,
+                      state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`short_conv` of x [B, T, C] continuing the inputs before it: state [B, C, W] holds the last W of them (FLA's
+    conv cache; None: zeros) -> (y [B, T, C], the state after x)."""
+    W = conv.kernel_size[0]
+    if state is None:
+        state = x.new_zeros(x.shape[0], x.shape[2], W)
+    xs = torch.cat([state[..., 1:].to(x.dtype), x.transpose(1, 2)], dim=-1)  # the W - 1 inputs before x, then x
+    return short_conv(conv, xs.transpose(1, 2))[:, W - 1:], xs[..., -W:]
+
+
+def new_fla_cache() -> Cache:
+    """An empty cache of FLA's (fla.models.utils.Cache, a transformers Cache), loaded from its file alone (it needs
+    only torch and transformers, so also without Triton)."""
+    return load_fla_file("models/cache_utils.py").Cache()
+
+
+class LayerState:
+    """A linear-attention twin's state in an FLA cache (`cache[layer_idx]`: 'recurrent_state', 'conv_state' as FLA's
+    layers keep them), read when made and written back by `save`. Without a cache: the training forward (short
+    convolutions from zeros, the recurrence from a zero state)."""
+
+    def __init__(self, cache: Cache | None, layer_idx: int | None):
+        self.cache, self.layer_idx = cache, layer_idx
+        saved: dict[str, Any] = cache[layer_idx] if cache is not None and len(cache) > layer_idx else {}
+        self.recurrent_state = saved.get("recurrent_state")
+        self.conv_state = saved.get("conv_state")
+
+    def convs(self, *pairs: tuple[nn.Conv1d, torch.Tensor]) -> list[torch.Tensor]:
+        """`short_conv` of each (conv, x), x [B, T, C], each continuing its own inputs in the cache."""
+        if self.cache is None:
+            return [short_conv(conv, x) for conv, x in pairs]
+        out = [cached_short_conv(conv, x, state) for (conv, x), state in
+               zip(pairs, self.conv_state or (None,) * len(pairs))]
+        self.conv_state = tuple(state for _, state in out)
+        return [y for y, _ in out]
+
+    def recurrence(self, op: Any, *inputs: torch.Tensor) -> torch.Tensor:
+        """o of a recurrence `op` (torch_ref.fla_naive) on inputs [B, T, H, ...] from the cached state."""
+        o, state = op(*inputs, initial_state=self.recurrent_state)
+        self.recurrent_state = state
+        return o
+
+    def save(self, T: int) -> None:
+        """Write the states back after a call of T tokens."""
+        if self.cache is not None:
+            self.cache.update(recurrent_state=self.recurrent_state, conv_state=self.conv_state,
+                              layer_idx=self.layer_idx, offset=T)
+
+
 def head_norm(norm: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
     """FLA's per-head output norm `norm` (ours or FLA's module: its weight and eps) with the swish output gate g if
     given: x, g [..., D] -> x's dtype. Computed without calling `norm`, whose FLA forward needs Triton."""
     return rms_normalize(x, norm.weight, norm.eps, g).to(x.dtype)
 
 
-def gla_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def gla_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
     """What fla.layers.GatedLinearAttention.forward computes (x [B, T, C]), with FLA's naive recurrent GLA."""
     B, T, _ = x.shape
+    state = LayerState(cache, m.layer_idx)
     q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
     if m.use_short_conv:
-        q, k, v = short_conv(m.q_conv1d, q), short_conv(m.k_conv1d, k), short_conv(m.v_conv1d, v)
+        q, k, v = state.convs((m.q_conv1d, q), (m.k_conv1d, k), (m.v_conv1d, v))
     q, k, v, gk, g = (t.view(B, T, m.num_heads, -1) for t in (q, k, v, m.gk_proj(x), m.g_proj(x)))  # [B, T, H, D]
     gk = F.logsigmoid(gk) / GATE_LOGIT_NORMALIZER
-    o = head_norm(m.g_norm_swish_gate, naive_gla(q, k, v, gk), g)
+    o = head_norm(m.g_norm_swish_gate, state.recurrence(naive_gla, q, k, v, gk), g)
+    state.save(T)
     return m.o_proj(o.reshape(B, T, -1))
 
 
-def deltanet_naive_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def deltanet_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
     """What fla.layers.DeltaNet.forward computes (x [B, T, C]), with FLA's naive (gated, g=0) delta rule."""
     B, T, _ = x.shape
-    q, k, v = (short_conv(conv, proj(x)) for conv, proj in ((m.q_conv1d, m.q_proj), (m.k_conv1d, m.k_proj),
-                                                             (m.v_conv1d, m.v_proj)))
+    state = LayerState(cache, m.layer_idx)
+    q, k, v = state.convs((m.q_conv1d, m.q_proj(x)), (m.k_conv1d, m.k_proj(x)), (m.v_conv1d, m.v_proj(x)))
     q, k, v = (t.view(B, T, m.num_heads, -1) for t in (q, k, v))  # [B, T, H, D]
-    o = head_norm(m.o_norm, naive_delta_rule_l2(q, k, v, m.b_proj(x).sigmoid()))
+    o = head_norm(m.o_norm, state.recurrence(naive_delta_rule_l2, q, k, v, m.b_proj(x).sigmoid()))
+    state.save(T)
     return m.o_proj(o.reshape(B, T, -1))
 
 
@@ -74,7 +137,7 @@ class NaiveGatedLinearAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
         super().__init__()
         key_dim = round(hidden_size * expand_k)
-        self.num_heads, self.use_short_conv = num_heads, use_short_conv
+        self.num_heads, self.use_short_conv, self.layer_idx = num_heads, use_short_conv, None
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -96,7 +159,7 @@ class NaiveDeltaNet(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.layer_idx = num_heads, None
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -128,19 +191,23 @@ def layer_classes() -> tuple[type[nn.Module], type[nn.Module]]:
                              expand_v=1.0, use_output_gate=True, gate_fn="swish", use_short_conv=use_short_conv,
                              conv_size=CONV_SIZE)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(x)[0] if x.is_cuda else gla_naive_forward(self, x)
+        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+            if not x.is_cuda:
+                return gla_naive_forward(self, x, cache)
+            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
 
     class FLADeltaNet(fla_layers.DeltaNet):
         def __init__(self, hidden_size: int, num_heads: int):
             super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, use_beta=True,
                              use_short_conv=True, conv_size=CONV_SIZE, qk_activation="silu", qk_norm="l2")
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
             # FLA's chunk_delta_rule refuses fp32 inputs, so an fp32 forward (the parity tests' reference: CUDA
             # without autocast) takes the naive path too.
             fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-            return super().forward(x)[0] if x.is_cuda and not fp32 else deltanet_naive_forward(self, x)
+            if not x.is_cuda or fp32:
+                return deltanet_naive_forward(self, x, cache)
+            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
 
     return FLAGatedLinearAttention, FLADeltaNet
 

@@ -1,6 +1,9 @@
 """GPT-2 harness in PyTorch: the four variant axes (torch_ref.{embedding,block,mixers,losses}) as in jaxgpt."""
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -12,6 +15,9 @@ from jaxgpt.spec.constants import INIT_STD
 from .block import BLOCKS
 from .embedding import EMBEDDINGS
 from .losses import LOSSES, OUTPUT_TRANSFORMS, cross_entropy
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 class GPT(nn.Module):
@@ -37,14 +43,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [B, T] -> logits [B, T, V]."""
-        x = self.embedding(idx)
+    def forward(self, idx: torch.Tensor, cache: Cache | None = None,
+                previous: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T, V].
+
+        Decoding: with a transformers Cache (a DynamicCache for softmax attention, torch_ref.linear_attn.new_fla_cache
+        for linear mixers) idx continues the tokens the cache has seen: positions start at its length, `previous`
+        [B] is the token before idx[:, 0] (bigram_hash, ve_lcr), and each mixer reads and extends its state.
+        """
+        x = self.embedding(idx, 0 if cache is None else cache.get_seq_length())
         for i, block in enumerate(self.h):
-            ve = self.embedding.value_embed(i, idx)
+            ve = self.embedding.value_embed(i, idx, previous)
             if ve is not None:
                 x = x + ve
-            x = block(x)
+            x = block(x, cache)
         logits = F.linear(self.ln_f(x), self.embedding.lm_head_weight())
         transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
         return logits if transform is None else transform(logits)
