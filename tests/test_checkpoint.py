@@ -15,7 +15,7 @@ import pytest
 
 import jaxgpt.checkpoint
 from cli_runs import TINY, leaves, restore
-from jaxgpt.checkpoint import MANIFEST, TMP_GLOB, CheckpointSaveError, Checkpointer, TrainState
+from jaxgpt.checkpoint import MANIFEST, CheckpointSaveError, Checkpointer, TrainState
 from jaxgpt.errors import UserError
 from jaxgpt.spec.config import Config
 from jaxgpt.train import build_config, parser, train

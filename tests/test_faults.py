@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxgpt.train as train_module
@@ -30,7 +29,7 @@ from jaxgpt.data import staging_dir
 from jaxgpt.errors import UserError
 from jaxgpt.export import main as export_main
 from jaxgpt.metrics import MetricsLog
-from jaxgpt.train import Stopped, TrainingDiverged, build_config, parser, train
+from jaxgpt.train import TrainingDiverged, build_config, parser, train
 
 STEPS = 8
 RECIPE = [*TINY, "--set", "warmup_iters=1", "--set", "lr_decay_iters=8", "--set", "learning_rate=3e-3",
