@@ -347,9 +347,17 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.config:
         cfg = apply_overrides(cfg, load_config_file(args.config), source=f"config {args.config}")
     cfg = apply_variant(cfg, args.variant, **{axis: getattr(args, axis) for axis in AXES})
-    cfg = apply_overrides(cfg, parse_set_args(args.set), source="--set")
+    sets = parse_set_args(args.set)
+    cfg = apply_overrides(cfg, sets, source="--set")
     direct = {"data": args.data, "out": args.out, "max_iters": args.max_iters, "mesh": args.mesh}
-    return apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option").check_schedule()
+    cfg = apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option")
+    if args.max_iters is not None and cfg.warmup_iters > cfg.max_iters and "warmup_iters" not in sets:
+        # A short run of a preset (`--max-iters 5`, a smoke test) warms up over all its steps; a warmup the
+        # user sets longer than the run is still an error.
+        print(f"note: warmup_iters {cfg.warmup_iters} > --max-iters {cfg.max_iters}: warming up over all "
+              f"{cfg.max_iters} steps")
+        cfg = apply_overrides(cfg, {"warmup_iters": cfg.max_iters}, source="--max-iters")
+    return cfg.check_schedule()
 
 
 def parser() -> argparse.ArgumentParser:

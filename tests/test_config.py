@@ -332,3 +332,11 @@ def test_adamw_hyperparameters_and_clipping():
         updates, _ = jax.jit(lambda p, g: two_updates(tx, p, g))(params, grads)
         gb = 40.0 / scale
         np.testing.assert_allclose(updates["b"], -0.01 * gb / (gb + 0.5), rtol=1e-5, err_msg=f"grad_clip={clip}")
+
+
+def test_short_run_of_a_preset_warms_up_over_its_steps(capsys):
+    cfg = cfg_from("--max-iters", "5")  # the tiny preset warms up over 40 steps
+    assert (cfg.max_iters, cfg.warmup_iters) == (5, 5)
+    assert "warming up over all 5 steps" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"warmup_iters \(10\) must be <= max_iters \(5\)"):
+        cfg_from("--max-iters", "5", "--set", "warmup_iters=10")  # a warmup the user set is not shortened
