@@ -6,7 +6,9 @@ FLA's naive op in test_ops_parity.py) to rel < 1e-5 in the output, the final sta
 beta, h0), ragged T included. Inputs the kernels do not take must run the xla path. The bf16 forward + backward must
 lower to Triton.
 GPU (`pytest -m gpu`): in bf16 it must match FLA 0.6.0's Triton `chunk_gated_delta_rule` within FLA's thresholds (or
-1.5x FLA's own bf16-vs-fp32 noise) and be as close to the fp32 reference as FLA's bf16 is (within 25%).
+1.5x FLA's own bf16-vs-fp32 noise) and be as close to the fp32 reference as FLA's bf16 is (within 25%). Where FLA
+refuses its gated backward (Hopper under Triton 3.4 to 3.7.0, FLA issue #640), the gradients are held to the fp32
+reference within 1.25x FLA's usual bf16 error (8e-3).
 """
 
 import functools
@@ -160,15 +162,24 @@ def test_bf16_pallas_vs_fla(shape):
           for x, t in zip(inputs, dtypes)]
     o, ht = fla_chunk_gated_delta_rule(*ts[:5], initial_state=ts[5], output_final_state=True,
                                        use_qk_l2norm_in_kernel=True)
-    grads = torch.autograd.grad((o, ht), ts, (torch.tensor(do, device="cuda", dtype=torch.bfloat16),
-                                              torch.tensor(dht, device="cuda")))
-    fla = [x.detach().float().cpu().numpy() for x in (o, ht, *grads)]
-    report = {name: {"vs_fp32": rel_err(g, r), "vs_fla": rel_err(g, f), "fla_vs_fp32": rel_err(f, r)}
+    try:
+        grads = torch.autograd.grad((o, ht), ts, (torch.tensor(do, device="cuda", dtype=torch.bfloat16),
+                                                  torch.tensor(dht, device="cuda")))
+    except RuntimeError as e:  # FLA 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0 (#640)
+        if "#640" not in str(e):
+            raise
+        grads = [None] * len(ts)
+    fla = [None if x is None else x.detach().float().cpu().numpy() for x in (o, ht, *grads)]
+    report = {name: {"vs_fp32": rel_err(g, r)} | ({} if f is None else {"vs_fla": rel_err(g, f),
+                                                                        "fla_vs_fp32": rel_err(f, r)})
               for name, g, r, f in zip(NAMES, got, ref, fla)}
     print(f"\nB{B} T{T} H{H} D{D} (pallas vs fp32 / pallas vs FLA / FLA vs fp32): " + "; ".join(
-        f"{n} {e['vs_fp32']:.2e} / {e['vs_fla']:.2e} / {e['fla_vs_fp32']:.2e}" for n, e in report.items()))
-    assert len(report) == len(NAMES)
+        f"{n} " + " / ".join(f"{x:.2e}" for x in e.values()) for n, e in report.items()))
+    assert len(report) == len(NAMES) and "vs_fla" in report["o"]
     for name, e in report.items():
         tol = FWD_TOL if name in ("o", "ht") else GRAD_TOL
+        if "vs_fla" not in e:  # no FLA gradient on this machine: FLA's usual bf16 error is the bound
+            assert e["vs_fp32"] <= ACCURACY_FACTOR * tol, (name, e)
+            continue
         assert e["vs_fp32"] <= ACCURACY_FACTOR * max(e["fla_vs_fp32"], tol), (name, e)
         assert e["vs_fla"] <= max(tol, NOISE_FACTOR * e["fla_vs_fp32"]), (name, e)

@@ -67,6 +67,7 @@ INPUT_DTYPES = {  # op -> dtype of each of op_inputs' arrays (q, k, v, *gates, d
     "chunk_delta_rule": ("bfloat16",) * 5,
     "chunk_gated_delta_rule": ("bfloat16",) * 3 + ("float32", "bfloat16", "bfloat16"),
 }
+GATED_DELTA = ("chunk_gated_delta_rule", "gated_deltanet")  # FLA runs these through its gated backward
 LAYER_OPTIONS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "deltanet": ("deltanet", {}),
                  "gated_deltanet": ("gated_deltanet", {})}
 
@@ -123,7 +124,7 @@ def profile_calls(fn, inputs_sets, sync, trace_dir, calls=5):
     jax.profiler trace (its CUPTI tracer sees every kernel of the process, PyTorch's too; a second profiler
     could not subscribe). sync: waits for fn's result (jax.block_until_ready / torch.cuda.synchronize)."""
     import jax
-    from profile_step import gpu_kernels  # scripts/ is on sys.path
+    from profile_step import trace_events  # scripts/ is on sys.path
 
     sync(fn(*inputs_sets[0]))
     with jax.profiler.trace(trace_dir):
@@ -131,10 +132,18 @@ def profile_calls(fn, inputs_sets, sync, trace_dir, calls=5):
             out = fn(*inputs_sets[i % len(inputs_sets)])
         sync(out)
     table = {}
-    for name, us in gpu_kernels(Path(trace_dir)):
+    for name, _, us in trace_events(Path(trace_dir))[0]:
         total, n = table.get(name, (0.0, 0))
         table[name] = (total + us / calls, n + 1 / calls)
     return table
+
+
+def profile(title, fn, inputs_sets, sync, trace_dir):
+    """print_kernels of profile_calls; a failure is printed and leaves the row's timings alone."""
+    try:
+        print_kernels(title, profile_calls(fn, inputs_sets, sync, trace_dir))
+    except Exception:  # noqa: BLE001 - report and go on
+        traceback.print_exc(limit=3)
 
 
 def print_kernels(title, table, top=15):
@@ -201,6 +210,19 @@ def jax_op(op, impl, sets, options):
         return o, vjp(inputs[-1])
 
     return step, [tuple(jnp.asarray(x, getattr(jnp, t)) for x, t in zip(s, INPUT_DTYPES[op])) for s in sets]
+
+
+def lift_fla_hopper_guard():
+    """FLA 0.6.0 refuses the gated delta rule's backward (its `chunk_bwd_dqkwg` with a gate) on Hopper under Triton
+    3.4 to 3.7.0, where that kernel's results are wrong (FLA issue #640; its fixes, Triton >= 3.7.1 or its TileLang
+    backend, are not on the device image). For timing only, lift the guard: the same Triton kernels do the same work,
+    and nothing reads their gradients. Returns a note for the rows where it was lifted, else None."""
+    import fla.ops.common.chunk_o as chunk_o
+
+    if not (chunk_o.IS_NVIDIA_HOPPER and chunk_o.TRITON_ABOVE_3_4_0 and not chunk_o.TRITON_ABOVE_3_7_1):
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    return "FLA's Hopper guard lifted (#640): its Triton backward timed, its gradients unreliable"
 
 
 def fla_op(op, sets):
@@ -351,7 +373,7 @@ def run(args):
             is_op = op in INPUT_DTYPES
             if is_op != (shape in OP_SHAPES):
                 continue
-            fla_ms, fla_err = None, None
+            fla_ms, fla_err, fla_note = None, None, None
             if is_op:
                 B, T, H, D = OP_SHAPES[shape]
                 sets = op_inputs(op, B, T, H, D, rng)
@@ -360,14 +382,14 @@ def run(args):
                 nbytes = op_bytes(B, T, H, D, D, *gate_bytes)
                 label = f"B{B} T{T} H{H} D{D}"
                 try:
+                    fla_note = lift_fla_hopper_guard() if op in GATED_DELTA else None
                     fstep, fsets = fla_op(op, sets)
                     fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
                     if args.profile:
                         import torch
 
-                        table = profile_calls(fstep, fsets, lambda _: torch.cuda.synchronize(),
-                                              f"{args.profile}/{shape}_{op}_fla")
-                        print_kernels(f"FLA {op} {label}", table)
+                        profile(f"FLA {op} {label}", fstep, fsets, lambda _: torch.cuda.synchronize(),
+                                f"{args.profile}/{shape}_{op}_fla")
                     del fsets
                 except Exception as e:  # noqa: BLE001 - report and go on
                     fla_err = f"{type(e).__name__}: {e}"
@@ -385,25 +407,27 @@ def run(args):
                         nbytes = layer_bytes(op, B, T, C, H, n_params)
                         if fla_ms is None and fla_err is None:
                             try:
+                                fla_note = lift_fla_hopper_guard() if op in GATED_DELTA else None
                                 fstep, fsets = fla_layer(op, B, T, C, H, jlayer, rng)
                                 fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
                                 del fsets
                             except Exception as e:  # noqa: BLE001
                                 fla_err = f"{type(e).__name__}: {e}"
                     jax_ms = measure_pair(jstep, jsets, args)
+                    best = min(jax_ms)
+                    row |= {"jax_ms": jax_ms, "tflops": flops / best / 1e9, "gbs": nbytes / best / 1e6}
                     if args.profile:
                         import jax
 
-                        table = profile_calls(jstep, jsets, jax.block_until_ready,
-                                              f"{args.profile}/{shape}_{op}_{impl_label.replace(' ', '_')}")
-                        print_kernels(f"jaxgpt {op} {impl_label} {label}", table)
+                        profile(f"jaxgpt {op} {impl_label} {label}", jstep, jsets, jax.block_until_ready,
+                                f"{args.profile}/{shape}_{op}_{impl_label.replace(' ', '_')}")
                     del jsets
-                    best = min(jax_ms)
-                    row |= {"jax_ms": jax_ms, "tflops": flops / best / 1e9, "gbs": nbytes / best / 1e6}
                 except Exception as e:  # noqa: BLE001
                     row["jax_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     traceback.print_exc(limit=3)
                 row["fla_ms"], row["fla_error"] = fla_ms, fla_err
+                if fla_note:
+                    row["fla_note"] = fla_note
                 if fla_ms and "jax_ms" in row:
                     row["ratio"] = min(fla_ms) / min(row["jax_ms"])
                 rows.append(row)
@@ -419,7 +443,7 @@ def fmt(ms):
 
 
 def print_table(rows):
-    head = (f"{'shape':<22}{'op':<18}{'impl':<22}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}"
+    head = (f"{'shape':<22}{'op':<24}{'impl':<22}{'JAX ms (x2)':>18}{'FLA ms (x2)':>18}{'ratio':>7}{'TFLOP/s':>9}"
             f"{'GB/s':>8}")
     print(head)
     print("-" * len(head))
@@ -427,8 +451,10 @@ def print_table(rows):
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "n/a"
         tf = f"{r['tflops']:.1f}" if "tflops" in r else "n/a"
         gb = f"{r['gbs']:.0f}" if "gbs" in r else "n/a"
-        print(f"{r['shape']:<22}{r['op']:<18}{r['impl']:<22}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
+        print(f"{r['shape']:<22}{r['op']:<24}{r['impl']:<22}{fmt(r.get('jax_ms')):>18}{fmt(r.get('fla_ms')):>18}"
               f"{ratio:>7}{tf:>9}{gb:>8}")
+    for note in sorted({f"{r['op']}: {r['fla_note']}" for r in rows if "fla_note" in r}):
+        print(note)
 
 
 def build_parser() -> argparse.ArgumentParser:
