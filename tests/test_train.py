@@ -241,7 +241,7 @@ INVALID_RECIPES = {  # arguments -> the error
     "lr_inf": (["--set", "learning_rate=inf"], "learning_rate must be a finite number > 0, got inf"),
     "min_lr_nan": (["--set", "min_lr=nan"], "min_lr must be a finite number >= 0, got nan"),
     "min_lr_above_lr": (["--set", "min_lr=0.01"], "min_lr (0.01) must be <= learning_rate (0.002)"),
-    "warmup_past_max_iters": (["--max-iters", "10"], "warmup_iters (40) must be <= max_iters (10); set it with "
+    "warmup_past_max_iters": (["--set", "max_iters=10"], "warmup_iters (40) must be <= max_iters (10); set it with "
                                                      "--set warmup_iters=N"),
     "decay_before_warmup": (["--set", "lr_decay_iters=20"], "lr_decay_iters (20) must be 0 (max_iters) or >= "
                                                             "warmup_iters (40)"),
