@@ -55,7 +55,7 @@ def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class MLP(nnx.Module):
-    """4x MLP with exact GELU: c_fc -> gelu -> c_proj (`gelu`: jaxgpt.ops.mlp.naive).
+    """4x MLP with exact GELU: c_fc -> gelu -> c_proj (`gelu`: jaxgpt.ops.mlp.reference).
 
     Without biases, on GPU, the op `jaxgpt.ops.mlp.mlp` (same forward; its backward fuses the first matmul with
     GELU's derivative); with biases, and on other devices, the two nnx.Linear layers around `gelu`.

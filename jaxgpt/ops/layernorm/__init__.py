@@ -26,7 +26,7 @@ def add_layer_norm(
 
     backend 'auto': 'pallas' on GPU, 'xla' elsewhere (jaxgpt.ops.utils.resolve_backend; 'pallas' off GPU runs the
     kernels in Pallas's interpreter, for tests). The pallas path writes y in `out_dtype`; the xla path returns it in
-    fp32, as LayerNorm always did on CPU (its consumers, matmuls in the compute dtype, cast it either way).
+    fp32, the precision it is computed in (its consumers, matmuls in the compute dtype, cast it either way).
     `residual_out=False` returns (None, y).
     """
     if resolve_backend(backend) == "pallas":

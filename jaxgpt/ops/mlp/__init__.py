@@ -2,7 +2,7 @@
 GELU's derivative fused into one kernel.
 
 `mlp` picks the implementation explicitly by device: on GPU the custom VJP below, whose forward is XLA's (cuBLAS
-matmuls and the GELU fusion, as before) and whose backward computes du = (dy @ w_proj^T) * gelu'(u) in one Pallas
+matmuls and the GELU fusion) and whose backward computes du = (dy @ w_proj^T) * gelu'(u) in one Pallas
 Mosaic GPU kernel (jaxgpt.ops.mlp.pallas); elsewhere (and for shapes or dtypes the kernel does not take) XLA
 autodiff of `mlp_xla` (jaxgpt.ops.mlp.reference).
 """
