@@ -53,7 +53,7 @@ class Run:
 
 def train_env(cache: Path, devices: int = 1) -> dict[str, str]:
     """The environment of a training subprocess: JAX on `devices` virtual CPU devices, this checkout importable,
-    and the compilation cache `cache` shared by the session's runs (it only saves compile time)."""
+    and the compilation cache `cache` shared by every run of one pytest invocation (it only saves compile time)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop("XLA_FLAGS", None)
@@ -63,7 +63,7 @@ def train_env(cache: Path, devices: int = 1) -> dict[str, str]:
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A directory of this test session shared by all pytest-xdist workers."""
+    """A directory of this pytest invocation, shared by all its pytest-xdist workers."""
     base = tmp_path_factory.getbasetemp()
     path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     path.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def cli(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(cli, default_corpus, tmp_path_factory) -> Run:
     """The straight 4-step run (checkpoints at steps 2 and 4, evals at 0, 2, 4) on one device; run once per
-    session (the first xdist worker to get here runs it, the others read its result)."""
+    pytest invocation (the first xdist worker to get here runs it, the others read its result)."""
     root = shared_dir(tmp_path_factory, "reference")
     with locked(root / "lock"):
         record = root / "run.json"
