@@ -26,6 +26,13 @@ GATE_LOW_RANK_DIM = 16  # GLA's low-rank forget gate
 GATE_LOGIT_NORMALIZER = 16  # GLA: log-gate = logsigmoid(gk) / 16
 GDN_A_INIT_MAX = 16.0  # Gated DeltaNet's A_log = log(A), A ~ U(0, 16) (FLA's init)
 GDN_DT_MIN, GDN_DT_MAX, GDN_DT_INIT_FLOOR = 1e-3, 0.1, 1e-4  # its dt_bias = softplus^-1(dt), log-uniform dt >= floor
+RETENTION_DECAY_OFFSET = 5  # RetNet: head h keeps 1 - 2^-(RETENTION_DECAY_OFFSET + h) of its state per step
+ROPE_THETA = 10000.0  # RetNet: FLA's RotaryEmbedding base
+
+
+def retention_log_decays(num_heads: int) -> list[float]:
+    """RetNet's fixed per-head log-decays log(1 - 2^(-5 - h)), h = 0 .. num_heads - 1 (FLA's chunk_retention)."""
+    return [math.log1p(-2.0 ** -(RETENTION_DECAY_OFFSET + h)) for h in range(num_heads)]
 
 # Losses.
 Z_WEIGHT = 1e-4  # z-loss: Z_WEIGHT * mean(logsumexp(logits)^2)
