@@ -52,13 +52,26 @@ def params_of(model: nnx.Module) -> dict:
 
 def jax_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[float, dict]:
     """Training loss and its gradient w.r.t. every parameter, as a torch-named dict of numpy arrays."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    _, loss, _, grads = jax_outputs(model, idx, targets)
+    return loss, grads
 
-    def loss_fn(p):
-        return nnx.merge(graphdef, p).loss(idx, targets)
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    return float(loss), jax_to_torch(nnx.to_pure_dict(grads))
+def jax_outputs(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float, float, dict]:
+    """Logits, training loss, evaluation loss and the training loss's gradient w.r.t. every parameter (torch-named
+    numpy arrays), from one jitted call: one compile instead of op-by-op dispatch (several times faster on CPU)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def outputs(params, rest):
+        def loss_fn(p):
+            return nnx.merge(graphdef, p, rest).loss(idx, targets)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        m = nnx.merge(graphdef, params, rest)
+        return m(idx), loss, m.loss(idx, targets, train=False), grads
+
+    logits, loss, eval_loss, grads = outputs(params, rest)
+    return np.asarray(logits), float(loss), float(eval_loss), jax_to_torch(nnx.to_pure_dict(grads))
 
 
 def random_batch(cfg: ModelConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from jaxgpt.optim import make_optimizer
 from parity_tests.helpers import (
     VARIANTS,
     jax_grads,
+    jax_outputs,
     params_of,
     random_batch,
     rel_err,
@@ -30,7 +31,8 @@ GRADIENT_CASES = [(v, False) for v in VARIANTS] + [("baseline", True)]
 # cover each kind of parameter (matrices, tables, raw scalars, zero-init head, every loss family).
 TRAJECTORY_VARIANTS = [
     v for v in ("baseline", "bigram_hash", "ve_lcr_cyclic_untied", "rmsnorm_parallel_gated", "poly_ls_z",
-                "tanh_cap_ls_z", "gla_conv", "gla_deltanet", "gated_deltanet", "gla_gated_deltanet")
+                "tanh_cap_ls_z", "gla_conv", "gla_deltanet", "gated_deltanet", "gla_gated_deltanet",
+                "hgrn2")
     if v in VARIANTS
 ]
 
@@ -47,17 +49,15 @@ def test_forward_loss_and_gradients(variant, bias):
     jmodel, tmodel = twin_models(cfg, seed=1)
     idx, targets = random_batch(cfg, batch=3, seed=2)
 
-    j_logits = np.asarray(jmodel(idx))
+    j_logits, j_loss, j_eval_loss, j_grads = jax_outputs(jmodel, idx, targets)
     t_idx, t_tgt = torch.from_numpy(idx).long(), torch.from_numpy(targets).long()
     t_logits = tmodel(t_idx)
     assert rel_err(j_logits, t_logits.detach().numpy()) < TOL
 
-    for train in (True, False):
-        j = float(jmodel.loss(idx, targets, train=train))
+    for train, j in ((True, j_loss), (False, j_eval_loss)):
         t = tmodel.loss(t_idx, t_tgt, train=train).item()
         assert abs(j - t) / abs(t) < TOL, (train, j, t)
 
-    j_loss, j_grads = jax_grads(jmodel, idx, targets)
     t_grads = torch_grads(tmodel, t_idx, t_tgt)
     assert set(j_grads) == set(t_grads)
     errors = {n: rel_err(j_grads[n], t_grads[n]) for n in t_grads}
