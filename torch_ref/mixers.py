@@ -22,6 +22,7 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 
 from .gated_deltanet import gated_delta_net
+from .hgrn2 import hgrn2_attention
 from .linear_attn import delta_net, gated_linear_attention
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ class CausalSelfAttention(nn.Module):
 
 
 LINEAR_LAYERS: dict[str, Callable[..., nn.Module]] = {
-    "gla": gated_linear_attention, "deltanet": delta_net, "gated_deltanet": gated_delta_net
+    "gla": gated_linear_attention, "deltanet": delta_net, "gated_deltanet": gated_delta_net,
+    "hgrn2": hgrn2_attention,
 }
 
 

@@ -63,17 +63,22 @@ class DecodeContext(nnx.Module):
 
 class RecurrentCache:
     """Decode mode of a linear-attention layer (mixed into the FLA layer twins, which share FLA's module names:
-    q_proj, v_proj, optional q_conv1d / k_conv1d / v_conv1d, and n_head, backend): the recurrent state
-    [B, H, K, V] (fp32) in `recurrent_state`, and each short convolution's last inputs."""
+    q_proj, v_proj (or a `state_dims` of their own), optional q_conv1d / k_conv1d / v_conv1d, and n_head,
+    backend): the recurrent state [B, H, K, V] (fp32) in `recurrent_state`, and each short convolution's last
+    inputs."""
 
     context: DecodeContext | None = None  # set by init_cache
     recurrent_state: nnx.Cache | None = None
+
+    def state_dims(self) -> tuple[int, int]:
+        """(K, V): the recurrent state's size per head, q_proj's and v_proj's widths per head."""
+        return self.q_proj.out_features // self.n_head, self.v_proj.out_features // self.n_head
 
     def init_cache(self, context: DecodeContext, max_length: int) -> None:
         """Decode mode from a zero state; the state's size does not depend on `max_length` (any length goes)."""
         B, H = context.start.shape[0], self.n_head
         self.context = context
-        K, V = self.q_proj.out_features // H, self.v_proj.out_features // H
+        K, V = self.state_dims()
         self.recurrent_state = nnx.Cache(jnp.zeros((B, H, K, V), jnp.float32))
         for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
             if hasattr(self, name):

@@ -16,6 +16,7 @@ from jaxgpt.layers.common import linear, proj_std, qkv_heads
 from jaxgpt.layers.deltanet import DeltaNet
 from jaxgpt.layers.gated_deltanet import GatedDeltaNet
 from jaxgpt.layers.gla import GatedLinearAttention
+from jaxgpt.layers.hgrn2 import HGRN2Attention
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 
@@ -77,7 +78,8 @@ class CausalSelfAttention(nnx.Module):
 
 
 LINEAR_LAYERS: dict[str, Callable[..., nnx.Module]] = {
-    "gla": GatedLinearAttention, "deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet
+    "gla": GatedLinearAttention, "deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet,
+    "hgrn2": HGRN2Attention,
 }
 
 
