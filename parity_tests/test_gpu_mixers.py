@@ -1,15 +1,16 @@
 """bf16 GPU parity of the linear-attention layers: jaxgpt (bf16 compute, fp32 params) vs the real FLA 0.6.0 Triton
-layers (`fla.layers.GatedLinearAttention` / `DeltaNet` / `HGRN2Attention`, fp32 params under bf16 autocast), B=8,
-C=768, H=12, T=1024 and 4096, forward output and the gradients w.r.t. the input and every parameter, for both op
-backends (`xla`, the chunked reference, and `pallas`, the fused kernels). `gla_depth_0.75` is a gla_depth middle
-layer (key head dim 48, which the Pallas path zero-pads to 64).
+layers (`fla.layers.GatedLinearAttention` / `DeltaNet` / `HGRN2Attention` / `MultiScaleRetention`, fp32 params
+under bf16 autocast), B=8, C=768, H=12, T=1024 and 4096, forward output and the gradients w.r.t. the input and
+every parameter, for both op backends (`xla`, the chunked reference, and `pallas`, the fused kernels).
+`gla_depth_0.75` is a gla_depth middle layer (key head dim 48, which the Pallas path zero-pads to 64).
 
 Errors are relative RMS (||a-b|| / ||b||), thresholds as in parity_tests/test_gpu_parity.py: jaxgpt vs FLA bf16
 within FLA's own thresholds (4e-3 forward, 8e-3 gradients) or, where bf16 rounding alone puts FLA's bf16 result
 further than that from its fp32 result (the noise floor), within 1.5x that noise; and jaxgpt as close to FLA's fp32
 result as FLA's bf16 is (within 25%) or within FLA's threshold of it (the gate bias's gradient, one sum over B*T
 tokens per entry, lands at 1.28x FLA's own error at T=4096). FLA's fp32 reference runs its fused recurrent
-kernels (its chunk_delta_rule refuses fp32). On the device: `pytest -m gpu parity_tests/test_gpu_mixers.py`.
+kernels (its chunk_delta_rule refuses fp32); MultiScaleRetention runs chunk_retention whenever gradients are on,
+in fp32 too. On the device: `pytest -m gpu parity_tests/test_gpu_mixers.py`.
 """
 
 import dataclasses
@@ -47,7 +48,7 @@ def fla_outputs(layer: torch.nn.Module, x: np.ndarray, dy: np.ndarray, autocast:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1024, 4096])
-@pytest.mark.parametrize("layer_id", ["gla", "gla_conv", "gla_depth_0.75", "deltanet", "hgrn2"])
+@pytest.mark.parametrize("layer_id", ["gla", "gla_conv", "gla_depth_0.75", "deltanet", "hgrn2", "retnet"])
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_bf16_layer_parity_with_fla(layer_id, T, backend):
     import fla.layers
@@ -57,7 +58,8 @@ def test_bf16_layer_parity_with_fla(layer_id, T, backend):
     jlayer = JAX_LAYERS[kind](cfg, nnx.Rngs(0), **options)  # the harness's effective init
     params = nnx.to_pure_dict(nnx.state(jlayer, nnx.Param))
     tlayer = TORCH_LAYERS[kind](CFG, **options).cuda()
-    assert isinstance(tlayer, (fla.layers.GatedLinearAttention, fla.layers.DeltaNet, fla.layers.HGRN2Attention))
+    assert isinstance(tlayer, (fla.layers.GatedLinearAttention, fla.layers.DeltaNet, fla.layers.HGRN2Attention,
+                               fla.layers.MultiScaleRetention))
     tlayer.load_state_dict({n: torch.from_numpy(np.array(w)) for n, w in jax_to_torch(params).items()}, strict=True)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((B, T, CFG.n_embd), np.float32)

@@ -36,16 +36,20 @@ def load_fla_file(relpath: str) -> ModuleType:
 
 
 @functools.cache
-def load_fla_function(relpath: str, name: str) -> Callable:
+def load_fla_function(relpath: str, name: str, *helpers: str) -> Callable:
     """One top-level PyTorch function of an FLA file whose imports need Triton (e.g. 'ops/gated_delta_rule/gate.py'):
-    only that function's definition is executed, with `torch` and `F` (torch.nn.functional) in scope."""
+    only its definition and those of the top-level functions `helpers` it calls are executed, with `torch`, `F`
+    (torch.nn.functional) and einops' `rearrange` and `repeat` in scope (einops by name: FLA's dependency, not the
+    export's; transformers' remote-code check requires every package an exported file names in an import)."""
+    einops = importlib.import_module("einops")
     path = fla_path(relpath)
     tree = ast.parse(path.read_text(), filename=str(path))
-    node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
-    if node is None:
-        raise ImportError(f"{path} defines no function {name!r}")
-    namespace = {"torch": torch, "F": torch.nn.functional}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    nodes = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (name, *helpers)}
+    missing = {name, *helpers} - set(nodes)
+    if missing:
+        raise ImportError(f"{path} defines no function {', '.join(sorted(missing))}")
+    namespace = {"torch": torch, "F": torch.nn.functional, "rearrange": einops.rearrange, "repeat": einops.repeat}
+    exec(compile(ast.Module(body=list(nodes.values()), type_ignores=[]), str(path), "exec"), namespace)
     return namespace[name]
 
 
@@ -62,6 +66,22 @@ def naive_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tenso
               initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FLA's naive_recurrent_gla: q, k, gk [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V] (scale K^-0.5), state."""
     return load_fla_file("ops/gla/naive.py").naive_recurrent_gla(q, k, v, gk, initial_state, output_final_state=True)
+
+
+def naive_simple_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                     initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLA's naive_recurrent_simple_gla: q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] log decays -> o [B, T, H, V]
+    in q's dtype (scale K^-0.5), state."""
+    simple_gla = load_fla_file("ops/simple_gla/naive.py").naive_recurrent_simple_gla
+    return simple_gla(q, k, v, g, initial_state=initial_state, output_final_state=True)
+
+
+def naive_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLA's naive_recurrent_linear_attn without normalisation: q, k [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V]
+    in q's dtype (scale K^-0.5), state."""
+    linear_attn = load_fla_file("ops/linear_attn/naive.py").naive_recurrent_linear_attn
+    return linear_attn(q, k, v, initial_state=initial_state, output_final_state=True)
 
 
 def naive_delta_rule_l2(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,

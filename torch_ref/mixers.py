@@ -24,6 +24,7 @@ from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 from .gated_deltanet import gated_delta_net
 from .hgrn2 import hgrn2_attention
 from .linear_attn import delta_net, gated_linear_attention
+from .retnet import multiscale_retention
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -53,7 +54,7 @@ class CausalSelfAttention(nn.Module):
 
 LINEAR_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "gla": gated_linear_attention, "deltanet": delta_net, "gated_deltanet": gated_delta_net,
-    "hgrn2": hgrn2_attention,
+    "hgrn2": hgrn2_attention, "retnet": multiscale_retention,
 }
 
 
