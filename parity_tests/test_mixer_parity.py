@@ -28,6 +28,7 @@ LAYERS = {  # id -> (layer kind, options): every layer the mixer variants stack
     "deltanet": ("deltanet", {}),
     "gated_deltanet": ("gated_deltanet", {}),  # its cases: parity_tests/test_gated_delta_rule.py
     "hgrn2": ("hgrn2", {}),
+    "mamba2": ("mamba2", {}),
     "retnet": ("retnet", {}),
 }
 GATE_BIAS = {"weak": 0.0, "strong": -6.0}  # gk_proj.1 bias: per-step log decays about -0.04 / -0.38
@@ -74,6 +75,7 @@ CASES = (  # (layer, gate, T); T not a multiple of the chunk size 64, one step, 
     [(name, "weak", T) for name in ("gla", "gla_conv", "deltanet") for T in (1, 63, 65)]
     + [("gla_depth_0.75", "weak", 65), ("gla", "strong", 65), ("gla_conv", "strong", 130)]
     + [("hgrn2", "weak", T) for T in (1, 65)]  # its forget gates are strong already: logsigmoid(N(0, 1))
+    + [("mamba2", "weak", T) for T in (1, 65)]  # its log decays dt * A: from about -0.001 to -6 per step
     + [("retnet", "weak", T) for T in (1, 65)]  # fixed decays; rotary positions past one chunk
 )
 

@@ -32,7 +32,7 @@ GRADIENT_CASES = [(v, False) for v in VARIANTS] + [("baseline", True)]
 TRAJECTORY_VARIANTS = [
     v for v in ("baseline", "bigram_hash", "ve_lcr_cyclic_untied", "rmsnorm_parallel_gated", "poly_ls_z",
                 "tanh_cap_ls_z", "gla_conv", "gla_deltanet", "gated_deltanet", "gla_gated_deltanet",
-                "hgrn2", "retnet")
+                "hgrn2", "retnet", "mamba2")
     if v in VARIANTS
 ]
 

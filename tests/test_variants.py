@@ -15,6 +15,7 @@ import torch_ref.losses as tl
 from jaxgpt import variants as variants_cli
 from jaxgpt.spec import variants
 from jaxgpt.spec.config import Config, ModelConfig
+from jaxgpt.spec.constants import MAMBA2_CONV_KERNEL
 from jaxgpt.errors import UserError
 from jaxgpt.layers import block as jblock
 from jaxgpt.layers import embedding as jemb
@@ -237,13 +238,16 @@ CONSTANT_INIT = {
 
 def expected_init(name: str, shape: tuple, n_layer: int) -> tuple[str, float]:
     """The harness's effective init of a parameter: ("const", value), ("normal", std) or
-    ("uniform", bound): FLA's ShortConvolution is a Conv1d and keeps PyTorch's U(-1/sqrt(W), 1/sqrt(W)); or
-    ("fla_decay", 0): Gated DeltaNet's A_log and dt_bias keep FLA's random init."""
+    ("uniform", bound): FLA's ShortConvolution is a Conv1d and keeps PyTorch's U(-1/sqrt(W), 1/sqrt(W)), as does
+    Mamba2's conv1d, bias included (W = 4); or ("fla_decay", 0): Gated DeltaNet's and Mamba2's A_log and dt_bias
+    keep FLA's random init."""
     for suffix, value in CONSTANT_INIT.items():
         if name == suffix or name.endswith("." + suffix):
             return "const", value
     if name.endswith("conv1d.weight"):
         return "uniform", 1 / math.sqrt(shape[-1])
+    if name.endswith("conv1d.bias"):
+        return "uniform", 1 / math.sqrt(MAMBA2_CONV_KERNEL)
     if name.endswith(("A_log", "dt_bias")):
         return "fla_decay", 0.0
     if name.endswith("bias"):

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from transformers import Cache
 
 
+def dt_bias_init(num_heads: int) -> torch.Tensor:
+    """FLA's dt_bias [H]: softplus^-1(dt) = dt + log(-expm1(-dt)), dt log-uniform in [DT_MIN, DT_MAX], at least the
+    floor (Gated DeltaNet's and Mamba2's)."""
+    log_dt = torch.empty(num_heads).uniform_(math.log(GDN_DT_MIN), math.log(GDN_DT_MAX))
+    dt = log_dt.exp().clamp(min=GDN_DT_INIT_FLOOR)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 def gated_deltanet_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
     """What fla.layers.GatedDeltaNet.forward computes in training (x [B, T, C]), with FLA's naive gated delta rule:
     beta = sigmoid(b_proj(x)) and g = naive_gdn_gate(a_proj(x), A_log, dt_bias), both fp32 (FLA's kernel options
@@ -56,11 +64,8 @@ class NaiveGatedDeltaNet(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        # A = exp(A_log) ~ U(0, 16); softplus(dt_bias) = dt, log-uniform in [DT_MIN, DT_MAX], at least the floor
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(0, GDN_A_INIT_MAX)))
-        log_dt = torch.empty(num_heads).uniform_(math.log(GDN_DT_MIN), math.log(GDN_DT_MAX))
-        dt = log_dt.exp().clamp(min=GDN_DT_INIT_FLOOR)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(0, GDN_A_INIT_MAX)))  # A ~ U(0, 16)
+        self.dt_bias = nn.Parameter(dt_bias_init(num_heads))
         self.q_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
         self.k_conv1d = ShortConvolution(hidden_size, CONV_SIZE)
         self.v_conv1d = ShortConvolution(hidden_size, CONV_SIZE)

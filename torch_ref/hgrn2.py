@@ -25,18 +25,11 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import FLA_NORM_EPS
 
 from .fla_naive import naive_gla
-from .linear_attn import LayerState
+from .linear_attn import LayerState, state_v_first
 from .norms import RMSNorm, rms_normalize
 
 if TYPE_CHECKING:
     from transformers import Cache
-
-
-def naive_gla_state_v_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gk: torch.Tensor,
-                            initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`naive_gla` with the state transposed, [B, H, V, K] in and out (FLA's `state_v_first=True`)."""
-    o, state = naive_gla(q, k, v, gk, None if initial_state is None else initial_state.transpose(-1, -2))
-    return o, state.transpose(-1, -2)
 
 
 def hgrn2_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
@@ -47,7 +40,7 @@ def hgrn2_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = Non
     state = LayerState(cache, m.layer_idx)
     g = F.logsigmoid(m.f_proj(x))
     q, k, i, g = (t.view(B, T, m.num_heads, -1) for t in (F.silu(m.q_proj(x)), 1 - g.exp(), m.i_proj(x), g))
-    o = state.recurrence(naive_gla_state_v_first, q, k, i, g)  # [B, T, H, D]
+    o = state.recurrence(state_v_first(naive_gla), q, k, i, g)  # [B, T, H, D]
     state.save(T)
     return m.o_proj(rms_normalize(o.reshape(B, T, -1), m.g_norm.weight, FLA_NORM_EPS).to(x.dtype))
 

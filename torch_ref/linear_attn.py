@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,6 +99,17 @@ class LayerState:
         if self.cache is not None:
             self.cache.update(recurrent_state=self.recurrent_state, conv_state=self.conv_state,
                               layer_idx=self.layer_idx, offset=T)
+
+
+def state_v_first(op: Callable) -> Callable:
+    """A recurrence of torch_ref.fla_naive (state [B, H, K, V]) taking and returning its state as [B, H, V, K], the
+    layout FLA's HGRN2 (`state_v_first=True`) and Mamba2 layers keep in their cache."""
+
+    def transposed(*inputs: torch.Tensor, initial_state: torch.Tensor | None = None):
+        o, state = op(*inputs, initial_state=None if initial_state is None else initial_state.transpose(-1, -2))
+        return o, state.transpose(-1, -2)
+
+    return transposed
 
 
 def head_norm(norm: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,11 @@ GDN_A_INIT_MAX = 16.0  # Gated DeltaNet's A_log = log(A), A ~ U(0, 16) (FLA's in
 GDN_DT_MIN, GDN_DT_MAX, GDN_DT_INIT_FLOOR = 1e-3, 0.1, 1e-4  # its dt_bias = softplus^-1(dt), log-uniform dt >= floor
 RETENTION_DECAY_OFFSET = 5  # RetNet: head h keeps 1 - 2^-(RETENTION_DECAY_OFFSET + h) of its state per step
 ROPE_THETA = 10000.0  # RetNet: FLA's RotaryEmbedding base
+MAMBA2_EXPAND = 2  # Mamba2: inner width expand * C, split into H heads of expand * C / H
+MAMBA2_STATE_SIZE = 128  # Mamba2: SSM state size N (one group: B and C [N] shared by all heads)
+MAMBA2_CONV_KERNEL = 4  # Mamba2: the causal depthwise conv over x, B, C (with bias, SiLU)
+MAMBA2_A_INIT_RANGE = (1.0, 16.0)  # Mamba2: A_log = log(A), A ~ U(1, 16); its dt_bias draws as Gated DeltaNet's
+MAMBA2_DT_LIMIT = (0.0, math.inf)  # Mamba2: dt = softplus(.) clamped to this range
 
 
 def retention_log_decays(num_heads: int) -> list[float]:

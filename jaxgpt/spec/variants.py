@@ -48,6 +48,7 @@ AXES: dict[str, dict[str, str]] = {
         "gated_deltanet": "Gated DeltaNet (FLA GatedDeltaNet: decay gate, short conv, L2 qk norm, swish output gate)",
         "gla_gated_deltanet": "Gated DeltaNet in even layers, gla in odd layers",
         "hgrn2": "HGRN2 (FLA HGRN2Attention with num_heads=H: expand_ratio C/H, GLA with k = 1 - forget gate)",
+        "mamba2": "Mamba2 (FLA Mamba2 with num_heads=H: head_dim 2C/H, state 128, SSD as scalar-decay GLA)",
         "retnet": "RetNet (FLA MultiScaleRetention: fixed per-head decay, RoPE, expand_v 2, swish output gate)",
     },
 }
@@ -55,7 +56,7 @@ AXES: dict[str, dict[str, str]] = {
 # Mixers that encode position themselves: the model drops the learned position embedding.
 LINEAR_MIXERS: frozenset[str] = frozenset(
     {"gla", "gla_conv", "gla_deltanet", "gla_depth", "deltanet", "gated_deltanet", "gla_gated_deltanet", "hgrn2",
-     "retnet"}
+     "mamba2", "retnet"}
 )
 
 
@@ -66,8 +67,8 @@ def gla_depth_expand_k(layer: int, n_layer: int) -> float:
 
 
 def linear_mixer_layer(mixer: str, layer: int, n_layer: int) -> tuple[str, dict[str, Any]]:
-    """The FLA layer (a `LINEAR_LAYERS` kind: 'gla', 'deltanet', 'gated_deltanet', 'hgrn2', 'retnet') and its options
-    that a linear mixer puts at `layer` (0-based).
+    """The FLA layer (a `LINEAR_LAYERS` kind: 'gla', 'deltanet', 'gated_deltanet', 'hgrn2', 'mamba2', 'retnet') and
+    its options that a linear mixer puts at `layer` (0-based).
 
     One definition for jaxgpt and torch_ref, so both stack the same layers.
     """
@@ -81,7 +82,7 @@ def linear_mixer_layer(mixer: str, layer: int, n_layer: int) -> tuple[str, dict[
         return "gla", {"use_short_conv": True, "expand_k": gla_depth_expand_k(layer, n_layer)}
     if mixer in ("gla", "gla_deltanet", "gla_gated_deltanet"):
         return "gla", {}
-    if mixer in ("hgrn2", "retnet"):
+    if mixer in ("hgrn2", "mamba2", "retnet"):
         return mixer, {}
     raise ValueError(f"{mixer!r} is not a linear mixer; linear mixers: {', '.join(sorted(LINEAR_MIXERS))}")
 
@@ -156,6 +157,7 @@ PRESETS: dict[str, Variant] = {
         Variant("gla_gated_deltanet", "Gated DeltaNet / GLA hybrid (Gated DeltaNet in even layers)",
                 mixer="gla_gated_deltanet"),
         Variant("hgrn2", "HGRN2 in every layer", mixer="hgrn2"),
+        Variant("mamba2", "Mamba2 in every layer", mixer="mamba2"),
         Variant("retnet", "RetNet (multi-scale retention) in every layer", mixer="retnet"),
     ]
 }
