@@ -1,6 +1,8 @@
-"""torch_ref's CPU Mamba2 twin against FLA 0.6.0's own PyTorch path, `fla.layers.Mamba2.torch_forward`, run from
-FLA's source on the twin's parameters (fp32, CPU): the output and every gradient (FLA's chunk_size 256 chunked SSD
-against the twin's recurrence), and decoding (a prompt, then single tokens) with the cached states in FLA's layouts.
+"""Mamba2 against FLA 0.6.0. CPU (fp32): torch_ref's twin against FLA's own PyTorch path,
+`fla.layers.Mamba2.torch_forward`, run from FLA's source on the twin's parameters: the output and every gradient
+(FLA's chunk_size 256 chunked SSD against the twin's recurrence), and decoding (a prompt, then single tokens) with
+the cached states in FLA's layouts. GPU (bf16, `pytest -m gpu parity_tests/test_mamba2.py` on the device): jaxgpt
+against FLA's real layer, as parity_tests/test_gpu_mixers.py does for the other layers.
 
 `fla.layers.mamba2` cannot be imported without Triton (its module imports pull it in), so the method and the
 module-level helpers it calls are executed on their own, as torch_ref.fla_naive does for FLA's naive ops. JAX
@@ -8,19 +10,26 @@ against the twin: test_mixer_parity.py; decoding in JAX: tests/test_generate.py.
 """
 
 import ast
+import dataclasses
 import functools
+import json
+import os
 import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from flax import nnx
 
+from jaxgpt.convert import jax_to_torch
+from jaxgpt.layers.mamba2 import Mamba2
 from jaxgpt.spec.config import ModelConfig
 from parity_tests.helpers import rel_err
 from torch_ref.fla_naive import fla_path
 from torch_ref.linear_attn import new_fla_cache
-from torch_ref.mamba2 import NaiveMamba2
+from torch_ref.mamba2 import NaiveMamba2, mamba2
 
 TOL = 1e-5
 CFG = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, dtype="float32")
@@ -38,7 +47,8 @@ def fla_definitions(relpath: str, names: tuple[str, ...]) -> dict:
     nodes = []
     for name in names:
         scope, _, name = name.rpartition(".")
-        body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == scope) if scope else tree.body
+        classes = {n.name: n.body for n in tree.body if isinstance(n, ast.ClassDef)}
+        body = classes[scope] if scope else tree.body
         nodes.append(next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name))
     namespace = {"torch": torch, "nn": nn, "F": nn.functional, "rearrange": einops.rearrange}
     exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), namespace)
@@ -118,3 +128,52 @@ def test_twin_decodes_as_fla():
         errors += [rel_err(cache[0]["conv_state"], conv_state), rel_err(cache[0]["recurrent_state"], ssm_state)]
     assert max(errors) < TOL, errors
     assert np.isfinite(errors).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_bf16_layer_parity_with_fla(backend):
+    """jaxgpt (bf16 compute, fp32 params) against fla.layers.Mamba2 (fp32 params under bf16 autocast) at gpt2-124m
+    width (C 768, H 12: P 128, N 128), B 4, T 1024: output and the gradients w.r.t. the input and every parameter,
+    with test_gpu_mixers.py's thresholds against FLA's bf16 and fp32 results. FLA runs mamba_ssm's kernels when that
+    is installed and its torch_forward otherwise (whose chunked SSD materialises [B, T/256, 256, 256, H, N]
+    products: hence B 4); the report names which."""
+    import fla.layers
+    import fla.layers.mamba2 as fla_mamba2
+
+    from parity_tests.test_gpu_mixers import CFG, fla_outputs
+    from parity_tests.test_gpu_parity import ACCURACY_FACTOR, FWD_TOL, GRAD_TOL, NOISE_FACTOR
+    from parity_tests.test_mixer_parity import jax_layer_vjp
+
+    B, T = 4, 1024
+    cfg = dataclasses.replace(CFG, linear_attn_backend=backend)
+    params = nnx.to_pure_dict(nnx.state(Mamba2(cfg, nnx.Rngs(0)), nnx.Param))  # the harness's effective init
+    tlayer = mamba2(CFG).cuda()
+    assert isinstance(tlayer, fla.layers.Mamba2)
+    tlayer.load_state_dict({n: torch.from_numpy(np.array(w)) for n, w in jax_to_torch(params).items()}, strict=True)
+    rng = np.random.default_rng(T)
+    x = rng.standard_normal((B, T, CFG.n_embd), np.float32)
+    dy = rng.standard_normal((B, T, CFG.n_embd), np.float32)
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref_y, ref_grads = fla_outputs(tlayer, x, dy, autocast=False)
+    t_y, t_grads = fla_outputs(tlayer, x, dy, autocast=True)
+    y, dparams, dx = jax_layer_vjp("mamba2", cfg)(params, jnp.asarray(x), jnp.asarray(dy))
+    j_y = np.asarray(y, np.float32)
+    j_grads = {n: np.asarray(g, np.float32) for n, g in ({"x": dx} | jax_to_torch(dparams)).items()}
+
+    def errors(j, t, ref):
+        return {"jax_vs_fla": rel_err(j, t), "jax_vs_fp32": rel_err(j, ref), "fla_vs_fp32": rel_err(t, ref)}
+
+    report = {"layer": "mamba2", "T": T, "backend": backend,
+              "fla_path": "mamba_ssm" if fla_mamba2.is_fast_path_available else "torch_forward",
+              "y": errors(j_y, t_y, ref_y),
+              "grads": {n: errors(j_grads[n], t_grads[n], ref_grads[n]) for n in t_grads}}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"gpu_mixer_parity_mamba2_{backend}_T{T}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+    for name, e, tol in [("y", report["y"], FWD_TOL)] + [(n, e, GRAD_TOL) for n, e in report["grads"].items()]:
+        assert e["jax_vs_fp32"] <= ACCURACY_FACTOR * max(e["fla_vs_fp32"], tol), (name, e)
+        assert e["jax_vs_fla"] <= max(tol, NOISE_FACTOR * e["fla_vs_fp32"]), (name, e)
