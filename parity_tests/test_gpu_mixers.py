@@ -1,8 +1,9 @@
 """bf16 GPU parity of the linear-attention layers: jaxgpt (bf16 compute, fp32 params) vs the real FLA 0.6.0 Triton
-layers (`fla.layers.GatedLinearAttention` / `DeltaNet` / `HGRN2Attention` / `MultiScaleRetention`, fp32 params
-under bf16 autocast), B=8, C=768, H=12, T=1024 and 4096, forward output and the gradients w.r.t. the input and
-every parameter, for both op backends (`xla`, the chunked reference, and `pallas`, the fused kernels).
-`gla_depth_0.75` is a gla_depth middle layer (key head dim 48, which the Pallas path zero-pads to 64).
+layers (`fla.layers.GatedLinearAttention` / `DeltaNet` / `HGRN2Attention` / `MultiScaleRetention` /
+`LinearAttention`, fp32 params under bf16 autocast), B=8, C=768, H=12, T=1024 and 4096, forward output and the
+gradients w.r.t. the input and every parameter, for both op backends (`xla`, the chunked reference, and `pallas`,
+the fused kernels). `gla_depth_0.75` is a gla_depth middle layer (key head dim 48, which the Pallas path zero-pads
+to 64).
 
 Errors are relative RMS (||a-b|| / ||b||), thresholds as in parity_tests/test_gpu_parity.py: jaxgpt vs FLA bf16
 within FLA's own thresholds (4e-3 forward, 8e-3 gradients) or, where bf16 rounding alone puts FLA's bf16 result
@@ -48,7 +49,8 @@ def fla_outputs(layer: torch.nn.Module, x: np.ndarray, dy: np.ndarray, autocast:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1024, 4096])
-@pytest.mark.parametrize("layer_id", ["gla", "gla_conv", "gla_depth_0.75", "deltanet", "hgrn2", "retnet"])
+@pytest.mark.parametrize("layer_id", ["gla", "gla_conv", "gla_depth_0.75", "deltanet", "hgrn2", "retnet",
+                                      "linear_attn"])
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_bf16_layer_parity_with_fla(layer_id, T, backend):
     import fla.layers
@@ -59,7 +61,7 @@ def test_bf16_layer_parity_with_fla(layer_id, T, backend):
     params = nnx.to_pure_dict(nnx.state(jlayer, nnx.Param))
     tlayer = TORCH_LAYERS[kind](CFG, **options).cuda()
     assert isinstance(tlayer, (fla.layers.GatedLinearAttention, fla.layers.DeltaNet, fla.layers.HGRN2Attention,
-                               fla.layers.MultiScaleRetention))
+                               fla.layers.MultiScaleRetention, fla.layers.LinearAttention))
     tlayer.load_state_dict({n: torch.from_numpy(np.array(w)) for n, w in jax_to_torch(params).items()}, strict=True)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((B, T, CFG.n_embd), np.float32)

@@ -30,6 +30,7 @@ LAYERS = {  # id -> (layer kind, options): every layer the mixer variants stack
     "hgrn2": ("hgrn2", {}),
     "mamba2": ("mamba2", {}),
     "retnet": ("retnet", {}),
+    "linear_attn": ("linear_attn", {}),
 }
 GATE_BIAS = {"weak": 0.0, "strong": -6.0}  # gk_proj.1 bias: per-step log decays about -0.04 / -0.38
 # At T = 1 each head's output is c * v (c = scale * q.k, times beta for DeltaNet), and the per-head RMSNorm removes
@@ -77,6 +78,7 @@ CASES = (  # (layer, gate, T); T not a multiple of the chunk size 64, one step, 
     + [("hgrn2", "weak", T) for T in (1, 65)]  # its forget gates are strong already: logsigmoid(N(0, 1))
     + [("mamba2", "weak", T) for T in (1, 65)]  # its log decays dt * A: from about -0.001 to -6 per step
     + [("retnet", "weak", T) for T in (1, 65)]  # fixed decays; rotary positions past one chunk
+    + [("linear_attn", "weak", T) for T in (7, 65)]  # no decay (at T = 1 the feature maps' gradients are scale-free)
 )
 
 

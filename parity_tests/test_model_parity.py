@@ -32,7 +32,7 @@ GRADIENT_CASES = [(v, False) for v in VARIANTS] + [("baseline", True)]
 TRAJECTORY_VARIANTS = [
     v for v in ("baseline", "bigram_hash", "ve_lcr_cyclic_untied", "rmsnorm_parallel_gated", "poly_ls_z",
                 "tanh_cap_ls_z", "gla_conv", "gla_deltanet", "gated_deltanet", "gla_gated_deltanet",
-                "hgrn2", "retnet", "mamba2")
+                "hgrn2", "retnet", "linear_attn", "mamba2")
     if v in VARIANTS
 ]
 
@@ -93,6 +93,7 @@ def test_adamw_trajectory(variant):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    t_init = copy.deepcopy(tmodel)
     for it in range(5):
         idx, targets = random_batch(cfg.model, batch=2, seed=100 + it)
         params, opt_state, j_loss = step(params, opt_state, idx, targets)
@@ -104,8 +105,23 @@ def test_adamw_trajectory(variant):
     t_params = {n: p.detach().numpy() for n, p in tmodel.named_parameters()}
     j_params = jax_to_torch(nnx.to_pure_dict(params))
     errors = {n: rel_err(j_params[n], t_params[n]) for n in t_params}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL, f"{worst}: rel err {errors[worst]:.2e}"
+    suspects = [n for n, e in errors.items() if e >= TOL]
+    bounds = dict.fromkeys(errors, TOL)
+    if suspects:
+        # Parameters that start at zero are their 5 updates alone, and carry the relative error of ill-conditioned
+        # gradients (linear_attn's feature-map biases: torch_ref's fp32 recurrence ends 1.2e-5 from float64): as
+        # in test_forward_loss_and_gradients, both sides are judged against torch_ref's trajectory in float64.
+        t64 = t_init.double()
+        topt64 = configure_optimizer(t64, cfg)
+        for it in range(5):
+            idx, targets = random_batch(cfg.model, batch=2, seed=100 + it)
+            t64.loss(torch.from_numpy(idx).long(), torch.from_numpy(targets).long()).backward()
+            optimizer_step(t64, topt64, cfg, it)
+        p64 = {n: p.detach().numpy() for n, p in t64.named_parameters()}
+        errors |= {n: rel_err(j_params[n], p64[n]) for n in suspects}
+        bounds |= {n: max(TOL, rel_err(t_params[n], p64[n])) for n in suspects}
+    worst = max(errors, key=lambda n: errors[n] / bounds[n])
+    assert errors[worst] < bounds[worst], f"{worst}: rel err {errors[worst]:.2e} (bound {bounds[worst]:.2e})"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -25,6 +25,12 @@ Ops (bf16 q, k, v, do; fp32 log-gates / bf16 beta; no initial state; gradients w
     chunk_gated_delta_rule  jaxgpt.ops.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True,
                       backend=impl) vs fla.ops.gated_delta_rule.chunk_gated_delta_rule (same flag); g fp32 from the
                       layer's gate (`gdn_gate` at FLA's A_log / dt_bias initialisation), beta bf16
+    chunk_simple_gla  jaxgpt.ops.chunk_simple_gla(q, k, v, g, backend=impl) vs fla.ops.simple_gla.chunk_simple_gla;
+                      g [B, T, H] fp32 log-decays drawn as chunk_gated_delta_rule's
+    chunk_retention   jaxgpt.ops.chunk_simple_gla(q, k, v, g, backend=impl) with retention's fixed per-head g
+                      (RetNet's layer) vs fla.ops.retention.chunk_retention
+    chunk_linear_attn jaxgpt.ops.chunk_simple_gla(q, k, v, backend=impl) (no decay) vs
+                      fla.ops.linear_attn.chunk_linear_attn(normalize=False), as the LinearAttention layer calls it
 Layers (x [B, T, C], fp32 parameters, bf16 compute / FLA under bf16 autocast; gradients w.r.t. x and all params):
     gla, gla_conv, deltanet, gated_deltanet: jaxgpt.layers (config linear_attn_backend=impl) vs torch_ref (the real
     fla.layers modules with the variants' options); random weights of the same shapes (the harness init).
@@ -61,11 +67,15 @@ LAYER_SHAPES = {  # name -> (B, T, C, H)
     "layer4096": (2, 4096, 768, 12),
     "layer16384": (1, 16384, 768, 12),
 }
-OPS = ("chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule", "gla", "gla_conv", "deltanet", "gated_deltanet")
+OPS = ("chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule", "chunk_simple_gla", "chunk_retention",
+       "chunk_linear_attn", "gla", "gla_conv", "deltanet", "gated_deltanet")
 INPUT_DTYPES = {  # op -> dtype of each of op_inputs' arrays (q, k, v, *gates, do): log-decays fp32, the rest bf16
     "chunk_gla": ("bfloat16",) * 3 + ("float32", "bfloat16"),
     "chunk_delta_rule": ("bfloat16",) * 5,
     "chunk_gated_delta_rule": ("bfloat16",) * 3 + ("float32", "bfloat16", "bfloat16"),
+    "chunk_simple_gla": ("bfloat16",) * 3 + ("float32", "bfloat16"),
+    "chunk_retention": ("bfloat16",) * 4,
+    "chunk_linear_attn": ("bfloat16",) * 4,
 }
 GATED_DELTA = ("chunk_gated_delta_rule", "gated_deltanet")  # FLA runs these through its gated backward
 LAYER_OPTIONS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "deltanet": ("deltanet", {}),
@@ -158,7 +168,7 @@ def print_kernels(title, table, top=15):
 
 def op_inputs(op, B, T, H, D, rng, n_sets=3):
     """n_sets of (q, k, v, *gates, do) in fp32: gates (gk) for chunk_gla, (beta) for chunk_delta_rule, (g, beta)
-    for chunk_gated_delta_rule."""
+    for chunk_gated_delta_rule, (g) for chunk_simple_gla, none for chunk_retention and chunk_linear_attn."""
     sets = []
     for _ in range(n_sets):
         q, k, v, do = (rng.standard_normal((B, T, H, D), np.float32) for _ in range(4))
@@ -167,6 +177,10 @@ def op_inputs(op, B, T, H, D, rng, n_sets=3):
             gates = (np.log(1 / (1 + np.exp(-rng.standard_normal((B, T, H, D))))).astype(np.float32) / 16,)
         elif op == "chunk_gated_delta_rule":
             gates = (gdn_log_decays(B, T, H, rng), beta)
+        elif op == "chunk_simple_gla":
+            gates = (gdn_log_decays(B, T, H, rng),)
+        elif op in ("chunk_retention", "chunk_linear_attn"):
+            gates = ()
         else:
             gates = (beta,)
         sets.append((q, k, v, *gates, do))
@@ -200,6 +214,18 @@ def jax_op(op, impl, sets, options):
                 return chunk_gated_delta_rule_pallas(q, k, v, g, beta, q.shape[-1] ** -0.5, None, False, True, CHUNK,
                                                      **options)[0]
             return ops.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, backend=impl)[0]
+    elif op == "chunk_simple_gla":
+        def f(q, k, v, g):
+            return ops.chunk_simple_gla(q, k, v, g, backend=impl)[0]
+    elif op == "chunk_retention":
+        from jaxgpt.spec.constants import retention_log_decays
+
+        def f(q, k, v):
+            g = jnp.broadcast_to(jnp.asarray(retention_log_decays(q.shape[2]), jnp.float32), q.shape[:3])
+            return ops.chunk_simple_gla(q, k, v, g, backend=impl)[0]
+    elif op == "chunk_linear_attn":
+        def f(q, k, v):
+            return ops.chunk_simple_gla(q, k, v, backend=impl)[0]
     else:
         def f(q, k, v, g):
             return ops.chunk_delta_rule(q, k, v, g, use_qk_l2norm_in_kernel=True, backend=impl, **options)[0]
@@ -233,6 +259,19 @@ def fla_op(op, sets):
 
         def call(*inputs):
             return f(*inputs)[0]
+    elif op in ("chunk_simple_gla", "chunk_retention"):
+        if op == "chunk_simple_gla":
+            from fla.ops.simple_gla import chunk_simple_gla as f
+        else:
+            from fla.ops.retention import chunk_retention as f
+
+        def call(*inputs):
+            return f(*inputs)[0]
+    elif op == "chunk_linear_attn":
+        from fla.ops.linear_attn import chunk_linear_attn as f
+
+        def call(*inputs):
+            return f(*inputs, normalize=False)[0]
     else:
         if op == "chunk_gated_delta_rule":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
@@ -378,7 +417,8 @@ def run(args):
                 B, T, H, D = OP_SHAPES[shape]
                 sets = op_inputs(op, B, T, H, D, rng)
                 flops = op_flops(B, T, H, D, D)
-                gate_bytes = {"chunk_gla": (D, 4), "chunk_delta_rule": (1, 2), "chunk_gated_delta_rule": (1, 6)}[op]
+                gate_bytes = {"chunk_gla": (D, 4), "chunk_delta_rule": (1, 2), "chunk_gated_delta_rule": (1, 6),
+                              "chunk_simple_gla": (1, 4), "chunk_retention": (0, 4), "chunk_linear_attn": (0, 4)}[op]
                 nbytes = op_bytes(B, T, H, D, D, *gate_bytes)
                 label = f"B{B} T{T} H{H} D{D}"
                 try:

@@ -24,6 +24,7 @@ from jaxgpt.spec.variants import LINEAR_MIXERS, linear_mixer_layer
 from .gated_deltanet import gated_delta_net
 from .hgrn2 import hgrn2_attention
 from .mamba2 import mamba2
+from .linear_attention import linear_attention
 from .linear_attn import delta_net, gated_linear_attention
 from .retnet import multiscale_retention
 
@@ -56,6 +57,7 @@ class CausalSelfAttention(nn.Module):
 LINEAR_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "gla": gated_linear_attention, "deltanet": delta_net, "gated_deltanet": gated_delta_net,
     "hgrn2": hgrn2_attention, "mamba2": mamba2, "retnet": multiscale_retention,
+    "linear_attn": linear_attention,
 }
 
 

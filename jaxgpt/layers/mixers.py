@@ -17,6 +17,7 @@ from jaxgpt.layers.deltanet import DeltaNet
 from jaxgpt.layers.gated_deltanet import GatedDeltaNet
 from jaxgpt.layers.gla import GatedLinearAttention
 from jaxgpt.layers.hgrn2 import HGRN2Attention
+from jaxgpt.layers.linear_attention import LinearAttention
 from jaxgpt.layers.mamba2 import Mamba2
 from jaxgpt.layers.retnet import MultiScaleRetention
 from jaxgpt.spec.config import ModelConfig
@@ -82,6 +83,7 @@ class CausalSelfAttention(nnx.Module):
 LINEAR_LAYERS: dict[str, Callable[..., nnx.Module]] = {
     "gla": GatedLinearAttention, "deltanet": DeltaNet, "gated_deltanet": GatedDeltaNet,
     "hgrn2": HGRN2Attention, "mamba2": Mamba2, "retnet": MultiScaleRetention,
+    "linear_attn": LinearAttention,
 }
 
 

@@ -50,13 +50,14 @@ AXES: dict[str, dict[str, str]] = {
         "hgrn2": "HGRN2 (FLA HGRN2Attention with num_heads=H: expand_ratio C/H, GLA with k = 1 - forget gate)",
         "mamba2": "Mamba2 (FLA Mamba2 with num_heads=H: head_dim 2C/H, state 128, SSD as scalar-decay GLA)",
         "retnet": "RetNet (FLA MultiScaleRetention: fixed per-head decay, RoPE, expand_v 2, swish output gate)",
+        "linear_attn": "linear attention (FLA LinearAttention: Hadamard feature maps on q and k, no decay, RMSNorm)",
     },
 }
 
 # Mixers that encode position themselves: the model drops the learned position embedding.
 LINEAR_MIXERS: frozenset[str] = frozenset(
     {"gla", "gla_conv", "gla_deltanet", "gla_depth", "deltanet", "gated_deltanet", "gla_gated_deltanet", "hgrn2",
-     "mamba2", "retnet"}
+     "mamba2", "retnet", "linear_attn"}
 )
 
 
@@ -82,7 +83,7 @@ def linear_mixer_layer(mixer: str, layer: int, n_layer: int) -> tuple[str, dict[
         return "gla", {"use_short_conv": True, "expand_k": gla_depth_expand_k(layer, n_layer)}
     if mixer in ("gla", "gla_deltanet", "gla_gated_deltanet"):
         return "gla", {}
-    if mixer in ("hgrn2", "mamba2", "retnet"):
+    if mixer in ("hgrn2", "mamba2", "retnet", "linear_attn"):
         return mixer, {}
     raise ValueError(f"{mixer!r} is not a linear mixer; linear mixers: {', '.join(sorted(LINEAR_MIXERS))}")
 
@@ -159,6 +160,7 @@ PRESETS: dict[str, Variant] = {
         Variant("hgrn2", "HGRN2 in every layer", mixer="hgrn2"),
         Variant("mamba2", "Mamba2 in every layer", mixer="mamba2"),
         Variant("retnet", "RetNet (multi-scale retention) in every layer", mixer="retnet"),
+        Variant("linear_attn", "linear attention (no decay) in every layer", mixer="linear_attn"),
     ]
 }
 
