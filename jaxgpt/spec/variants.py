@@ -68,8 +68,8 @@ def gla_depth_expand_k(layer: int, n_layer: int) -> float:
 
 
 def linear_mixer_layer(mixer: str, layer: int, n_layer: int) -> tuple[str, dict[str, Any]]:
-    """The FLA layer (a `LINEAR_LAYERS` kind: 'gla', 'deltanet', 'gated_deltanet', 'hgrn2', 'mamba2', 'retnet') and
-    its options that a linear mixer puts at `layer` (0-based).
+    """The FLA layer (a `LINEAR_LAYERS` kind: 'gla', 'deltanet', 'gated_deltanet', 'hgrn2', 'mamba2', 'retnet',
+    'linear_attn') and its options that a linear mixer puts at `layer` (0-based).
 
     One definition for jaxgpt and torch_ref, so both stack the same layers.
     """
