@@ -19,6 +19,12 @@ write has failed (`poll`, `wait`), and removes that save's temporary folder; the
 Restores read onto the shardings of their targets, so a checkpoint saved from any device mesh (N devices,
 data parallel or FSDP) restores onto any other (M devices): `load_run(path, mesh=...)` or, in train.py,
 targets built with `sharding.state_shardings`.
+
+Several processes (distributed.py) save and restore together through Orbax's multi-process support: every
+process writes its shards of each array, and process 0 (Orbax's primary host) waits for all of them, then writes
+the metadata, the manifest and renames the step folder. Setting damaged steps aside and removing trash and
+temporary folders are process 0's too. A checkpoint of P processes restores onto any number of processes and
+devices, one device included (`load_run`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxgpt import __version__
+from jaxgpt.distributed import barrier, is_primary
 from jaxgpt.spec.config import Config
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
@@ -250,7 +257,10 @@ class Checkpointer:
         while target.exists():
             n += 1
             target = self.directory / f"{step}{DAMAGED}-{n}"
-        self.step_dir(step).rename(target)
+        barrier(f"jaxgpt_set_aside_{step}_found")  # every process has looked before process 0 renames
+        if is_primary():
+            self.step_dir(step).rename(target)
+        barrier(f"jaxgpt_set_aside_{step}_renamed")
         self._manager.reload()
         return target
 
@@ -291,7 +301,9 @@ class Checkpointer:
         ) from None
 
     def remove_temporary(self) -> None:
-        """Remove the temporary folders of unfinished saves (call only while no save is in flight)."""
+        """Remove the temporary folders of unfinished saves (call only while no save is in flight; process 0)."""
+        if not is_primary():
+            return
         for tmp in self.directory.glob(TMP_GLOB):
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -322,8 +334,9 @@ class Checkpointer:
             self._empty_trash()
 
     def _empty_trash(self) -> None:
-        """Remove the checkpoints that the manager rotated out (call only while no save is in flight)."""
-        shutil.rmtree(self.directory / TRASH, ignore_errors=True)
+        """Remove the checkpoints that the manager rotated out (call only while no save is in flight; process 0)."""
+        if is_primary():
+            shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
 
 def _restore_target(x: Any) -> jax.ShapeDtypeStruct:

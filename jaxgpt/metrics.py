@@ -23,13 +23,18 @@ class MetricsLog:
     """Append-only JSONL log (strict JSON: non-finite numbers are written as null); records get a `time`.
 
     Each record is appended, flushed and fsynced on its own, so a killed process loses at most the line it was
-    writing; `read` drops such a torn line with a warning, and `truncate_after` replaces the file atomically."""
+    writing; `read` drops such a torn line with a warning, and `truncate_after` replaces the file atomically.
+    With `writes=False` (the processes of a multi-process run other than 0) the log is read but never written."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writes: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writes = writes
+        if writes:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record: Any) -> None:
+        if not self.writes:
+            return
         record = {"time": round(time.time(), 3), **record}
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         try:
@@ -65,6 +70,8 @@ class MetricsLog:
         """Keep the records up to `step` (a resumed run rewrites the later ones); -> the records kept. The file
         is replaced atomically: written to a temporary sibling, fsynced, renamed over it."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
+        if not self.writes:
+            return kept
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
             with tmp.open("w") as f:
@@ -81,22 +88,27 @@ class MetricsLog:
 class TensorBoard:
     """TensorBoard scalars of a run: one tensorboardX writer, its event files in the run folder. On resume,
     `purge_step` hides the events an earlier process logged at or after that step (TensorBoard's own mechanism),
-    so a resumed curve has no duplicate points."""
+    so a resumed curve has no duplicate points. With `writes=False` it writes nothing (no event file either)."""
 
-    def __init__(self, logdir: str | Path, purge_step: int | None = None):
-        self._writer = _summary_writer_class()(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+    def __init__(self, logdir: str | Path, purge_step: int | None = None, writes: bool = True):
+        self._writer = (_summary_writer_class()(logdir=str(logdir), purge_step=purge_step, flush_secs=30)
+                        if writes else None)
 
     def scalars(self, prefix: str, step: int, values: dict[str, float | None]) -> None:
         """Write `values` as `<prefix>/<name>` at `step` (None and non-finite values are left out)."""
+        if self._writer is None:
+            return
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 self._writer.add_scalar(f"{prefix}/{name}", value, global_step=step)
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _summary_writer_class() -> type:

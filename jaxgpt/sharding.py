@@ -1,4 +1,4 @@
-"""Device meshes and where arrays live: data parallelism and FSDP (ZeRO-3) over the GPUs of one host.
+"""Device meshes and where arrays live: data parallelism and FSDP (ZeRO-3) over the GPUs of one or more hosts.
 
 Every run uses a 2-D mesh with axes `data` and `fsdp` (either may have size 1). The batch axis of the data is
 sharded over both axes together; parameters and the optimizer state are replicated over `data` and sharded
@@ -6,12 +6,16 @@ over `fsdp`: each large array is split on its largest dimension that the fsdp si
 indivisible ones (biases, norm gains, scalars) are replicated. With fsdp = 1 everything is replicated and the
 step is plain data parallelism. Under FSDP the step all-gathers the parameters for each micro-batch's
 forward/backward pass and reduce-scatters the gradients back onto the shards (explicit collectives, steps.py).
+
+With several processes (distributed.py) the mesh spans every process's devices, in `jax.devices()` order: process
+0's devices first, so the fsdp axis stays within a host when it is no larger than a host's device count. Each
+process builds only its rows of a batch (`assemble_batch`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -120,6 +124,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """Host batch [..., B, T] -> device array sharded over B."""
     return jax.device_put(batch, batch_sharding(mesh, batch.ndim))
+
+
+def assemble_batch(sample: Callable[[np.ndarray], tuple[np.ndarray, ...]], shape: tuple[int, ...],
+                   mesh: Mesh) -> tuple[jax.Array, ...]:
+    """Global token arrays of `shape` [..., B, T], sharded over B as `batch_sharding` says, built from this
+    process's rows alone: `sample(rows)` returns the arrays' rows at the flat row indices `rows` of the
+    [prod(shape[:-1]), T] batch (sorted; every row of the batch with one process)."""
+    sharding = batch_sharding(mesh, len(shape))
+    flat = np.arange(math.prod(shape[:-1])).reshape(shape[:-1])
+    indices = sharding.addressable_devices_indices_map(shape).values()
+    rows = np.unique(np.concatenate([flat[index[:-1]].ravel() for index in indices]))
+
+    def make(local: np.ndarray) -> jax.Array:  # a device's block: its rows, found among this process's
+        return jax.make_array_from_callback(shape, sharding,
+                                            lambda index: local[np.searchsorted(rows, flat[index[:-1]])])
+
+    return tuple(make(local) for local in sample(rows))
 
 
 def state_bytes_per_device(tree: Any) -> int:

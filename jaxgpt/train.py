@@ -5,9 +5,12 @@ minutes. Prints progress lines, the benchmark's `TRAIN_METRICS:` lines at every 
 `Final metrics (...)` line at the end; writes config.json, metrics.jsonl, loss.png and Orbax checkpoints
 into the run folder.
 
-Scales over the GPUs of one host: `--mesh` lays the devices out as a (data, fsdp) mesh (default: all on `data`,
-plain data parallelism; `--mesh fsdp=4` or `data=2,fsdp=2` shards parameters and optimizer state, see
-sharding.py). A background thread samples and copies the next batches to the devices while a step runs.
+Scales over the GPUs of one host or several: `--mesh` lays the devices out as a (data, fsdp) mesh (default: all on
+`data`, plain data parallelism; `--mesh fsdp=4` or `data=2,fsdp=2` shards parameters and optimizer state, see
+sharding.py). Over several hosts it runs as one process per host (`--coordinator`, `--num-processes`,
+`--process-id`, or SLURM; distributed.py): each process samples only its devices' rows of each batch, the
+checkpoints are written by all processes together, and process 0 alone prints and writes the logs, metrics and
+plots. A background thread samples and copies the next batches to the devices while a step runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import math
 import queue
+import signal
 import sys
 import threading
 import time
@@ -27,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxgpt import distributed
 from jaxgpt.checkpoint import Checkpointer, TrainState, make_meta
 from jaxgpt.spec.config import (
     MODEL_PRESETS,
@@ -51,9 +56,9 @@ from jaxgpt.model import init_model, num_params
 from jaxgpt.optim import learning_rate, make_optimizer
 from jaxgpt.sharding import (
     abstract_with_shardings,
+    assemble_batch,
     format_mesh,
     make_mesh,
-    shard_batch,
     state_bytes_per_device,
     state_shardings,
 )
@@ -136,8 +141,9 @@ class Evaluator:
         for split, sampler in self.samplers.items():
             losses = []
             for i in range(self.cfg.eval_iters):
-                x, y = sampler.get(i, self.cfg.batch_size)
-                losses.append(self.eval_step(params, shard_batch(x, self.mesh), shard_batch(y, self.mesh)))
+                x, y = assemble_batch(lambda rows: sampler.get(i, self.cfg.batch_size, rows),
+                                      (self.cfg.batch_size, self.cfg.model.block_size), self.mesh)
+                losses.append(self.eval_step(params, x, y))
             out[split] = float(np.mean(jax.device_get(losses)))
         return out
 
@@ -151,7 +157,9 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     become non-finite, with CheckpointSaveError when a save fails, with Stopped after SIGINT/SIGTERM (one save
     first, signals.py), and, through the watchdog thread, with exit code 3 when a step stalls (watchdog.py).
     `peak_tflops` (one device's) turns tokens/s into MFU; by default it comes from metrics.PEAK_TFLOPS.
+    In a run of several processes every process calls this; process 0 alone prints and writes the run's files.
     """
+    primary = distributed.is_primary()
     out = run_dir(cfg)
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
@@ -171,7 +179,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     tx = make_optimizer(cfg)
     abstract_opt = jax.eval_shape(tx.init, abstract)
     param_sh, opt_sh = state_shardings(abstract, mesh), state_shardings(abstract_opt, mesh)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl", writes=primary)
     start, records = 0, []
     if resume:
         start = ckpt.select(set_aside=True, action="resuming from")
@@ -183,27 +191,30 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
                              start)
         params, opt_state = state.params, state.opt_state
         records = log.truncate_after(start)
-        print(f"resumed from {ckpt.directory} at step {start}")
+        say(f"resumed from {ckpt.directory} at step {start}")
         changed = [f"{k} ({v} -> {getattr(cfg, k)})" for k, v in saved.to_dict().items()
                    if k != "model" and getattr(cfg, k) != v]
         if changed:
-            print(f"note: the recipe differs from the checkpoint's in {', '.join(changed)}; "
-                  "the run continues with the new values (the lr schedule too)")
+            say(f"note: the recipe differs from the checkpoint's in {', '.join(changed)}; "
+                "the run continues with the new values (the lr schedule too)")
     else:
         params, opt_state = init_state(cfg.model, cfg.seed, tx, param_sh, opt_sh)
-        out.mkdir(parents=True, exist_ok=True)
-        log.path.unlink(missing_ok=True)
-        for old in out.glob(TENSORBOARD_GLOB):
-            old.unlink()
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tb = TensorBoard(out, purge_step=start + 1 if resume else None)
+        if primary:
+            out.mkdir(parents=True, exist_ok=True)
+            log.path.unlink(missing_ok=True)
+            for old in out.glob(TENSORBOARD_GLOB):
+                old.unlink()
+    if primary:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tb = TensorBoard(out, purge_step=start + 1 if resume else None, writes=primary)
 
     train_step = make_train_step(graphdef, tx, abstract, abstract_opt, param_shardings=param_sh, opt_shardings=opt_sh,
                                  remat=cfg.remat)
     evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef, param_sh), mesh)
-    print(
+    processes = f"{jax.process_count()} processes x " if jax.process_count() > 1 else ""
+    say(
         f"{cfg.variant} ({', '.join(f'{a}={getattr(cfg.model, a)}' for a in AXES)}) | {cfg.model_size} "
-        f"{n_params / 1e6:.2f}M params | {mesh.devices.size}x {jax.devices()[0].platform} "
+        f"{n_params / 1e6:.2f}M params | {processes}{mesh.devices.size}x {jax.devices()[0].platform} "
         f"(mesh {format_mesh(dict(mesh.shape))}){' remat' if cfg.remat else ''}, params + optimizer state "
         f"{state_bytes_per_device((params, opt_state)) / 2**20:,.1f} MiB/device | "
         f"{cfg.tokens_per_iter:,} tokens/iter (batch {B} x accum {A} x {T}) | data {data_dir} "
@@ -237,7 +248,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
                if not math.isfinite(v)]
         if bad:
             raise TrainingDiverged(f"{' and '.join(bad)} at step {step}; stopping. {last_verified()}")
-        print(f"TRAIN_METRICS: step={step}, train_loss={losses['train']:.4f}, val_loss={losses['val']:.4f}")
+        say(f"TRAIN_METRICS: step={step}, train_loss={losses['train']:.4f}, val_loss={losses['val']:.4f}")
         log.write(kind="eval", step=step, train_loss=losses["train"], val_loss=losses["val"], seconds=time.time() - t0)
         tb.scalars("eval", step, {"train_loss": losses["train"], "val_loss": losses["val"]})
         return {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]}
@@ -261,7 +272,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
         t_last, step_last = time.time(), step
         tok_s = cfg.tokens_per_iter / dt
         lr = float(learning_rate(cfg, step - 1))
-        print(
+        say(
             f"step {step:>6}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
             f"{dt * 1e3:.1f} ms/iter | {tok_s / 1e3:.1f}k tok/s" + (" (incl. compile)" if step == start + 1 else ""),
             flush=True,
@@ -278,9 +289,8 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     final = run_eval(0) if start == 0 else (dict(logged[-1]) if logged and start >= cfg.max_iters else None)
     completed = start
 
-    def fetch(step: int) -> tuple[jax.Array, jax.Array]:
-        x, y = train_data.get(step, B * A)
-        return shard_batch(x.reshape(A, B, T), mesh), shard_batch(y.reshape(A, B, T), mesh)
+    def fetch(step: int) -> tuple[jax.Array, ...]:
+        return assemble_batch(lambda rows: train_data.get(step, B * A, rows), (A, B, T), mesh)
 
     batches = Prefetcher(fetch, range(start, cfg.max_iters))
     dog = Watchdog(watchdog, context=lambda: _on_disk(ckpt))
@@ -307,7 +317,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
                             save(done)
                 else:
                     ckpt.poll()  # a failed background save stops the run at the next step
-                if stop.requested:
+                if distributed.any_process(stop.requested is not None):
                     if pending is not None:
                         report(*pending)
                         pending = None
@@ -315,9 +325,9 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
                         if saved_step != done:
                             save(done)
                         ckpt.wait()
-                    print(f"\nstopped by {stop.requested}: saved step {done} to {ckpt.directory}; "
-                          "continue with --resume", flush=True)
-                    raise Stopped(stop.signum)
+                    say(f"\nstopped by {stop.requested or 'a signal to another process'}: saved step {done} to "
+                        f"{ckpt.directory}; continue with --resume", flush=True)
+                    raise Stopped(stop.signum or signal.SIGTERM)
             if final is None:  # resumed at or past max_iters, without a logged evaluation of that step
                 final = run_eval(completed)
     finally:
@@ -326,12 +336,19 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
         tb.close()
         ckpt.close()
 
-    plot_losses(log.read(), out / "loss.png", title=f"{cfg.variant} {cfg.model_size}")
+    if primary:
+        plot_losses(log.read(), out / "loss.png", title=f"{cfg.variant} {cfg.model_size}")
     final = {k: final[k] for k in ("step", "train_loss", "val_loss")}
     label = model_label(cfg.model_size)
-    print(f"Final metrics ({label}): val_loss_{label}={final['val_loss']:.4f}")
-    print(f"run folder: {out} (metrics.jsonl, TensorBoard events, loss.png, checkpoints/)")
+    say(f"Final metrics ({label}): val_loss_{label}={final['val_loss']:.4f}")
+    say(f"run folder: {out} (metrics.jsonl, TensorBoard events, loss.png, checkpoints/)")
     return final
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """`print` on process 0; the other processes of a multi-process run print nothing but errors."""
+    if distributed.is_primary():
+        print(*args, **kwargs)
 
 
 def _on_disk(ckpt: Checkpointer) -> str:
@@ -354,8 +371,8 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.max_iters is not None and cfg.warmup_iters > cfg.max_iters and "warmup_iters" not in sets:
         # A short run of a preset (`--max-iters 5`, a smoke test) warms up over all its steps; a warmup the
         # user sets longer than the run is still an error.
-        print(f"note: warmup_iters {cfg.warmup_iters} > --max-iters {cfg.max_iters}: warming up over all "
-              f"{cfg.max_iters} steps")
+        say(f"note: warmup_iters {cfg.warmup_iters} > --max-iters {cfg.max_iters}: warming up over all "
+            f"{cfg.max_iters} steps")
         cfg = apply_overrides(cfg, {"warmup_iters": cfg.max_iters}, source="--max-iters")
     return cfg.check_schedule()
 
@@ -386,18 +403,21 @@ def parser() -> argparse.ArgumentParser:
                    help=f"see --watchdog-seconds (default {defaults.factor:g})")
     p.add_argument("--peak-tflops", type=float, metavar="TF",
                    help="one device's peak TFLOP/s for MFU (default: the bf16 peak of known GPUs; none on CPU)")
+    distributed.add_arguments(p)
     return p
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    cfg = build_config(args)
-    limits = WatchdogLimits(factor=args.watchdog_factor, min_seconds=args.watchdog_seconds)
-    try:
-        train(cfg, resume=args.resume, watchdog=limits, peak_tflops=args.peak_tflops)
-    except Stopped as e:
-        sys.exit(128 + e.signum)
+    distributed.initialize(distributed.launch_from(args))
+    with distributed.exit_at_once_on_error():
+        cfg = build_config(args)
+        limits = WatchdogLimits(factor=args.watchdog_factor, min_seconds=args.watchdog_seconds)
+        try:
+            train(cfg, resume=args.resume, watchdog=limits, peak_tflops=args.peak_tflops)
+        except Stopped as e:
+            sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Deterministic batch sampling: random token windows of one split as a pure function of (seed, batch index)."""
 
+from __future__ import annotations
+
 import os
 import zlib
 
@@ -16,7 +18,8 @@ class BatchSampler:
     Each row picks a window start uniformly among all windows of all shards (so a shard is drawn with
     probability proportional to its number of windows, len - block_size). The RNG of batch `index` is
     seeded with (seed, split, index) only: any process, in any order, gets the same batch, so resuming
-    needs nothing but the step number.
+    needs nothing but the step number. A process of a multi-process run reads only its own rows of a batch
+    (`rows`): every process draws the same window starts and gathers the tokens of its rows.
 
     Token ids must be < `vocab_size` (the model's embedding rows): a sample of each shard is checked when it
     is opened and every batch drawn is checked (one max per batch), so a bad id is a one-line UserError
@@ -40,19 +43,22 @@ class BatchSampler:
                 f"shard has {lengths.max()} tokens, at least {block_size + 1} are needed"
             )
 
-    def get(self, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, index: int, batch_size: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batch number `index`: inputs x and targets y, int32 [batch_size, block_size], y[:, t] = x[:, t+1]
-        (y's last column is the token after the window)."""
+        (y's last column is the token after the window); with `rows`, only those rows of it, in that order."""
         rng = np.random.default_rng([self.seed, self._split_id, index])
         window = rng.integers(0, self._window_ends[-1], size=batch_size)
+        if rows is not None:
+            window = window[rows]
         shard = np.searchsorted(self._window_ends, window, side="right")
         start = window - (self._window_ends[shard] - self._windows[shard])
-        rows = np.empty((batch_size, self.block_size + 1), np.int32)
+        tokens = np.empty((len(window), self.block_size + 1), np.int32)
         offsets = np.arange(self.block_size + 1)
         for s in np.unique(shard):
             picked = shard == s
-            rows[picked] = self.shards[s][start[picked, None] + offsets]
-        if rows.max() >= self.vocab_size:
-            row, col = np.argwhere(rows >= self.vocab_size)[0]
-            raise bad_token_error(self.files[shard[row]], int(start[row] + col), int(rows[row, col]), self.vocab_size)
-        return rows[:, :-1].copy(), rows[:, 1:].copy()
+            tokens[picked] = self.shards[s][start[picked, None] + offsets]
+        if tokens.size and tokens.max() >= self.vocab_size:
+            row, col = np.argwhere(tokens >= self.vocab_size)[0]
+            raise bad_token_error(self.files[shard[row]], int(start[row] + col), int(tokens[row, col]),
+                                  self.vocab_size)
+        return tokens[:, :-1].copy(), tokens[:, 1:].copy()

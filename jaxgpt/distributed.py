@@ -1,0 +1,156 @@
+"""Runs of several processes (one per host) through `jax.distributed`: start-up, agreement and failure.
+
+`initialize` connects the processes before JAX touches a device; afterwards `jax.devices()` lists the devices of
+every process and the run builds one mesh over all of them (sharding.make_mesh). Where the coordinator address,
+the process count and the process id come from, first match wins:
+
+  1. the flags `--coordinator HOST:PORT --num-processes N --process-id I`;
+  2. JAX's environment: `JAX_COORDINATOR_ADDRESS` (with the count and id from the flags or from a cluster that
+     jax.distributed detects);
+  3. SLURM (`srun`, more than one task): jax.distributed's cluster detection reads SLURM_JOB_ID, SLURM_NTASKS,
+     SLURM_PROCID and SLURM_STEP_NODELIST (the coordinator is the first node; JAX_COORDINATOR_PORT sets its port).
+
+Anything else is a run of one process and initialises nothing. Each process owns every device of its host
+(`local_device_ids=()`): jax.distributed's SLURM detection would otherwise give each process the one GPU of its
+SLURM_LOCALID, the one-process-per-GPU layout. On CPU, cross-process collectives go through gloo.
+
+Failure: the coordination service expects a heartbeat from every process; one that misses them for
+`heartbeat_seconds` (killed, its host lost) makes the service end every other process with "Terminating process
+because the JAX distributed service detected fatal errors ... another task died" (SIGABRT, exit 134); a process
+waiting on a collective with a dead peer fails as soon as gloo or NCCL notices the lost connection. An error
+raised in one process ends that process at once (`exit_at_once_on_error`) so that its peers see it gone instead
+of waiting for it at the shutdown barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jaxgpt.errors import UserError
+
+DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed's own default: long enough for a busy host to answer
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process joins the run; None fields are left to jax.distributed's cluster detection."""
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (one per host; see docs/training.md, Multi-host)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0, where the coordination service listens (default: "
+                       "JAX_COORDINATOR_ADDRESS, or the first SLURM node)")
+    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes (default: SLURM_NTASKS)")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (default: SLURM_PROCID)")
+    group.add_argument("--heartbeat-seconds", type=int, default=DEFAULT_HEARTBEAT_SECONDS, metavar="S",
+                       help="a process silent for S seconds counts as dead and ends the others "
+                       f"(default {DEFAULT_HEARTBEAT_SECONDS})")
+
+
+def launch_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Launch | None:
+    """The Launch of a run of several processes from the flags and the environment, or None for one process.
+    Inconsistent flags are a UserError."""
+    environ = os.environ if environ is None else environ
+    n, i, coordinator = args.num_processes, args.process_id, args.coordinator
+    if n is not None and n < 1:
+        raise UserError(f"--num-processes must be >= 1, got {n}")
+    if i is not None and (i < 0 or (n is not None and i >= n)):
+        raise UserError(f"--process-id must be in 0..{n - 1 if n else 'N-1'}, got {i}")
+    if args.heartbeat_seconds < 1:
+        raise UserError(f"--heartbeat-seconds must be >= 1, got {args.heartbeat_seconds}")
+    slurm = all(v in environ for v in SLURM_VARS) and int(environ["SLURM_NTASKS"]) > 1
+    jax_env = "JAX_COORDINATOR_ADDRESS" in environ
+    if n == 1 or (n is None and i is None and coordinator is None and not slurm and not jax_env):
+        return None
+    if not slurm:
+        missing = [flag for flag, value in (("--num-processes", n), ("--process-id", i)) if value is None]
+        if coordinator is None and not jax_env:
+            missing.insert(0, "--coordinator (or JAX_COORDINATOR_ADDRESS)")
+        if missing:
+            raise UserError(f"a run of several processes outside SLURM needs {', '.join(missing)}")
+    return Launch(coordinator, n, i, args.heartbeat_seconds)
+
+
+def initialize(launch: Launch | None) -> None:
+    """Join the run of several processes `launch` describes (nothing for None); call before any JAX computation."""
+    if launch is None:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            launch.coordinator, launch.num_processes, launch.process_id, local_device_ids=(),
+            heartbeat_timeout_seconds=launch.heartbeat_seconds,
+        )
+    except (RuntimeError, ValueError) as e:  # no coordinator reachable, a bad address, ids that do not match
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"jax.distributed could not connect the processes: {line}") from None
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes the run's logs, metrics and plots."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process must call it at the same point)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has got here (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@contextmanager
+def exit_at_once_on_error() -> Iterator[None]:
+    """In a run of several processes, a process that fails (an exception, or sys.exit with a non-zero code) prints
+    its error and exits at once: the normal exit would wait at jax.distributed's shutdown barrier for peers that
+    are themselves waiting for this process in a collective. With this process gone, they stop as described in
+    the module docstring. With one process this does nothing."""
+    if jax.process_count() == 1:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        _exit_now(e.code if isinstance(e.code, int) else 1, None if isinstance(e.code, int) else str(e.code))
+    except UserError as e:
+        _exit_now(2, f"error: process {jax.process_index()}: {e}")
+    except BaseException as e:
+        import traceback
+
+        traceback.print_exc()
+        _exit_now(1, f"error: process {jax.process_index()} of {jax.process_count()} failed: "
+                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+
+
+def _exit_now(code: int, line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,255 @@
+"""Training as several processes through jax.distributed, with real processes on this machine: 2 processes x 2
+virtual CPU devices each, connected over localhost (coordination service and gloo CPU collectives), against one
+process x 4 devices; a process killed mid-run; resuming with 2 processes and with 1.
+
+A 2-process run that fails shows every process's output: a jaxlib without CPU collectives (gloo) fails there, in
+the runs, with its own error. The port of each run's coordinator is a free one the OS hands out.
+
+Tolerances: 2 x 2 and 1 x 4 devices run the same per-device programs; they differ in how the gradient
+all-reduce adds the 4 partial sums (gloo across processes, in-process otherwise), which moves fp32 results by a
+few ulps. The bounds are those of test_sharding.py (losses 1e-6 relative, parameters and Adam moments 1e-5): a
+wrong row layout or a batch that differs from the one-process batch changes the losses by orders of magnitude
+more. Resuming with the same 2 processes repeats the same programs on the same data: exact.
+"""
+
+import argparse
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_runs import ROOT, SCHEDULE, TINY, assert_trees_equal, restore, shared_dir, train_env
+from jaxgpt.data import BatchSampler
+from jaxgpt.distributed import DEFAULT_HEARTBEAT_SECONDS, Launch, add_arguments, launch_from
+from jaxgpt.errors import UserError
+from jaxgpt.metrics import MetricsLog
+from jaxgpt.train import build_config, parser, train
+
+LOSS_RTOL = 1e-6
+STATE_RTOL = 1e-5
+RECIPE = ["--max-iters", "4", *TINY, *SCHEDULE]  # checkpoints at steps 2 and 4, evaluations at 0, 2 and 4
+HEARTBEAT = 5  # seconds without a heartbeat after which the killed process counts as dead
+STOP_WITHIN = HEARTBEAT + 25  # the survivor's exit after the kill: the heartbeat timeout plus a loaded machine's slack
+
+
+# ---------------------------------------------------------------------------------------------------
+# launching processes
+# ---------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Group:
+    """The processes of one run; each one's stdout and stderr go to files `<out>.<label>.<process>.<stream>`."""
+
+    out: Path
+    label: str
+    procs: list[subprocess.Popen]
+
+    def log(self, i: int, stream: str) -> str:
+        return Path(f"{self.out}.{self.label}.{i}.{stream}").read_text()
+
+    def wait(self, timeout: float = 240) -> list[int]:
+        deadline = time.monotonic() + timeout
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+
+    def check(self) -> "Group":
+        codes = self.wait()
+        if any(codes):
+            logs = "\n".join(f"--- process {i} (exit {c}) stderr:\n{self.log(i, 'stderr')[-3000:]}"
+                             for i, c in enumerate(codes))
+            pytest.fail(f"a {len(codes)}-process run over jax.distributed failed (it needs CPU collectives: "
+                        f"jax_cpu_collectives_implementation=gloo):\n{logs}")
+        return self
+
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in MetricsLog(self.out / "metrics.jsonl").read() if r["kind"] == "train"}
+
+
+def start(cache: Path, out: Path, *args: str, processes: int = 2, devices: int = 2,
+          heartbeat: int = DEFAULT_HEARTBEAT_SECONDS, label: str = "run") -> Group:
+    """`python -m jaxgpt.train ARGS --out OUT` as `processes` processes of `devices` CPU devices each."""
+    port, procs = free_port(), []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(processes):
+        cluster = [] if processes == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                                             "--process-id", str(i), "--heartbeat-seconds", str(heartbeat)]
+        with open(f"{out}.{label}.{i}.stdout", "w") as stdout, open(f"{out}.{label}.{i}.stderr", "w") as stderr:
+            procs.append(subprocess.Popen([sys.executable, "-m", "jaxgpt.train", *args, "--out", str(out), *cluster],
+                                          cwd=ROOT, env=train_env(cache, devices), stdout=stdout, stderr=stderr))
+    return Group(out, label, procs)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return shared_dir(tmp_path_factory, "jax-compilation-cache")
+
+
+@dataclass
+class Killed:
+    """A run whose process 1 was killed: the survivor's time to exit after the kill, and the training losses
+    process 0 had logged (the steps after the checkpoint that a resume repeats among them)."""
+
+    group: Group
+    seconds: float
+    losses: dict[int, float]
+
+
+def kill_process_1_after(group: Group, step: int) -> Killed:
+    """SIGKILL process 1 once process 0 has logged training step `step`; wait for process 0 to stop."""
+    metrics = group.out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and max(group.losses(), default=0) >= step):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in group.procs):
+            group.check()
+            pytest.fail(f"the run ended or stalled before step {step}")
+        time.sleep(0.05)
+    group.procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        group.procs[0].wait(timeout=STOP_WITHIN)
+    except subprocess.TimeoutExpired:
+        group.procs[0].kill()
+        pytest.fail(f"process 0 still ran {STOP_WITHIN} s after process 1 was killed:\n"
+                    f"{group.log(0, 'stderr')[-3000:]}")
+    seconds = time.monotonic() - killed_at
+    group.procs[1].wait()
+    return Killed(group, seconds, group.losses())
+
+
+@pytest.fixture(scope="module")
+def runs(cache, default_corpus, tmp_path_factory) -> dict:
+    """The 4-step recipe, all at once: as 1 process x 4 devices (data parallel), as 2 processes x 2 devices (data
+    parallel), and as 2 x 2 with FSDP over all 4 devices (its all-gathers and reduce-scatters cross the
+    processes), whose process 1 is killed after step 3 (the step-2 checkpoint is on disk) and which is then
+    resumed by 2 processes. -> {"1x4": Group, "2x2": Group, "killed": Killed, "2x2 fsdp": the resumed Group}."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    data = ["--data", str(default_corpus), *RECIPE]
+    fsdp = ["--mesh", "fsdp=4"]
+    groups = {"1x4": start(cache, root / "one", *data, processes=1, devices=4),
+              "2x2": start(cache, root / "dp", *data),
+              "killed": start(cache, root / "fsdp", *data, *fsdp, heartbeat=HEARTBEAT)}
+    killed = kill_process_1_after(groups["killed"], 3)
+    resumed = start(cache, root / "fsdp", *data, *fsdp, "--resume", label="resumed")
+    return {"1x4": groups["1x4"].check(), "2x2": groups["2x2"].check(), "killed": killed, "2x2 fsdp": resumed.check()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# start-up flags and per-process rows
+# ---------------------------------------------------------------------------------------------------
+
+
+def launch(argv: list[str], environ: dict[str, str]) -> Launch | None:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return launch_from(p.parse_args(argv), environ)
+
+
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "1"}
+
+
+@pytest.mark.parametrize("argv, environ, want", [
+    ([], {}, None),  # one process: nothing to initialise
+    (["--num-processes", "1"], {}, None),
+    ([], {**SLURM, "SLURM_NTASKS": "1"}, None),  # a one-task SLURM job is a one-process run
+    ([], {**SLURM, "SLURM_NTASKS": "2"}, Launch(None, None, None)),  # jax.distributed reads SLURM's variables
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1", "--heartbeat-seconds", "9"], {},
+     Launch("h:1", 2, 1, 9)),
+    (["--num-processes", "2", "--process-id", "0"], {"JAX_COORDINATOR_ADDRESS": "h:1"}, Launch(None, 2, 0)),
+])
+def test_launch_from_flags_and_environment(argv, environ, want):
+    assert launch(argv, environ) == want
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"], "--process-id must be in 0..1, got 2"),
+    (["--num-processes", "0"], "--num-processes must be >= 1"),
+    (["--num-processes", "2", "--process-id", "0"], "needs --coordinator"),
+    (["--coordinator", "h:1", "--num-processes", "2"], "needs --process-id"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--heartbeat-seconds", "0"],
+     "--heartbeat-seconds must be >= 1"),
+])
+def test_bad_launch_flags(argv, needle):
+    with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+        launch(argv, {})
+
+
+def test_sampler_rows_are_rows_of_the_whole_batch(default_corpus):
+    sampler = BatchSampler(default_corpus, "train", 16, vocab_size=50304, seed=3)
+    x, y = sampler.get(5, 8)
+    rows = np.array([2, 3, 6, 7])
+    xr, yr = sampler.get(5, 8, rows)
+    np.testing.assert_array_equal(xr, x[rows])
+    np.testing.assert_array_equal(yr, y[rows])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2 processes x 2 devices == 1 process x 4 devices; a killed process; resuming with 2 processes and with 1
+# ---------------------------------------------------------------------------------------------------
+
+
+def assert_close_run(run_dir: Path, ref_dir: Path) -> None:
+    """The same steps logged, losses within LOSS_RTOL, the step-4 parameters and Adam moments within STATE_RTOL
+    (loaded on this process's one device, as export and evaluation load a checkpoint)."""
+    got, want = (MetricsLog(d / "metrics.jsonl").read() for d in (run_dir, ref_dir))
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+    assert [r["step"] for r in got if r["kind"] == "train"] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) / b[key] < LOSS_RTOL, (key, a, b)
+    _, params, opt_state = restore(run_dir, 4)
+    _, ref_params, ref_opt = restore(ref_dir, 4)
+    assert_trees_equal(params, ref_params, rtol=STATE_RTOL)
+    assert_trees_equal(opt_state, ref_opt, rtol=STATE_RTOL)
+
+
+@pytest.mark.parametrize("name", ["2x2", "2x2 fsdp"])
+def test_two_processes_reproduce_one_process(runs, name):
+    run = runs[name]
+    assert_close_run(run.out, runs["1x4"].out)
+    # process 0 alone prints the run and writes its files
+    out0, out1 = run.log(0, "stdout"), run.log(1, "stdout")
+    assert "2 processes x 4x cpu" in out0 and "TRAIN_METRICS: step=4" in out0 and "Final metrics" in out0
+    assert "TRAIN_METRICS" not in out1 and "step " not in out1 and "Final metrics" not in out1
+    assert (run.out / "loss.png").is_file()
+
+
+def test_killed_process_stops_the_other(runs):
+    killed = runs["killed"]
+    assert killed.group.procs[1].returncode == -signal.SIGKILL
+    assert killed.group.procs[0].returncode != 0
+    stderr = killed.group.log(0, "stderr")
+    assert "another task died" in stderr, stderr[-3000:]
+    assert killed.seconds < STOP_WITHIN
+
+
+def test_resume_with_two_processes_continues_exactly(runs):
+    """The resumed run repeats the steps after its checkpoint with the very losses the killed run logged."""
+    killed, resumed = runs["killed"], runs["2x2 fsdp"]
+    stdout = resumed.log(0, "stdout")
+    assert "resumed from" in stdout and "at step 2" in stdout, stdout
+    repeated = [step for step in killed.losses if step > 2]
+    assert repeated, killed.losses
+    assert {step: resumed.losses()[step] for step in repeated} == {step: killed.losses[step] for step in repeated}
+
+
+def test_two_process_checkpoint_resumes_on_one_process(runs, default_corpus, tmp_path):
+    ref = runs["2x2"]
+    out = tmp_path / "run"
+    shutil.copytree(ref.out, out)
+    shutil.rmtree(out / "checkpoints" / "4")
+    train(build_config(parser().parse_args(["--data", str(default_corpus), *RECIPE, "--out", str(out)])), resume=True)
+    assert_close_run(out, ref.out)
