@@ -4,6 +4,10 @@ PyTorch ops, loaded without Triton (torch_ref.fla_naive): `naive_recurrent_simpl
 Outputs, final states and the gradients w.r.t. q, k, v, g and the initial state, within 1e-5, at ragged T (37 steps
 in chunks of 16) and whole chunks; strong decays stay finite; the GLA Pallas kernels that serve the op's GPU path
 (the decay broadcast along K) match the XLA path in Pallas interpret mode.
+
+GPU (`pytest -m gpu parity_tests/test_simple_gla.py` on the device): bf16, both backends, against FLA 0.6.0's Triton
+`chunk_simple_gla`, `chunk_retention` and `chunk_linear_attn` (normalize=False, as the LinearAttention layer calls
+it), B8 T1024 H12 D64, B2 T4096 H16 D64 and a ragged T = 65, with test_gpu_mixers.py's thresholds.
 """
 
 import jax
@@ -49,7 +53,7 @@ def jax_outputs_and_grads(op, inputs, cotangents, compile_options: dict | None =
             return op(q, k, v, g, initial_state=h0, output_final_state=True, **kwargs)
 
         (o, ht), vjp = jax.vjp(fn, *args)
-        dq, dk, dv, dh0, *dg = vjp(cotangents)
+        dq, dk, dv, dh0, *dg = vjp((cotangents[0].astype(o.dtype), cotangents[1]))  # o is in q's dtype
         return (o, ht, dq, dk, dv, *dg, dh0)
 
     cotangents = tuple(jnp.asarray(x) for x in cotangents)
@@ -154,3 +158,71 @@ def test_options():
     o_auto, _ = chunk_simple_gla(x + 1, x + 1, x + 1, chunk_size=16)
     o_xla, _ = chunk_simple_gla(x + 1, x + 1, x + 1, chunk_size=16, backend="xla")
     np.testing.assert_array_equal(o_auto, o_xla)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+GPU_SHAPES = [(8, 1024, 12, 64, 64), (2, 4096, 16, 64, 64), (2, 65, 4, 64, 64)]  # (B, T, H, K, V)
+GPU_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_linear_attn")
+
+
+def fla_gpu_outputs_and_grads(op, inputs, cotangents):
+    """FLA's Triton op in bf16 (q, k, v, do bf16; g and the states fp32): (o, h_T, dq, dk, dv, [dg,] dh0)."""
+    from fla.ops.linear_attn import chunk_linear_attn
+    from fla.ops.retention import chunk_retention
+    from fla.ops.simple_gla import chunk_simple_gla as fla_chunk_simple_gla
+
+    q, k, v, g, h0 = (None if x is None else torch.tensor(x, device="cuda") for x in inputs)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    h0.requires_grad_()
+    if op == "chunk_simple_gla":
+        g.requires_grad_()
+        o, ht = fla_chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    elif op == "chunk_retention":
+        o, ht = chunk_retention(q, k, v, initial_state=h0, output_final_state=True)
+    else:
+        o, ht = chunk_linear_attn(q, k, v, initial_state=h0, output_final_state=True, normalize=False)
+    do, dht = (torch.tensor(x, device="cuda") for x in cotangents)
+    ((o.float() * do.bfloat16().float()).sum() + (ht.float() * dht).sum()).backward()
+    leaves = (o, ht, q.grad, k.grad, v.grad) + ((g.grad,) if op == "chunk_simple_gla" else ()) + (h0.grad,)
+    return [t.detach().float().cpu().numpy() for t in leaves]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("op", GPU_OPS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}_T{}_H{}_K{}_V{}".format(*s))
+def test_bf16_parity_with_fla(shape, op, backend):
+    """bf16 jaxgpt (q, k, v, do in bf16; g, states fp32) against FLA 0.6.0's Triton op, both against an fp32
+    reference (jaxgpt's xla path in fp32, full-precision products, from the same bf16-rounded inputs), with
+    test_gpu_mixers.py's thresholds. Retention's decay is jaxgpt.spec.constants.retention_log_decays (FLA's
+    chunk_retention builds its own); linear attention has none."""
+    from parity_tests.test_gpu_parity import ACCURACY_FACTOR, FWD_TOL, GRAD_TOL, NOISE_FACTOR
+
+    B, T, H, K, V = shape
+    rng = np.random.default_rng(T)
+    (q, k, v, g, h0), (do, dht) = random_inputs(rng, B, T, H, K, V, decay=op == "chunk_simple_gla")
+    q, k, v, do = (np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in (q, k, v, do))
+    if op == "chunk_retention":
+        g = np.broadcast_to(np.asarray(retention_log_decays(H), np.float32), (B, T, H)).copy()
+    inputs, cot = (q, k, v, g, h0), (do, dht)
+
+    def bf16(op_fn):
+        def fn(q, k, v, g, **kw):
+            return op_fn(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), g, **kw)
+        return fn
+
+    got = jax_outputs_and_grads(bf16(chunk_simple_gla), inputs, cot, None, backend=backend)
+    with jax.default_matmul_precision("highest"):
+        ref = jax_outputs_and_grads(chunk_simple_gla, inputs, cot, None, backend="xla")
+    fla = fla_gpu_outputs_and_grads(op, (q, k, v, g if op == "chunk_simple_gla" else None, h0), cot)
+    if op == "chunk_retention":  # the decay is a constant there: no dg to compare
+        got, ref = [x for i, x in enumerate(got) if i != 5], [x for i, x in enumerate(ref) if i != 5]
+    names = NAMES if op == "chunk_simple_gla" else tuple(n for n in NAMES if n != "dg")
+    report = {n: {"jax_vs_fla": rel_err(a, f), "jax_vs_fp32": rel_err(a, r), "fla_vs_fp32": rel_err(f, r)}
+              for n, a, f, r in zip(names, got, fla, ref)}
+    print(op, backend, shape, report)
+    for name, e in report.items():
+        tol = FWD_TOL if name in ("o", "ht") else GRAD_TOL
+        assert e["jax_vs_fp32"] <= ACCURACY_FACTOR * max(e["fla_vs_fp32"], tol), (name, e)
+        assert e["jax_vs_fla"] <= max(tol, NOISE_FACTOR * e["fla_vs_fp32"]), (name, e)
