@@ -5,7 +5,7 @@ FLA's defaults: mode='chunk', expand_k=1.0, expand_v=2.0 (K = C / H, V = 2C / H 
 feature map, use_output_gate=True with gate_fn='swish' and fuse_norm (the output g_proj(x) gates the per-head
 RMSNorm of o through `g_norm_swish_gate`, eps 1e-5), rotary embeddings on q and k (`fla.modules.RotaryEmbedding`
 with dim=K: base 10000, the two halves of each head rotated together, not interleaved; positions and frequencies in
-fp32), and `chunk_retention`: simple GLA with the fixed per-head log-decay log(1 - 2^(-5-h)) and scale K^-1/2.
+fp32; here cos / sin stay fp32, where FLA rounds its tables to q's dtype, bf16 in training), and `chunk_retention`: simple GLA with the fixed per-head log-decay log(1 - 2^(-5-h)) and scale K^-1/2.
 Parameter names: q_proj, k_proj, v_proj, g_proj, o_proj, g_norm_swish_gate; FLA's `rotary.inv_freq` is a
 non-persistent buffer, absent from its state dict, and computed here from K.
 
