@@ -299,12 +299,14 @@ def environment() -> dict[str, Any]:
         env["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except ImportError:
         env["torch"] = None
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        env["fla"] = version("fla-core")
-    except Exception:
-        env["fla"] = None
+    # mamba_ssm: FLA's Mamba2 runs its kernels when it is installed, its PyTorch path torch_forward otherwise
+    for key, package in (("fla", "fla-core"), ("mamba_ssm", "mamba_ssm"), ("causal_conv1d", "causal_conv1d")):
+        try:
+            env[key] = version(package)
+        except PackageNotFoundError:
+            env[key] = None
     return env
 
 
