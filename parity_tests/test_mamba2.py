@@ -33,7 +33,7 @@ from torch_ref.mamba2 import NaiveMamba2, mamba2
 
 TOL = 1e-5
 CFG = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, dtype="float32")
-FLA_CHUNK_SIZE = 256  # fla.layers.Mamba2's default
+FLA_CHUNK_SIZE = 256  # fla.layers.Mamba2's default chunk_size
 
 
 @functools.cache
@@ -55,7 +55,7 @@ def fla_definitions(relpath: str, names: tuple[str, ...]) -> dict:
     return namespace
 
 
-def fla_mamba2(twin: NaiveMamba2) -> types.SimpleNamespace:
+def fla_mamba2(twin: NaiveMamba2, chunk_size: int = FLA_CHUNK_SIZE) -> types.SimpleNamespace:
     """An object holding the twin's parameters under fla.layers.Mamba2's attribute names, with FLA's torch_forward
     and its RMSNormGated (rms_norm_ref: the gate before the norm, one group of the whole inner width)."""
     mamba2 = fla_definitions("layers/mamba2.py", (
@@ -67,7 +67,7 @@ def fla_mamba2(twin: NaiveMamba2) -> types.SimpleNamespace:
         in_proj=twin.in_proj, conv1d=twin.conv1d, dt_bias=twin.dt_bias, A_log=twin.A_log, D=twin.D,
         out_proj=twin.out_proj, act=nn.SiLU(), intermediate_size=inner, conv_dim=twin.conv1d.in_channels, n_groups=1,
         ssm_state_size=twin.ssm_state_size, num_heads=twin.num_heads, head_dim=twin.head_dim, conv_kernel_size=4,
-        use_conv_bias=True, dt_limit=twin.dt_limit, chunk_size=FLA_CHUNK_SIZE, D_has_hdim=False, rmsnorm=True,
+        use_conv_bias=True, dt_limit=twin.dt_limit, chunk_size=chunk_size, D_has_hdim=False, rmsnorm=True,
         norm=lambda y, z: rms_norm_ref(y, twin.norm.weight, None, z, twin.norm.eps, inner, norm_before_gate=False),
     )
     m._get_D = functools.partial(mamba2["_get_D"], m)
@@ -91,10 +91,11 @@ def random_twin(seed: int) -> NaiveMamba2:
     return twin
 
 
-@pytest.mark.parametrize("T", [1, 65])
-def test_twin_is_flas_torch_forward(T):
+@pytest.mark.parametrize("T,chunk_size", [(1, FLA_CHUNK_SIZE), (64, FLA_CHUNK_SIZE), (64, 16)])
+def test_twin_is_flas_torch_forward(T, chunk_size):
+    """Chunk size 16: FLA's inter-chunk recurrence too (its default 256 puts these T in one chunk)."""
     twin = random_twin(T)
-    fla = fla_mamba2(twin)
+    fla = fla_mamba2(twin, chunk_size)
     x = torch.randn(2, T, CFG.n_embd)
     dy = torch.randn(2, T, CFG.n_embd)
     grads = {}
