@@ -1,6 +1,7 @@
-"""torch_ref's decode path of the retnet and linear_attn layers (their CPU twins through an FLA cache, as an
+"""torch_ref's decode path of the retnet, linear_attn and hgrn2 layers (their CPU twins through an FLA cache, as an
 exported model generates): a prompt, then single tokens, give the full forward's outputs, fp32, within 1e-5. For
-retnet this checks that the rotary positions continue from the cache's length."""
+retnet this checks that the rotary positions continue from the cache's length, for hgrn2 its state kept transposed
+(FLA's state_v_first). Mamba2's: parity_tests/test_mamba2.py, against FLA's own decode step."""
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch_ref.mixers import LINEAR_LAYERS
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("kind", ["retnet", "linear_attn"])
+@pytest.mark.parametrize("kind", ["retnet", "linear_attn", "hgrn2"])
 def test_cached_decode_matches_forward(kind):
     torch.manual_seed(0)
     layer = LINEAR_LAYERS[kind](CFG)
