@@ -17,7 +17,8 @@ SLURM_LOCALID, the one-process-per-GPU layout. On CPU, cross-process collectives
 Failure: the coordination service expects a heartbeat from every process; one that misses them for
 `heartbeat_seconds` (killed, its host lost) makes the service end every other process with "Terminating process
 because the JAX distributed service detected fatal errors ... another task died" (SIGABRT, exit 134); a process
-waiting on a collective with a dead peer fails as soon as gloo or NCCL notices the lost connection. An error
+waiting on a collective with a dead peer fails as soon as gloo or NCCL notices the lost connection, with
+`error: process I of N failed: JaxRuntimeError: ...` (exit 1). An error
 raised in one process ends that process at once (`exit_at_once_on_error`) so that its peers see it gone instead
 of waiting for it at the shutdown barrier.
 """
@@ -32,7 +33,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgpt.errors import UserError
 
@@ -106,13 +109,24 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def any_process(flag: bool) -> bool:
-    """Whether `flag` is true on any process (a collective: every process must call it at the same point)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
+class Vote:
+    """Whether a flag (a stop request) is raised on any process, agreed by all of them one step late so that the
+    training loop never waits for the devices: `cast(flag)`, called by every process after it dispatches step k,
+    queues a one-element-per-device OR over `mesh` behind step k and returns the outcome of the cast after step
+    k - 1, finished by then. With one process, `cast` returns the flag itself."""
 
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    def __init__(self, mesh: Mesh):
+        self._sharding = NamedSharding(mesh, P(mesh.axis_names))
+        self._size = mesh.devices.size
+        self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))
+        self._pending: jax.Array | None = None
+
+    def cast(self, flag: bool) -> bool:
+        if jax.process_count() == 1:
+            return flag
+        votes = jax.make_array_from_callback((self._size,), self._sharding, lambda index: np.array([flag]))
+        previous, self._pending = self._pending, self._any(votes)
+        return previous is not None and bool(previous)
 
 
 def barrier(name: str) -> None:
@@ -144,8 +158,9 @@ def exit_at_once_on_error() -> Iterator[None]:
         import traceback
 
         traceback.print_exc()
+        lost = "; another process may have stopped: see its output" if isinstance(e, jax.errors.JaxRuntimeError) else ""
         _exit_now(1, f"error: process {jax.process_index()} of {jax.process_count()} failed: "
-                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
+                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}{lost}")
 
 
 def _exit_now(code: int, line: str | None) -> None:

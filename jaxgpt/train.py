@@ -295,6 +295,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     batches = Prefetcher(fetch, range(start, cfg.max_iters))
     dog = Watchdog(watchdog, context=lambda: _on_disk(ckpt))
     stop = StopRequest(abort_note=lambda: _on_disk(ckpt))
+    stop_vote = distributed.Vote(mesh)  # processes stop after the same step
     pending = None  # (step, metrics) of the step dispatched last, not reported yet
     try:
         with stop:
@@ -317,7 +318,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
                             save(done)
                 else:
                     ckpt.poll()  # a failed background save stops the run at the next step
-                if distributed.any_process(stop.requested is not None):
+                if stop_vote.cast(stop.requested is not None):
                     if pending is not None:
                         report(*pending)
                         pending = None
