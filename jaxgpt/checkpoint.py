@@ -246,7 +246,8 @@ class Checkpointer:
             raise UserError(f"no intact checkpoint in {self.directory}: {listing}")
         for s, reason in damaged:
             moved = f"; moved it to {self.set_aside(s).name}" if set_aside else ""
-            print(f"checkpoint step {s} is damaged ({reason}); {action} step {good}{moved}", file=sys.stderr)
+            if is_primary():
+                print(f"checkpoint step {s} is damaged ({reason}); {action} step {good}{moved}", file=sys.stderr)
         return good
 
     def set_aside(self, step: int) -> Path:

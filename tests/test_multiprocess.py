@@ -147,13 +147,21 @@ def kill_process_1_after(group: Group, step: int, checkpoint: int) -> Killed:
     return Killed(group, seconds, group.losses())
 
 
+def damage_a_copy(step_dir: Path, copy: Path) -> None:
+    """A copy of a checkpoint with its largest file cut in half: it fails its checksums."""
+    shutil.copytree(step_dir, copy)
+    largest = max((f for f in copy.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
 @pytest.fixture(scope="module")
 def runs(cache, default_corpus, tmp_path_factory) -> dict:
     """The 4-step recipe, all at once: as 1 process x 4 devices (data parallel), as 2 processes x 2 devices (data
     parallel), and as 2 x 2 with FSDP over all 4 devices (its all-gathers and reduce-scatters cross the
     processes). The FSDP run is given 400 steps (the lr schedule of the first 4 is the same: lr_decay_iters pins
     it); its process 1 is killed once step 3 is logged and the step-2 checkpoint committed, and 2 processes resume
-    it from that checkpoint (a later one that the kill did not prevent is removed first) for the recipe's 4 steps.
+    it from that checkpoint for the recipe's 4 steps (a later one that the kill did not prevent is removed first,
+    and a damaged step 3 put in its way).
     -> {"1x4": Group, "2x2": Group, "killed": Killed, "2x2 fsdp": the resumed Group}."""
     root = tmp_path_factory.mktemp("multiprocess")
     data = ["--data", str(default_corpus), *RECIPE]
@@ -162,8 +170,10 @@ def runs(cache, default_corpus, tmp_path_factory) -> dict:
               "2x2": start(cache, root / "dp", *data),
               "killed": start(cache, root / "fsdp", *data, *fsdp, "--max-iters", "400", heartbeat=HEARTBEAT)}
     killed = kill_process_1_after(groups["killed"], 3, checkpoint=2)
-    for later in (p for p in (root / "fsdp" / "checkpoints").iterdir() if p.name.isdigit() and int(p.name) > 2):
+    checkpoints = root / "fsdp" / "checkpoints"
+    for later in (p for p in checkpoints.iterdir() if p.name.isdigit() and int(p.name) > 2):
         shutil.rmtree(later)
+    damage_a_copy(checkpoints / "2", checkpoints / "3")
     resumed = start(cache, root / "fsdp", *data, *fsdp, "--resume", label="resumed")
     return {"1x4": groups["1x4"].check(), "2x2": groups["2x2"].check(), "killed": killed, "2x2 fsdp": resumed.check()}
 
@@ -278,10 +288,15 @@ def test_an_error_in_one_process_stops_the_other(cache, default_corpus, tmp_path
 
 
 def test_resume_with_two_processes_continues_exactly(runs):
-    """The resumed run repeats the steps after its checkpoint with the very losses the killed run logged."""
+    """The resumed run sets the damaged step 3 aside (process 0 renames it and reports it) and repeats the steps
+    after its step-2 checkpoint with the very losses the killed run logged."""
     killed, resumed = runs["killed"], runs["2x2 fsdp"]
     stdout = resumed.log(0, "stdout")
     assert "resumed from" in stdout and "at step 2" in stdout, stdout
+    report = "checkpoint step 3 is damaged"
+    assert report in resumed.log(0, "stderr") and "moved it to 3.damaged" in resumed.log(0, "stderr")
+    assert report not in resumed.log(1, "stderr")
+    assert (resumed.out / "checkpoints" / "3.damaged").is_dir()
     repeated = [step for step in killed.losses if step > 2]
     assert repeated, killed.losses
     assert {step: resumed.losses()[step] for step in repeated} == {step: killed.losses[step] for step in repeated}
