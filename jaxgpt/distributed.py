@@ -18,9 +18,8 @@ Failure: the coordination service expects a heartbeat from every process; one th
 `heartbeat_seconds` (killed, its host lost) makes the service end every other process with "Terminating process
 because the JAX distributed service detected fatal errors ... another task died" (SIGABRT, exit 134); a process
 waiting on a collective with a dead peer fails as soon as gloo or NCCL notices the lost connection, with
-`error: process I of N failed: JaxRuntimeError: ...` (exit 1). An error
-raised in one process ends that process at once (`exit_at_once_on_error`) so that its peers see it gone instead
-of waiting for it at the shutdown barrier.
+`error: process I of N failed: JaxRuntimeError: ...` (exit 1). An error raised in one process ends that process at
+once (`exit_at_once_on_error`) so that its peers see it gone instead of waiting for it at the shutdown barrier.
 """
 
 from __future__ import annotations
@@ -143,7 +142,7 @@ def exit_at_once_on_error() -> Iterator[None]:
     its error and exits at once: the normal exit would wait at jax.distributed's shutdown barrier for peers that
     are themselves waiting for this process in a collective. With this process gone, they stop as described in
     the module docstring. With one process this does nothing."""
-    if jax.process_count() == 1:
+    if not jax.distributed.is_initialized():
         yield
         return
     try:
@@ -158,9 +157,10 @@ def exit_at_once_on_error() -> Iterator[None]:
         import traceback
 
         traceback.print_exc()
-        lost = "; another process may have stopped: see its output" if isinstance(e, jax.errors.JaxRuntimeError) else ""
+        lost = isinstance(e, jax.errors.JaxRuntimeError)  # such as a collective whose peer has gone
         _exit_now(1, f"error: process {jax.process_index()} of {jax.process_count()} failed: "
-                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}{lost}")
+                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+                  + ("; another process may have stopped: see its output" if lost else ""))
 
 
 def _exit_now(code: int, line: str | None) -> None:
