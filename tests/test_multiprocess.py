@@ -14,6 +14,7 @@ magnitude more. Resuming with the same 2 processes repeats the same programs on 
 """
 
 import argparse
+import json
 import re
 import shutil
 import signal
@@ -21,13 +22,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cli_runs import ROOT, SCHEDULE, TINY, assert_trees_equal, restore, shared_dir, train_env
+from cli_runs import ROOT, SCHEDULE, TINY, assert_trees_equal, locked, restore, shared_dir, train_env
 from jaxgpt.data import BatchSampler
 from jaxgpt.distributed import DEFAULT_HEARTBEAT_SECONDS, Launch, add_arguments, launch_from
 from jaxgpt.errors import UserError
@@ -53,31 +54,42 @@ def free_port() -> int:
 
 
 @dataclass
-class Group:
-    """The processes of one run; each one's stdout and stderr go to files `<out>.<label>.<process>.<stream>`."""
+class Finished:
+    """A finished run of one or more processes: its folder, exit codes and each process's output, in the files
+    `<out>.<label>.<process>.<stream>`."""
 
     out: Path
     label: str
-    procs: list[subprocess.Popen]
+    codes: list[int]
 
     def log(self, i: int, stream: str) -> str:
         return Path(f"{self.out}.{self.label}.{i}.{stream}").read_text()
 
-    def wait(self, timeout: float = 240) -> list[int]:
-        deadline = time.monotonic() + timeout
-        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in MetricsLog(self.out / "metrics.jsonl").read() if r["kind"] == "train"}
 
-    def check(self) -> "Group":
-        codes = self.wait()
-        if any(codes):
+    def check(self) -> "Finished":
+        if any(self.codes):
             logs = "\n".join(f"--- process {i} (exit {c}) stderr:\n{self.log(i, 'stderr')[-3000:]}"
-                             for i, c in enumerate(codes))
-            pytest.fail(f"a {len(codes)}-process run failed (several processes on CPU need jaxlib's gloo "
+                             for i, c in enumerate(self.codes))
+            pytest.fail(f"a {len(self.codes)}-process run failed (several processes on CPU need jaxlib's gloo "
                         f"collectives, jax_cpu_collectives_implementation=gloo):\n{logs}")
         return self
 
-    def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in MetricsLog(self.out / "metrics.jsonl").read() if r["kind"] == "train"}
+
+@dataclass
+class Running:
+    out: Path
+    label: str
+    procs: list[subprocess.Popen]
+
+    def wait(self, timeout: float = 240) -> Finished:
+        deadline = time.monotonic() + timeout
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+        return Finished(self.out, self.label, codes)
+
+    def check(self) -> Finished:
+        return self.wait().check()
 
 
 STARTED: list[subprocess.Popen] = []  # every process this module started, killed at its end if still running
@@ -94,7 +106,7 @@ def no_process_left():
 
 def start(cache: Path, out: Path, *args: str, processes: int = 2, devices: int = 2,
           heartbeat: int = DEFAULT_HEARTBEAT_SECONDS, label: str = "run",
-          only: dict[int, list[str]] | None = None) -> Group:
+          only: dict[int, list[str]] | None = None) -> Running:
     """`python -m jaxgpt.train ARGS --out OUT` as `processes` processes of `devices` CPU devices each; process i
     gets the arguments `only[i]` too."""
     only = only or {}
@@ -107,7 +119,7 @@ def start(cache: Path, out: Path, *args: str, processes: int = 2, devices: int =
             argv = [sys.executable, "-m", "jaxgpt.train", *args, *only.get(i, []), "--out", str(out), *cluster]
             procs.append(subprocess.Popen(argv, cwd=ROOT, env=train_env(cache, devices), stdout=stdout, stderr=stderr))
     STARTED.extend(procs)
-    return Group(out, label, procs)
+    return Running(out, label, procs)
 
 
 @pytest.fixture(scope="module")
@@ -120,31 +132,31 @@ class Killed:
     """A run whose process 1 was killed: the survivor's time to exit after the kill, and the training losses
     process 0 had logged (the steps after the checkpoint that a resume repeats among them)."""
 
-    group: Group
+    run: Finished
     seconds: float
     losses: dict[int, float]
 
 
-def kill_process_1_after(group: Group, step: int, checkpoint: int) -> Killed:
+def kill_process_1_after(running: Running, step: int, checkpoint: int) -> Killed:
     """SIGKILL process 1 once process 0 has logged training step `step` and checkpoint `checkpoint` is committed
     (saves run in the background); wait for process 0 to stop."""
-    metrics, committed = group.out / "metrics.jsonl", group.out / "checkpoints" / str(checkpoint)
+    so_far = Finished(running.out, running.label, [])
+    metrics, committed = running.out / "metrics.jsonl", running.out / "checkpoints" / str(checkpoint)
     deadline = time.monotonic() + 180
-    while not (metrics.exists() and max(group.losses(), default=0) >= step and committed.is_dir()):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in group.procs):
-            group.check()
+    while not (metrics.exists() and max(so_far.losses(), default=0) >= step and committed.is_dir()):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in running.procs):
+            running.check()
             pytest.fail(f"the run ended or stalled before step {step}")
         time.sleep(0.05)
-    group.procs[1].send_signal(signal.SIGKILL)
+    running.procs[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     try:
-        group.procs[0].wait(timeout=STOP_WITHIN)
+        running.procs[0].wait(timeout=STOP_WITHIN)
     except subprocess.TimeoutExpired:
         pytest.fail(f"process 0 still ran {STOP_WITHIN} s after process 1 was killed:\n"
-                    f"{group.log(0, 'stderr')[-3000:]}")
+                    f"{so_far.log(0, 'stderr')[-3000:]}")
     seconds = time.monotonic() - killed_at
-    group.procs[1].wait()
-    return Killed(group, seconds, group.losses())
+    return Killed(running.wait(), seconds, so_far.losses())
 
 
 def damage_a_copy(step_dir: Path, copy: Path) -> None:
@@ -154,28 +166,46 @@ def damage_a_copy(step_dir: Path, copy: Path) -> None:
     largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
 
 
-@pytest.fixture(scope="module")
-def runs(cache, default_corpus, tmp_path_factory) -> dict:
+def run_all(root: Path, cache: Path, data: Path) -> dict:
     """The 4-step recipe, all at once: as 1 process x 4 devices (data parallel), as 2 processes x 2 devices (data
     parallel), and as 2 x 2 with FSDP over all 4 devices (its all-gathers and reduce-scatters cross the
     processes). The FSDP run is given 400 steps (the lr schedule of the first 4 is the same: lr_decay_iters pins
     it); its process 1 is killed once step 3 is logged and the step-2 checkpoint committed, and 2 processes resume
     it from that checkpoint for the recipe's 4 steps (a later one that the kill did not prevent is removed first,
     and a damaged step 3 put in its way).
-    -> {"1x4": Group, "2x2": Group, "killed": Killed, "2x2 fsdp": the resumed Group}."""
-    root = tmp_path_factory.mktemp("multiprocess")
-    data = ["--data", str(default_corpus), *RECIPE]
-    fsdp = ["--mesh", "fsdp=4"]
-    groups = {"1x4": start(cache, root / "one", *data, processes=1, devices=4),
-              "2x2": start(cache, root / "dp", *data),
-              "killed": start(cache, root / "fsdp", *data, *fsdp, "--max-iters", "400", heartbeat=HEARTBEAT)}
-    killed = kill_process_1_after(groups["killed"], 3, checkpoint=2)
+    -> {"1x4": Finished, "2x2": Finished, "killed": Killed, "2x2 fsdp": the resumed run, Finished}."""
+    args, fsdp = ["--data", str(data), *RECIPE], ["--mesh", "fsdp=4"]
+    running = {"1x4": start(cache, root / "one", *args, processes=1, devices=4),
+               "2x2": start(cache, root / "dp", *args),
+               "killed": start(cache, root / "fsdp", *args, *fsdp, "--max-iters", "400", heartbeat=HEARTBEAT)}
+    killed = kill_process_1_after(running["killed"], 3, checkpoint=2)
     checkpoints = root / "fsdp" / "checkpoints"
     for later in (p for p in checkpoints.iterdir() if p.name.isdigit() and int(p.name) > 2):
         shutil.rmtree(later)
     damage_a_copy(checkpoints / "2", checkpoints / "3")
-    resumed = start(cache, root / "fsdp", *data, *fsdp, "--resume", label="resumed")
-    return {"1x4": groups["1x4"].check(), "2x2": groups["2x2"].check(), "killed": killed, "2x2 fsdp": resumed.check()}
+    resumed = start(cache, root / "fsdp", *args, *fsdp, "--resume", label="resumed")
+    return {"1x4": running["1x4"].check(), "2x2": running["2x2"].check(), "killed": killed, "2x2 fsdp": resumed.check()}
+
+
+@pytest.fixture(scope="module")
+def runs(cache, default_corpus, tmp_path_factory) -> dict:
+    """`run_all`'s runs, made once per pytest invocation (the first xdist worker to get here runs them, the
+    others read its record)."""
+    root = shared_dir(tmp_path_factory, "multiprocess")
+    with locked(root / "lock"):
+        record = root / "runs.json"
+        if not record.exists():
+            record.write_text(json.dumps(run_all(root, cache, default_corpus), default=_jsonable))
+        saved = json.loads(record.read_text())
+    runs = {name: Finished(Path(r["out"]), r["label"], r["codes"]) for name, r in saved.items() if name != "killed"}
+    k = saved["killed"]
+    runs["killed"] = Killed(Finished(Path(k["run"]["out"]), k["run"]["label"], k["run"]["codes"]), k["seconds"],
+                            {int(step): loss for step, loss in k["losses"].items()})
+    return runs
+
+
+def _jsonable(x: object) -> object:
+    return str(x) if isinstance(x, Path) else asdict(x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,11 +289,11 @@ def test_two_processes_reproduce_one_process(runs, name):
     assert (run.out / "loss.png").is_file()
 
 
-def assert_stopped_for_a_lost_peer(group: Group, i: int) -> None:
+def assert_stopped_for_a_lost_peer(run: Finished, i: int) -> None:
     """Process i ended with jax.distributed's missed-heartbeat message, or with the one-line error of a
     collective that lost its connection to the dead process, whichever came first."""
-    assert group.procs[i].returncode != 0
-    stderr = group.log(i, "stderr")
+    assert run.codes[i] != 0
+    stderr = run.log(i, "stderr")
     assert ("another task died" in stderr
             or re.search(rf"^error: process {i} of 2 failed: JaxRuntimeError: .*another process may have stopped",
                          stderr, re.M)), stderr[-3000:]
@@ -271,20 +301,19 @@ def assert_stopped_for_a_lost_peer(group: Group, i: int) -> None:
 
 def test_killed_process_stops_the_other(runs):
     killed = runs["killed"]
-    assert killed.group.procs[1].returncode == -signal.SIGKILL
-    assert_stopped_for_a_lost_peer(killed.group, 0)
+    assert killed.run.codes[1] == -signal.SIGKILL
+    assert_stopped_for_a_lost_peer(killed.run, 0)
     assert killed.seconds < STOP_WITHIN
 
 
 def test_an_error_in_one_process_stops_the_other(cache, default_corpus, tmp_path):
     """Process 1 finds no data folder: it prints its error and exits at once; process 0, which waits for it in a
     collective, ends within the heartbeat timeout."""
-    group = start(cache, tmp_path / "run", *RECIPE, heartbeat=HEARTBEAT,
-                  only={0: ["--data", str(default_corpus)], 1: ["--data", str(tmp_path / "missing")]})
-    codes = group.wait(timeout=120)
-    assert codes[1] == 2, codes
-    assert group.log(1, "stderr").strip().splitlines()[-1].startswith("error: process 1: data directory ")
-    assert_stopped_for_a_lost_peer(group, 0)
+    run = start(cache, tmp_path / "run", *RECIPE, heartbeat=HEARTBEAT,
+                only={0: ["--data", str(default_corpus)], 1: ["--data", str(tmp_path / "missing")]}).wait(timeout=120)
+    assert run.codes[1] == 2, run.codes
+    assert run.log(1, "stderr").strip().splitlines()[-1].startswith("error: process 1: data directory ")
+    assert_stopped_for_a_lost_peer(run, 0)
 
 
 def test_resume_with_two_processes_continues_exactly(runs):
