@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from cli_runs import ROOT, SCHEDULE, TINY, assert_trees_equal, locked, restore, shared_dir, train_env
+from jaxgpt.checkpoint import MANIFEST
 from jaxgpt.data import BatchSampler
 from jaxgpt.distributed import DEFAULT_HEARTBEAT_SECONDS, Launch, add_arguments, launch_from
 from jaxgpt.errors import UserError
@@ -287,6 +288,9 @@ def test_two_processes_reproduce_one_process(runs, name):
     assert "2 processes x 4x cpu" in out0 and "TRAIN_METRICS: step=4" in out0 and "Final metrics" in out0
     assert "TRAIN_METRICS" not in out1 and "step " not in out1 and "Final metrics" not in out1
     assert (run.out / "loss.png").is_file()
+    # process 0 wrote the manifest after process 1's shards were on disk: it covers them
+    manifest = json.loads((run.out / "checkpoints" / "4" / MANIFEST).read_text())["files"]
+    assert any("process_1" in name for name in manifest), sorted(manifest)
 
 
 def assert_stopped_for_a_lost_peer(run: Finished, i: int) -> None:
