@@ -52,13 +52,14 @@ def params_of(model: nnx.Module) -> dict:
 
 def jax_grads(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[float, dict]:
     """Training loss and its gradient w.r.t. every parameter, as a torch-named dict of numpy arrays."""
-    _, loss, _, grads = jax_outputs(model, idx, targets)
+    loss, grads = jax_outputs(model, idx, targets, logits=False)
     return loss, grads
 
 
-def jax_outputs(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float, float, dict]:
-    """Logits, training loss, evaluation loss and the training loss's gradient w.r.t. every parameter (torch-named
-    numpy arrays), from one jitted call: one compile instead of op-by-op dispatch (several times faster on CPU)."""
+def jax_outputs(model: GPT, idx: np.ndarray, targets: np.ndarray, logits: bool = True) -> tuple:
+    """(training loss, its gradient w.r.t. every parameter as torch-named numpy arrays) and, with `logits`, also
+    the logits and the evaluation loss: (loss, grads, logits, eval loss). One jitted call: one compile instead of
+    op-by-op dispatch (several times faster on CPU)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
@@ -67,11 +68,13 @@ def jax_outputs(model: GPT, idx: np.ndarray, targets: np.ndarray) -> tuple[np.nd
             return nnx.merge(graphdef, p, rest).loss(idx, targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
+        if not logits:
+            return loss, grads
         m = nnx.merge(graphdef, params, rest)
-        return m(idx), loss, m.loss(idx, targets, train=False), grads
+        return loss, grads, m(idx), m.loss(idx, targets, train=False)
 
-    logits, loss, eval_loss, grads = outputs(params, rest)
-    return np.asarray(logits), float(loss), float(eval_loss), jax_to_torch(nnx.to_pure_dict(grads))
+    loss, grads, *more = outputs(params, rest)
+    return (float(loss), jax_to_torch(nnx.to_pure_dict(grads)), *(np.asarray(x) for x in more))
 
 
 def random_batch(cfg: ModelConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -49,12 +49,12 @@ def test_forward_loss_and_gradients(variant, bias):
     jmodel, tmodel = twin_models(cfg, seed=1)
     idx, targets = random_batch(cfg, batch=3, seed=2)
 
-    j_logits, j_loss, j_eval_loss, j_grads = jax_outputs(jmodel, idx, targets)
+    j_loss, j_grads, j_logits, j_eval_loss = jax_outputs(jmodel, idx, targets)
     t_idx, t_tgt = torch.from_numpy(idx).long(), torch.from_numpy(targets).long()
     t_logits = tmodel(t_idx)
     assert rel_err(j_logits, t_logits.detach().numpy()) < TOL
 
-    for train, j in ((True, j_loss), (False, j_eval_loss)):
+    for train, j in ((True, j_loss), (False, float(j_eval_loss))):
         t = tmodel.loss(t_idx, t_tgt, train=train).item()
         assert abs(j - t) / abs(t) < TOL, (train, j, t)
 
