@@ -84,3 +84,15 @@ def random_batch(cfg: ModelConfig, batch: int, seed: int) -> tuple[np.ndarray, n
 
 
 VARIANTS = list(PRESETS)
+
+
+def inference_presets() -> list[str]:
+    """One preset per distinct inference-time model: presets that differ only in a training-only loss (the loss
+    axis outside OUTPUT_TRANSFORMS) run the same forward, decode and export as the first of them, so tests of
+    those paths take each model once."""
+    from jaxgpt.losses import OUTPUT_TRANSFORMS
+
+    seen = {}
+    for name, v in PRESETS.items():
+        seen.setdefault((v.embedding, v.norm, v.mixer, v.loss if v.loss in OUTPUT_TRANSFORMS else None), name)
+    return list(seen.values())

@@ -19,7 +19,8 @@ from jaxgpt.metrics import MetricsLog
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
 from jaxgpt.spec.config import Config, ModelConfig
-from jaxgpt.spec.variants import PRESETS, apply_variant
+from jaxgpt.spec.variants import apply_variant
+from parity_tests.helpers import inference_presets
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -230,7 +231,7 @@ def test_import_foreign_gpt2_folder(baseline_run, tmp_path):
     assert rel_err(apply_jax(cfg1, params1, idx), apply_jax(cfg0, params0, idx)) < TOL
 
 
-@pytest.mark.parametrize("variant", sorted(PRESETS))
+@pytest.mark.parametrize("variant", inference_presets())
 def test_every_variant_exports_and_imports(variant, tmp_path):
     """torch_ref export of each preset (loaded in-process through trust_remote_code): logits and round trip."""
     cfg = make_run(tmp_path / "run", bias=False, variant=variant)

@@ -19,6 +19,7 @@ from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
 from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.spec.variants import LINEAR_MIXERS, PRESETS, apply_variant
+from parity_tests.helpers import inference_presets
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -61,7 +62,7 @@ def decode_logits(graphdef: nnx.GraphDef, params: nnx.State, cache: nnx.State, t
     return jnp.concatenate([logits, jnp.moveaxis(steps, 0, 1)], axis=1)
 
 
-@pytest.mark.parametrize("variant", list(PRESETS))
+@pytest.mark.parametrize("variant", inference_presets())
 def test_decode_matches_forward(variant):
     """Prefill + one token at a time gives the full forward's logits at every position, for a full row and for a
     left-padded shorter one (each against its own forward)."""
