@@ -34,15 +34,17 @@ def run(tmp_path_factory) -> Path:
 
 
 def jax_word_perplexity(run: Path, docs: list[str]) -> float:
-    """exp(total NLL / total words): each doc scored as [EOT] + tokens with jaxgpt's eval loss (plain CE)."""
+    """exp(total NLL / total words): each doc scored as [EOT] + tokens with jaxgpt's eval loss (plain CE). The docs
+    go through one forward, right-padded to block_size (causal: the padding changes no scored position)."""
     cfg, _, params = load_checkpoint(run)
-    nll, words = 0.0, 0
-    for doc in docs:
-        seq = np.array([EOT] + get_tokenizer().encode_ordinary(doc))
-        assert len(seq) - 1 <= cfg.model.block_size  # one lm-eval window
-        logits = apply_jax(cfg, params, seq[None, :-1])
-        nll += float(cross_entropy(logits, seq[None, 1:])) * (len(seq) - 1)  # mean eval CE -> sum
-        words += len(re.split(r"\s+", doc))
+    T = cfg.model.block_size
+    seqs = [np.array([EOT] + get_tokenizer().encode_ordinary(doc)) for doc in docs]
+    assert all(len(seq) - 1 <= T for seq in seqs)  # one lm-eval window each
+    idx = np.stack([np.pad(seq[:-1], (0, T - len(seq) + 1), constant_values=EOT) for seq in seqs])
+    logits = apply_jax(cfg, params, idx)  # [n, T, V]
+    nll = sum(float(cross_entropy(logits[i, : len(seq) - 1], seq[1:])) * (len(seq) - 1)  # mean eval CE -> sum
+              for i, seq in enumerate(seqs))
+    words = sum(len(re.split(r"\s+", doc)) for doc in docs)
     return float(np.exp(nll / words))
 
 
