@@ -11,7 +11,8 @@ rotated and placed on the device beforehand, so the loader is not timed:
 - jax: `jaxgpt.steps.make_train_step` with `jaxgpt.optim.make_optimizer`, replicated params (bf16 compute on GPU);
 - torch-compile / torch-eager: `torch_ref.train_step.TorchTrainStep` (bf16 autocast, fused AdamW, clip 1.0,
   TF32 allowed), the loss `torch.compile`d or not. `--torch-mode auto` compiles softmax models and runs the
-  linear mixers (FLA's Triton layers) eagerly.
+  linear mixers (FLA's Triton layers) eagerly. FLA 0.6.0 refuses Gated DeltaNet's backward on Hopper under Triton
+  3.4 to 3.7.0 (its #640); there the guard is lifted for timing only and the rows carry a `note` saying so.
 Timing: warm-up steps (compilation) first, then `--steps` steps each synchronised on its own (median, p10-p90),
 then the same number back to back with one synchronisation at the end ("pipelined", mean); all of that
 `--repeats` times, the sides alternating, so the spread between repeats shows the noise. The pipelined time is
@@ -45,13 +46,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt.spec.config import Config, apply_overrides, available_configs, load_config_file, parse_set_args
+from jaxgpt.spec.config import (
+    Config,
+    ModelConfig,
+    apply_overrides,
+    available_configs,
+    load_config_file,
+    parse_set_args,
+)
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.metrics import flops_per_token
 from jaxgpt.model import GPT, init_model, num_params
 from jaxgpt.optim import make_optimizer
 from jaxgpt.steps import make_mesh, make_train_step, replicate, shard_batch
-from jaxgpt.spec.variants import LINEAR_MIXERS, apply_variant
+from jaxgpt.spec.variants import LINEAR_MIXERS, apply_variant, linear_mixer_layer
 
 GPT2_VOCAB = 50257  # random tokens are drawn from the real vocabulary, not the padded one
 PHASES = ("fwd", "fwd+bwd", "step")
@@ -149,6 +157,12 @@ class JaxSide:
                 self.sync(self.run("step", i))
 
 
+def uses_gated_delta_rule(model: ModelConfig) -> bool:
+    """Whether any layer of the model is Gated DeltaNet (FLA's gated delta rule)."""
+    return model.mixer in LINEAR_MIXERS and any(
+        linear_mixer_layer(model.mixer, layer, model.n_layer)[0] == "gated_deltanet" for layer in range(model.n_layer))
+
+
 class TorchSide:
     """torch_ref's model with TorchTrainStep (nanoGPT's recipe), compiled or eager, and its parts."""
 
@@ -160,6 +174,11 @@ class TorchSide:
 
         self.name = "torch-compile" if compile else "torch-eager"
         self.cuda = torch.cuda.is_available()
+        self.note = None
+        if self.cuda and uses_gated_delta_rule(cfg.model):
+            from bench_linear_attention import lift_fla_hopper_guard  # scripts/ is on sys.path
+
+            self.note = lift_fla_hopper_guard()
         device = "cuda" if self.cuda else "cpu"
         allow_tf32()
         if compile:
@@ -249,6 +268,7 @@ class SideResult:
     first_step_s: float | None = None
     timings: dict[str, list[Repeat]] = field(default_factory=dict)
     error: str | None = None
+    note: str | None = None  # what the rows of this side must be read with
 
 
 def measure_peak_tflops(matmul_size: int | None) -> dict[str, Any]:
@@ -356,6 +376,7 @@ def bench_run(spec: RunSpec, variant: str, args: argparse.Namespace,
                 side.close()  # give its memory back to the other sides
             continue
         result.first_step_s = first
+        result.note = getattr(side, "note", None)
         print(f"{tag} {name}: first step {first:.1f} s (compile included)", flush=True)
         sides.append((side, result))
 
@@ -407,7 +428,8 @@ def make_rows(spec: RunSpec, cfg: Config, n_params: int, results: list[SideResul
     for r in results:
         phases = list(r.timings) or ["step"]
         for phase in phases:
-            row = {**base, "side": r.side, "phase": phase, "first_step_s": r.first_step_s, "error": r.error}
+            row = {**base, "side": r.side, "phase": phase, "first_step_s": r.first_step_s, "error": r.error,
+                   "note": r.note}
             if phase in r.timings:
                 stats = summarise(r.timings[phase])
                 tok_s = tokens / (stats["median_ms"] / 1e3)
@@ -517,6 +539,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\nwhere the time goes (medians):\n" + format_breakdown(rows))
     print(f"\npeak {peak['tflops']:.1f} TFLOP/s ({peak['source']}); repeats and pipelined: per repeat, "
           "pipelined = mean of back-to-back steps\n" + format_table(rows), flush=True)
+    for note in dict.fromkeys(f"{r['variant']} {r['side']}: {r['note']}" for r in rows if r.get("note")):
+        print(f"note: {note}", flush=True)
     return report
 
 
