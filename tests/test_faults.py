@@ -110,6 +110,18 @@ class Training:
         self.proc.kill()
         pytest.fail(f"no {pattern!r} within {timeout} s:\n{self.output()}")
 
+    def wait_for_signal_lines(self, n: int, timeout: float = 60) -> None:
+        """Until stderr holds n lines of the stop handler (`SIGINT: ...`, `SIGTERM again: ...`), or the process has
+        ended. The next signal must not be sent before: Python runs a handler once for several deliveries of one
+        signal that arrive while the main thread is inside a C call."""
+        deadline = time.time() + timeout
+        while self.proc.poll() is None:
+            lines = self.stderr_path.read_text().splitlines()
+            if sum(ln.startswith(("SIGINT", "SIGTERM")) for ln in lines) >= n:
+                return
+            assert time.time() < deadline, self.output()
+            time.sleep(0.01)
+
     def finish(self, timeout: float = 150) -> tuple[int, str, str]:
         try:
             rc = self.proc.wait(timeout)
@@ -338,8 +350,8 @@ main(sys.argv[1:])
 
 def stop_with(signals: list[signal.Signals], gap: float, default_corpus: Path, cache: Path, tmp_path: Path,
               script: str | None = None):
-    """Send `signals` `gap` seconds apart once step 3 is logged and checkpoint 2 committed; -> (rc, stdout,
-    stderr, run folder)."""
+    """Send `signals` once step 3 is logged and checkpoint 2 committed, each `gap` seconds after the run
+    acknowledged the one before; -> (rc, stdout, stderr, run folder)."""
     out = tmp_path / "run"
     run = Training(tmp_path, cache, args(default_corpus, out, steps=40), script=script)
     run.wait_for(r"^step +3/40 ")
@@ -347,8 +359,9 @@ def stop_with(signals: list[signal.Signals], gap: float, default_corpus: Path, c
     while not (out / "checkpoints" / "2").is_dir():
         assert run.proc.poll() is None and time.time() < deadline, run.output()
         time.sleep(0.01)
-    for sig in signals:
+    for i, sig in enumerate(signals):
         run.proc.send_signal(sig)
+        run.wait_for_signal_lines(i + 1)
         time.sleep(gap)
     return *run.finish(), out
 
