@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch device {device}; "
           f"{args.model_size if size else 'tiny'}; {args.new_tokens} new tokens", flush=True)
 
+    meta = dict(device=jax.devices()[0].device_kind, model=args.model_size if size else "tiny",
+                config={k: v for k, v in dataclasses.asdict(model_config(variants[0], size, max_length)).items()
+                        if k in ("n_layer", "n_head", "n_embd", "block_size")})
     rows = []
     print(f"{'variant':16s} {'side':4s} {'batch':>5s} {'context':>7s} {'ms/step':>9s} {'tokens/s':>10s}", flush=True)
     for variant in variants:
@@ -188,13 +191,10 @@ def main(argv: list[str] | None = None) -> None:
                     shown = f"{'n/a':>9s} {'':>10s} {row['error'][:60]}"
                 print(f"{variant:16s} {side:4s} {batch:5d} {context:7d} {shown}", flush=True)
                 rows.append(row)
+                if args.out:  # after every row, so a run cut off by a time limit keeps what it measured
+                    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         del model, hf
 
-    meta = dict(device=jax.devices()[0].device_kind, model=args.model_size if size else "tiny",
-                config={k: v for k, v in dataclasses.asdict(model_config(variants[0], size, max_length)).items()
-                        if k in ("n_layer", "n_head", "n_embd", "block_size")})
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if args.plot:
         plot(rows, Path(args.plot))
         print(f"plot: {args.plot}")
