@@ -7,7 +7,9 @@ in chunks of 16) and whole chunks; strong decays stay finite; the GLA Pallas ker
 
 GPU (`pytest -m gpu parity_tests/test_simple_gla.py` on the device): bf16, both backends, against FLA 0.6.0's Triton
 `chunk_simple_gla`, `chunk_retention` and `chunk_linear_attn` (normalize=False, as the LinearAttention layer calls
-it), B8 T1024 H12 D64, B2 T4096 H16 D64 and a ragged T = 65, with test_gpu_mixers.py's thresholds.
+it), B8 T1024 H12 D64, B2 T4096 H16 D64 and a ragged T = 65, with test_gpu_mixers.py's thresholds. Where FLA
+refuses its gated backward (chunk_simple_gla's dq/dk/dg on Hopper under Triton 3.4 to 3.7.0, FLA issue #640), the
+gradients are held to the fp32 reference within 1.25x FLA's usual bf16 error.
 """
 
 import jax
@@ -183,9 +185,14 @@ def fla_gpu_outputs_and_grads(op, inputs, cotangents):
     else:
         o, ht = chunk_linear_attn(q, k, v, initial_state=h0, output_final_state=True, normalize=False)
     do, dht = (torch.tensor(x, device="cuda") for x in cotangents)
-    ((o.float() * do.bfloat16().float()).sum() + (ht.float() * dht).sum()).backward()
-    leaves = (o, ht, q.grad, k.grad, v.grad) + ((g.grad,) if op == "chunk_simple_gla" else ()) + (h0.grad,)
-    return [t.detach().float().cpu().numpy() for t in leaves]
+    inputs = (q, k, v) + ((g,) if op == "chunk_simple_gla" else ()) + (h0,)
+    try:
+        grads = torch.autograd.grad((o.float() * do.bfloat16().float()).sum() + (ht.float() * dht).sum(), inputs)
+    except RuntimeError as e:  # FLA 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0 (#640)
+        if "#640" not in str(e):
+            raise
+        grads = [None] * len(inputs)
+    return [None if t is None else t.detach().float().cpu().numpy() for t in (o, ht, *grads)]
 
 
 @pytest.mark.gpu
@@ -219,10 +226,15 @@ def test_bf16_parity_with_fla(shape, op, backend):
     if op == "chunk_retention":  # the decay is a constant there: no dg to compare
         got, ref = [x for i, x in enumerate(got) if i != 5], [x for i, x in enumerate(ref) if i != 5]
     names = NAMES if op == "chunk_simple_gla" else tuple(n for n in NAMES if n != "dg")
-    report = {n: {"jax_vs_fla": rel_err(a, f), "jax_vs_fp32": rel_err(a, r), "fla_vs_fp32": rel_err(f, r)}
+    report = {n: {"jax_vs_fp32": rel_err(a, r)} | ({} if f is None else {"jax_vs_fla": rel_err(a, f),
+                                                                          "fla_vs_fp32": rel_err(f, r)})
               for n, a, f, r in zip(names, got, fla, ref)}
     print(op, backend, shape, report)
+    assert len(report) == len(names) and "jax_vs_fla" in report["o"]
     for name, e in report.items():
         tol = FWD_TOL if name in ("o", "ht") else GRAD_TOL
+        if "jax_vs_fla" not in e:  # no FLA gradient on this machine (#640): FLA's usual bf16 error is the bound
+            assert e["jax_vs_fp32"] <= ACCURACY_FACTOR * tol, (name, e)
+            continue
         assert e["jax_vs_fp32"] <= ACCURACY_FACTOR * max(e["fla_vs_fp32"], tol), (name, e)
         assert e["jax_vs_fla"] <= max(tol, NOISE_FACTOR * e["fla_vs_fp32"]), (name, e)

@@ -77,7 +77,8 @@ INPUT_DTYPES = {  # op -> dtype of each of op_inputs' arrays (q, k, v, *gates, d
     "chunk_retention": ("bfloat16",) * 4,
     "chunk_linear_attn": ("bfloat16",) * 4,
 }
-GATED_DELTA = ("chunk_gated_delta_rule", "gated_deltanet")  # FLA runs these through its gated backward
+# what FLA runs through its gated chunk_bwd_dqkwg (refused on Hopper: lift_fla_hopper_guard)
+FLA_GATED_BWD = ("chunk_gated_delta_rule", "gated_deltanet", "chunk_simple_gla")
 LAYER_OPTIONS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "deltanet": ("deltanet", {}),
                  "gated_deltanet": ("gated_deltanet", {})}
 
@@ -239,10 +240,10 @@ def jax_op(op, impl, sets, options):
 
 
 def lift_fla_hopper_guard():
-    """FLA 0.6.0 refuses the gated delta rule's backward (its `chunk_bwd_dqkwg` with a gate) on Hopper under Triton
-    3.4 to 3.7.0, where that kernel's results are wrong (FLA issue #640; its fixes, Triton >= 3.7.1 or its TileLang
-    backend, are not on the device image). For timing only, lift the guard: the same Triton kernels do the same work,
-    and nothing reads their gradients. Returns a note for the rows where it was lifted, else None."""
+    """FLA 0.6.0 refuses its gated backward (`chunk_bwd_dqkwg` with a gate: the gated delta rule, simple GLA) on
+    Hopper under Triton 3.4 to 3.7.0, where that kernel's results are wrong (FLA issue #640; its fixes, Triton >= 3.7.1
+    or its TileLang backend, are not on the device image). For timing only, lift the guard: the same Triton kernels
+    do the same work, and nothing reads their gradients. Returns a note for the rows where it was lifted, else None."""
     import fla.ops.common.chunk_o as chunk_o
 
     if not (chunk_o.IS_NVIDIA_HOPPER and chunk_o.TRITON_ABOVE_3_4_0 and not chunk_o.TRITON_ABOVE_3_7_1):
@@ -422,7 +423,7 @@ def run(args):
                 nbytes = op_bytes(B, T, H, D, D, *gate_bytes)
                 label = f"B{B} T{T} H{H} D{D}"
                 try:
-                    fla_note = lift_fla_hopper_guard() if op in GATED_DELTA else None
+                    fla_note = lift_fla_hopper_guard() if op in FLA_GATED_BWD else None
                     fstep, fsets = fla_op(op, sets)
                     fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
                     if args.profile:
@@ -447,7 +448,7 @@ def run(args):
                         nbytes = layer_bytes(op, B, T, C, H, n_params)
                         if fla_ms is None and fla_err is None:
                             try:
-                                fla_note = lift_fla_hopper_guard() if op in GATED_DELTA else None
+                                fla_note = lift_fla_hopper_guard() if op in FLA_GATED_BWD else None
                                 fstep, fsets = fla_layer(op, B, T, C, H, jlayer, rng)
                                 fla_ms = [time_torch(fstep, fsets, args.reps, args.inner) for _ in range(2)]
                                 del fsets
