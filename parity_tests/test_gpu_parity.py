@@ -6,6 +6,9 @@ above FLA's layer-level thresholds (4e-3 forward, 8e-3 gradients). So the test a
   - jaxgpt bf16 as close to the fp32 reference as torch_ref bf16 is (within 25%), and
   - jaxgpt vs torch_ref bf16 within FLA's threshold or 1.5x PyTorch's own bf16 error, whichever is larger,
 for logits, loss and every parameter gradient (scalar parameters pooled, see pool_scalars). Run on the device: `pytest -m gpu parity_tests`.
+Where FLA refuses its gated backward (the Gated DeltaNet presets on Hopper under Triton 3.4 to 3.7.0, FLA issue
+#640), torch_ref has no gradients to compare: the test compares logits and loss, and the layer's gradients are held
+to an fp32 reference in parity_tests/test_gpu_mixers.py.
 """
 
 import json
@@ -43,11 +46,17 @@ def pool_scalars(grads: dict[str, np.ndarray], max_size: int = 64) -> dict[str, 
 
 
 def torch_outputs(model, idx, targets, autocast: bool):
+    """Logits, loss and parameter gradients; gradients None where FLA refuses its gated backward (#640)."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         logits = model(idx)
         loss = model.loss(idx, targets)
-    loss.backward()
+    try:
+        loss.backward()
+    except RuntimeError as e:  # FLA 0.6.0's gated backward on Hopper under Triton 3.4 to 3.7.0
+        if "#640" not in str(e):
+            raise
+        return logits.float().detach().cpu().numpy(), loss.item(), None
     grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
     return logits.float().detach().cpu().numpy(), loss.item(), grads
 
@@ -66,13 +75,16 @@ def test_bf16_parity_with_torch_ref(variant):
     t_logits, t_loss, t_grads = torch_outputs(tmodel, t_idx, t_tgt, autocast=True)
     j_logits = np.asarray(jmodel(idx), np.float32)
     j_loss, j_grads = jax_grads(jmodel, idx, targets)
-    ref_grads, t_grads, j_grads = (pool_scalars(g) for g in (ref_grads, t_grads, j_grads))
+    if ref_grads is None or t_grads is None:  # no torch gradients on this machine (#640): logits and loss only
+        ref_grads = t_grads = {}
+    ref_grads, t_grads, j_grads = (pool_scalars(g) if g else g for g in (ref_grads, t_grads, j_grads))
 
     report = {
         "variant": variant,
         "logits": {"jax_vs_torch": rel_err(j_logits, t_logits), "jax_vs_fp32": rel_err(j_logits, ref_logits),
                    "torch_vs_fp32": rel_err(t_logits, ref_logits)},
         "loss": {"jax": j_loss, "torch": t_loss, "fp32": ref_loss},
+        "torch_gradients": bool(t_grads),
         "grads_jax_vs_torch": {n: rel_err(j_grads[n], t_grads[n]) for n in t_grads},
         "grads_torch_vs_fp32": {n: rel_err(t_grads[n], ref_grads[n]) for n in t_grads},
         "grads_jax_vs_fp32": {n: rel_err(j_grads[n], ref_grads[n]) for n in t_grads},
