@@ -248,6 +248,13 @@ def test_greedy_matches_transformers_generate(exported):
                           max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=50256)
     assert_same_greedy(ours, out[:, prompts.shape[1]:].numpy())
     assert min(len(row) for row in ours) == NEW_TOKENS  # no row ended early: all 32 tokens compared
+    if model_class is JaxgptForCausalLM:  # generate() asks for the last position's logits only (logits_to_keep=1)
+        assert hf._supports_logits_to_keep()
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            full, last = hf(ids).logits, hf(ids, logits_to_keep=1).logits
+        assert last.shape == (2, 1, full.shape[-1])
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
 
 
 # A fresh process loading the export with transformers alone (trust_remote_code): greedy generate() of argv[2]'s

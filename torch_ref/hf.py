@@ -68,8 +68,10 @@ class JaxgptForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Cache | None = None,
                 use_cache: bool | None = None, previous_token: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
-        """input_ids [B, T] -> logits [B, T, V] (fp32 on CPU). With `use_cache` (or a `cache`, `past_key_values`
+                past_key_values: Cache | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        """input_ids [B, T] -> logits [B, T, V] (fp32 on CPU), or at the positions `logits_to_keep` names (the last
+        N, 0: all; generate() asks for 1, so a long prompt's prefill forms no [B, T, V] logits). With `use_cache` (or a `cache`, `past_key_values`
         in older transformers) input_ids continue the tokens the cache holds, `previous_token` [B] the last of them
         (`prepare_inputs_for_generation`), and the output carries the extended cache. Without a cache the attention
         mask and other HF arguments are ignored: the model is causal and lm-eval feeds unpadded or right-padded rows;
@@ -79,7 +81,7 @@ class JaxgptForCausalLM(PreTrainedModel, GenerationMixin):
             cache = self.new_cache()
         if cache is not None and attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("jaxgpt exports generate rows of equal length only: the attention mask has padding")
-        logits = self.gpt(input_ids, cache, previous_token)
+        logits = self.gpt(input_ids, cache, previous_token, logits_to_keep)
         return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, *args, **kwargs) -> dict:

@@ -43,9 +43,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
-    def forward(self, idx: torch.Tensor, cache: Cache | None = None,
-                previous: torch.Tensor | None = None) -> torch.Tensor:
-        """idx [B, T] -> logits [B, T, V].
+    def forward(self, idx: torch.Tensor, cache: Cache | None = None, previous: torch.Tensor | None = None,
+                keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """idx [B, T] -> logits [B, T', V] at the positions `keep` names: the last `keep` (0: all T) or an index
+        tensor, as transformers' `logits_to_keep` (a prefill needs the last position's only).
 
         Decoding: with a transformers Cache (a DynamicCache for softmax attention, torch_ref.linear_attn.new_fla_cache
         for linear mixers) idx continues the tokens the cache has seen: positions start at its length, `previous`
@@ -57,6 +58,7 @@ class GPT(nn.Module):
             if ve is not None:
                 x = x + ve
             x = block(x, cache)
+        x = x[:, slice(-keep, None) if isinstance(keep, int) else keep]  # slice(-0, None): every position
         logits = F.linear(self.ln_f(x), self.embedding.lm_head_weight())
         transform = OUTPUT_TRANSFORMS.get(self.cfg.loss)
         return logits if transform is None else transform(logits)
