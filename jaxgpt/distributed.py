@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxgpt.errors import UserError
 
 DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed's own default: long enough for a busy host to answer
+DEFAULT_CONNECT_SECONDS = 300  # jax.distributed's own default: hosts of one job may start minutes apart
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
 
 
@@ -50,6 +53,7 @@ class Launch:
     num_processes: int | None
     process_id: int | None
     heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS
+    connect_seconds: int = DEFAULT_CONNECT_SECONDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heartbeat-seconds", type=int, default=DEFAULT_HEARTBEAT_SECONDS, metavar="S",
                        help="a process silent for S seconds counts as dead and ends the others "
                        f"(default {DEFAULT_HEARTBEAT_SECONDS})")
+    group.add_argument("--connect-seconds", type=int, default=DEFAULT_CONNECT_SECONDS, metavar="S",
+                       help="how long a process waits for the coordinator and the others to join before it stops "
+                       f"with an error (default {DEFAULT_CONNECT_SECONDS})")
 
 
 def launch_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Launch | None:
@@ -73,8 +80,9 @@ def launch_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
         raise UserError(f"--num-processes must be >= 1, got {n}")
     if i is not None and (i < 0 or (n is not None and i >= n)):
         raise UserError(f"--process-id must be in 0..{n - 1 if n else 'N-1'}, got {i}")
-    if args.heartbeat_seconds < 1:
-        raise UserError(f"--heartbeat-seconds must be >= 1, got {args.heartbeat_seconds}")
+    for flag, value in (("--heartbeat-seconds", args.heartbeat_seconds), ("--connect-seconds", args.connect_seconds)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     slurm = all(v in environ for v in SLURM_VARS) and int(environ["SLURM_NTASKS"]) > 1
     jax_env = "JAX_COORDINATOR_ADDRESS" in environ
     if n == 1 or (n is None and i is None and coordinator is None and not slurm and not jax_env):
@@ -85,18 +93,40 @@ def launch_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
             missing.insert(0, "--coordinator (or JAX_COORDINATOR_ADDRESS)")
         if missing:
             raise UserError(f"a run of several processes outside SLURM needs {', '.join(missing)}")
-    return Launch(coordinator, n, i, args.heartbeat_seconds)
+    return Launch(coordinator, n, i, args.heartbeat_seconds, args.connect_seconds)
+
+
+def wait_for_coordinator(address: str, seconds: int) -> None:
+    """Wait until the coordinator at HOST:PORT accepts connections (process 0 may start later than the others), or
+    raise a UserError after `seconds`. jax.distributed itself ends a process whose coordinator never answers with
+    SIGABRT and a C++ stack trace."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"the coordinator address must be HOST:PORT, got {address!r}")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(f"no coordinator answered at {address} within {seconds} s (--connect-seconds): "
+                                f"{e.strerror or e}; is process 0 running there?") from None
+            time.sleep(0.5)
 
 
 def initialize(launch: Launch | None) -> None:
     """Join the run of several processes `launch` describes (nothing for None); call before any JAX computation."""
     if launch is None:
         return
+    address = launch.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address and launch.process_id:  # process 0 hosts the coordinator; SLURM's address is jax.distributed's
+        wait_for_coordinator(address, launch.connect_seconds)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
             launch.coordinator, launch.num_processes, launch.process_id, local_device_ids=(),
-            heartbeat_timeout_seconds=launch.heartbeat_seconds,
+            initialization_timeout=launch.connect_seconds, heartbeat_timeout_seconds=launch.heartbeat_seconds,
         )
     except (RuntimeError, ValueError) as e:  # no coordinator reachable, a bad address, ids that do not match
         line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

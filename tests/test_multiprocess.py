@@ -228,8 +228,8 @@ SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCI
     (["--num-processes", "1"], {}, None),
     ([], {**SLURM, "SLURM_NTASKS": "1"}, None),  # a one-task SLURM job is a one-process run
     ([], {**SLURM, "SLURM_NTASKS": "2"}, Launch(None, None, None)),  # jax.distributed reads SLURM's variables
-    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1", "--heartbeat-seconds", "9"], {},
-     Launch("h:1", 2, 1, 9)),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1", "--heartbeat-seconds", "9",
+      "--connect-seconds", "8"], {}, Launch("h:1", 2, 1, 9, 8)),
     (["--num-processes", "2", "--process-id", "0"], {"JAX_COORDINATOR_ADDRESS": "h:1"}, Launch(None, 2, 0)),
 ])
 def test_launch_from_flags_and_environment(argv, environ, want):
@@ -243,10 +243,30 @@ def test_launch_from_flags_and_environment(argv, environ, want):
     (["--coordinator", "h:1", "--num-processes", "2"], "needs --process-id"),
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--heartbeat-seconds", "0"],
      "--heartbeat-seconds must be >= 1"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--connect-seconds", "0"],
+     "--connect-seconds must be >= 1"),
 ])
 def test_bad_launch_flags(argv, needle):
     with pytest.raises(UserError, match=needle.replace(".", r"\.")):
         launch(argv, {})
+
+
+@pytest.mark.parametrize("address, needle", [
+    ("127.0.0.1:{port}", "no coordinator answered at 127.0.0.1:{port} within 1 s (--connect-seconds)"),
+    ("127.0.0.1", "the coordinator address must be HOST:PORT, got '127.0.0.1'"),
+])
+def test_unreachable_coordinator_is_one_line(address, needle, tmp_path):
+    """A process I > 0 whose coordinator never answers (nothing listens on the port) or whose address is malformed
+    stops after --connect-seconds with one line, not jax.distributed's SIGABRT and stack trace."""
+    port = free_port()
+    p = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--coordinator", address.format(port=port),
+                        "--num-processes", "2", "--process-id", "1", "--connect-seconds", "1", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                       env=train_env(tmp_path / "cache"))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().startswith(f"error: {needle.format(port=port)}"), p.stderr[-2000:]
+    assert p.stderr.strip().count("\n") == 0, p.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_sampler_rows_are_rows_of_the_whole_batch(default_corpus):
