@@ -30,6 +30,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -47,6 +48,11 @@ from jaxgpt.optim import make_optimizer
 from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.spec.variants import PRESETS
 from jaxgpt.tokenizer import _ASSETS, EOT
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+    from torch_ref.hf import JaxgptForCausalLM
 
 FORMATS = ("auto", "gpt2", "torch_ref")
 META_FILE = "jaxgpt.json"
@@ -105,7 +111,7 @@ def is_plain_gpt2(model: ModelConfig) -> bool:
     )
 
 
-def gpt2_tokenizer():
+def gpt2_tokenizer() -> GPT2TokenizerFast:
     """GPT2TokenizerFast from the shipped BPE files (vocab=/merges= objects; paths would build it empty)."""
     from transformers import GPT2TokenizerFast
 
@@ -121,7 +127,7 @@ def _tensors(state_dict: dict[str, np.ndarray]) -> dict:
     return {k: torch.tensor(v) for k, v in state_dict.items()}
 
 
-def gpt2_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]):
+def gpt2_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]) -> GPT2LMHeadModel:
     """GPT2LMHeadModel holding a plain GPT-2's weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -176,7 +182,7 @@ def modeling_sources() -> dict[str, str]:
     return sources
 
 
-def torch_ref_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]):
+def torch_ref_model(model: ModelConfig, torch_sd: dict[str, np.ndarray]) -> JaxgptForCausalLM:
     """JaxgptForCausalLM (torch_ref) holding the weights, its config pointing at the shipped modeling file."""
     from torch_ref.hf import JaxgptConfig, JaxgptForCausalLM
 

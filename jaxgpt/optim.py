@@ -17,8 +17,9 @@ def learning_rate(cfg: Config, it: jax.Array | int) -> jax.Array:
     return jnp.where(it < cfg.warmup_iters, warmup, cosine)
 
 
-def decay_mask(params) -> object:
-    """Weight decay on matrices and embeddings (ndim >= 2); none on biases, norm gains and scalars."""
+def decay_mask(params: object) -> object:
+    """A tree of bools over the parameter tree: weight decay on matrices and embeddings (ndim >= 2); none on
+    biases, norm gains and scalars."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
