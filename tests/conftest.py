@@ -6,6 +6,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +14,18 @@ sys.path.insert(0, str(ROOT))  # import jaxgpt from this checkout under a bare `
 
 from cli_runs import SCHEDULE, TIMEOUT, TINY, Run, locked, shared_dir, train_env  # noqa: E402
 from jaxgpt.data import ensure_default_corpus, is_prepared  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The persistent compilation cache of the training subprocesses (train_env), used by this process too: the
+    in-process train() calls build fresh jitted steps, which compile the same programs again (about 6 s each for
+    the tiny model on 2 cores). It only saves compile time: the cache is keyed on the compiled program."""
+    cache = shared_dir(tmp_path_factory, "jax-compilation-cache")
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache
 
 
 @pytest.fixture(scope="session")
