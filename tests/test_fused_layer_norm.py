@@ -132,8 +132,8 @@ def test_model_with_pallas_blocks_matches_xla(monkeypatch, bias):
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
     idx = np.random.default_rng(0).integers(0, 97, (2, cfg.block_size)).astype(np.int32)
 
-    def loss_and_grads():
-        return jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(idx, (idx + 1) % 97))(params)
+    def loss_and_grads():  # jitted, as training runs it: one compile instead of op-by-op dispatch
+        return jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(idx, (idx + 1) % 97)))(params)
 
     want = loss_and_grads()
     monkeypatch.setattr(jblock, "add_layer_norm", partial(add_layer_norm, backend="pallas"))
