@@ -112,28 +112,10 @@ def test_gpt2_export_matches_jax(run, tmp_path):
     assert tok("Hello world")["input_ids"] == [15496, 995]
 
 
-def test_torch_ref_export_loads_in_fresh_process(baseline_run, tmp_path):
-    path = baseline_run
-    cfg, _, _ = load_checkpoint(path)
-    out = export(path, tmp_path / "remote", fmt="torch_ref")
-    idx = tokens(cfg)
-    np.save(tmp_path / "idx.npy", idx)
-    script = (
-        "import sys, numpy as np, torch, transformers as t\n"
-        "m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-        "assert type(m).__name__ == 'JaxgptForCausalLM', type(m)\n"
-        "with torch.no_grad(): np.save(sys.argv[3], m(torch.tensor(np.load(sys.argv[2]))).logits.numpy())\n"
-    )
-    subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "idx.npy"), str(tmp_path / "logits.npy")],
-                   check=True, env=subprocess_env(tmp_path), cwd=tmp_path)
-    err = rel_err(np.load(tmp_path / "logits.npy"), jax_logits(path, idx))
-    print(f"torch_ref export rel err (fresh process): {err:.2e}")
-    assert err < TOL
-
-
 # A fresh process that cannot import JAX, jaxgpt or torch_ref (a meta-path finder refuses them; the checkout is
-# neither the working directory nor on PYTHONPATH): it loads the export folder with transformers alone, saves the
-# logits of argv[2]'s tokens to argv[3] and fails if anything asked whether to trust remote code.
+# neither the working directory nor on PYTHONPATH): it loads each export folder of argv[1::3] with transformers
+# alone, saves the logits of argv[2::3]'s tokens to argv[3::3] and fails if anything asked whether to trust remote
+# code.
 STANDALONE_LOAD = """
 import builtins, importlib.abc, sys
 import numpy as np
@@ -148,35 +130,41 @@ sys.meta_path.insert(0, Refuse())
 prompts = []
 builtins.input = lambda message="": prompts.append(message) or "n"
 import torch, transformers as t
-model = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-assert type(model).__name__ == "JaxgptForCausalLM", type(model)
-tok = t.AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
-assert tok("Hello world")["input_ids"] == [15496, 995]
-assert not prompts, prompts
-with torch.no_grad():
-    np.save(sys.argv[3], model(torch.tensor(np.load(sys.argv[2]))).logits.numpy())
+for folder, idx, logits in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):
+    model = t.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__name__ == "JaxgptForCausalLM", type(model)
+    tok = t.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert not prompts, prompts
+    with torch.no_grad():
+        np.save(logits, model(torch.tensor(np.load(idx))).logits.numpy())
 """
+STANDALONE_VARIANTS = ["baseline", "gla_conv", "value_embed"]  # gla_conv, value_embed: modules beyond the baseline's
 
 
-@pytest.mark.parametrize("variant", ["gla_conv", "value_embed"])
-def test_torch_ref_export_stands_alone(variant, tmp_path):
-    """The folder carries its model code: it loads where JAX, jaxgpt and torch_ref cannot be imported, and
-    computes the JAX model's logits."""
-    cfg = make_run(tmp_path / "run", bias=False, variant=variant)
-    out = export(tmp_path / "run", tmp_path / "hf", fmt="torch_ref")
-    assert set(modeling_sources()) <= {p.name for p in out.iterdir()}
-    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
-    assert "auto_map" not in tokenizer_config and tokenizer_config["tokenizer_class"].startswith("GPT2Tokenizer")
-    idx = tokens(cfg)
-    np.save(tmp_path / "idx.npy", idx)
+def test_torch_ref_exports_stand_alone(tmp_path):
+    """The folder carries its model code: a fresh process where JAX, jaxgpt and torch_ref cannot be imported loads
+    the export of each of STANDALONE_VARIANTS and computes its JAX model's logits. One process loads all three
+    (the folders hold the same modeling files, which transformers copies from each folder and fails on one that is
+    missing there)."""
+    argv, cfgs = [], {}
+    for variant in STANDALONE_VARIANTS:
+        run = tmp_path / variant / "run"
+        cfgs[variant] = make_run(run, bias=False, variant=variant)
+        out = export(run, tmp_path / variant / "hf", fmt="torch_ref")
+        assert set(modeling_sources()) <= {p.name for p in out.iterdir()}
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+        assert "auto_map" not in tokenizer_config and tokenizer_config["tokenizer_class"].startswith("GPT2Tokenizer")
+        np.save(tmp_path / variant / "idx.npy", tokens(cfgs[variant]))
+        argv += [str(out), str(tmp_path / variant / "idx.npy"), str(tmp_path / variant / "logits.npy")]
     env = {k: v for k, v in subprocess_env(tmp_path).items() if k != "PYTHONPATH"}
     (tmp_path / "cwd").mkdir()
-    subprocess.run([sys.executable, "-c", STANDALONE_LOAD, str(out), str(tmp_path / "idx.npy"),
-                    str(tmp_path / "logits.npy")], check=True, env=env, cwd=tmp_path / "cwd")
-    _, _, params = load_checkpoint(tmp_path / "run")
-    err = rel_err(np.load(tmp_path / "logits.npy"), apply_jax(cfg, params, idx))
-    print(f"stand-alone torch_ref export rel err ({variant}): {err:.2e}")
-    assert err < TOL
+    subprocess.run([sys.executable, "-c", STANDALONE_LOAD, *argv], check=True, env=env, cwd=tmp_path / "cwd")
+    for variant, cfg in cfgs.items():
+        _, _, params = load_checkpoint(tmp_path / variant / "run")
+        err = rel_err(np.load(tmp_path / variant / "logits.npy"), apply_jax(cfg, params, tokens(cfg)))
+        print(f"stand-alone torch_ref export rel err ({variant}): {err:.2e}")
+        assert err < TOL, variant
 
 
 def test_modeling_sources_are_flat_and_import_only_each_other():
