@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from cli_runs import SCHEDULE, TINY, assert_trees_equal, leaves, restore
+from cli_runs import SCHEDULE, TINY, assert_trees_equal, leaves, locked, restore, shared_dir
 
 from jaxgpt.checkpoint import load_run
 from jaxgpt.spec.config import Config, ModelConfig, apply_overrides
@@ -340,7 +340,9 @@ def test_bench_scaling_smoke(tmp_path):
 # gradient accumulation on a mesh: one reduction per step after the micro-batch loop, same step as on one device
 # ---------------------------------------------------------------------------------------------------
 
-# argv: device count, mesh spec. Prints {devices: {loss, grad_norm, params, collectives}} for 1 device and those.
+# argv: "devices:mesh spec" pairs. Prints {"devices:mesh spec": {loss, grad_norm, params, collectives}} for 1 device
+# ("1:") and each pair, on the first `devices` of the process's virtual devices. The step that runs is the compiled
+# executable whose HLO is counted.
 ACCUM_SCRIPT = """
 import json, re, sys
 import jax, numpy as np
@@ -361,37 +363,52 @@ cfg = apply_overrides(Config(), {"model.n_layer": 1, "model.n_embd": 32, "model.
 rng = np.random.default_rng(0)
 x, y = (rng.integers(0, 50257, (3, 4, 16), dtype=np.int32) for _ in range(2))
 out = {}
-for n, spec in ((1, ""), (int(sys.argv[1]), sys.argv[2])):
-    mesh = make_mesh(4, spec, devices=jax.devices()[:n])
+for key in ("1:", *sys.argv[1:]):
+    n, spec = key.split(":")
+    mesh = make_mesh(4, spec, devices=jax.devices()[:int(n)])
     graphdef, params = nnx.split(init_model(cfg.model), nnx.Param)
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
     ps, os_ = state_shardings(params, mesh), state_shardings(opt_state, mesh)
     step = make_train_step(graphdef, tx, params, opt_state, param_shardings=ps, opt_shardings=os_)
-    args = (jax.device_put(params, ps), jax.device_put(opt_state, os_),
+    args = (*step.leaves(jax.device_put(params, ps), jax.device_put(opt_state, os_)),
             *(jax.device_put(a, batch_sharding(mesh, 3)) for a in (x, y)))
-    hlo = step.jitted.lower(*step.leaves(*args[:2]), *args[2:]).compile().as_text()
+    compiled = step.jitted.lower(*args).compile()
+    hlo = compiled.as_text()
     computations = hlo.split("\\n\\n")
     nested = [c for c in computations if not c.lstrip().startswith(("ENTRY", "HloModule"))]  # loop bodies etc.
-    new_params, _, metrics = step(*args)
-    out[n] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-              "params": [np.asarray(p).ravel().tolist()[:64] for p in jax.tree.leaves(new_params)],
-              "collectives": {op: {"total": count(op, [hlo]), "nested": count(op, nested)}
-                              for op in ("all-reduce", "reduce-scatter", "all-gather")}}
+    p, o, metrics = compiled(*args)
+    new_params, _ = step.trees(p, o)
+    out[key] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "params": [np.asarray(p).ravel().tolist()[:64] for p in jax.tree.leaves(new_params)],
+                "collectives": {op: {"total": count(op, [hlo]), "nested": count(op, nested)}
+                                for op in ("all-reduce", "reduce-scatter", "all-gather")}}
 print(json.dumps(out))
 """
+ACCUM_MESHES = {"data parallel": "2:", "fsdp": "4:data=2,fsdp=2"}
 
 
-def accumulation_step_collectives(devices: int, mesh: str) -> dict[str, dict[str, int]]:
-    """The grad_accum=3 step on `devices` virtual devices laid out as `mesh` equals the 1-device step; -> the
-    counts of its collectives, {op: {"total": in the whole HLO, "nested": outside the entry computation (in the
-    micro-batch loop's body)}}."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-c", ACCUM_SCRIPT, str(devices), mesh], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    one, many = json.loads(p.stdout.strip().splitlines()[-1]).values()
+@pytest.fixture(scope="module")
+def accumulation_steps(tmp_path_factory) -> dict[str, dict]:
+    """The grad_accum=3 step on 1 device and on each of ACCUM_MESHES, in one process of 4 virtual devices, run once
+    per pytest invocation (the first xdist worker to get here runs it, the others read its result)."""
+    root = shared_dir(tmp_path_factory, "accumulation")
+    with locked(root / "lock"):
+        record = root / "steps.json"
+        if not record.exists():
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                       PYTHONPATH=str(ROOT))
+            p = subprocess.run([sys.executable, "-c", ACCUM_SCRIPT, *ACCUM_MESHES.values()], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+            record.write_text(p.stdout.strip().splitlines()[-1])
+        return json.loads(record.read_text())
+
+
+def accumulation_step_collectives(steps: dict[str, dict], mesh: str) -> dict[str, dict[str, int]]:
+    """The grad_accum=3 step on ACCUM_MESHES[mesh] equals the 1-device step; -> the counts of its collectives,
+    {op: {"total": in the whole HLO, "nested": outside the entry computation (in the micro-batch loop's body)}}."""
+    one, many = steps["1:"], steps[ACCUM_MESHES[mesh]]
     assert all(c["total"] == 0 for c in one["collectives"].values()), one["collectives"]
     assert abs(many["loss"] - one["loss"]) / one["loss"] < LOSS_RTOL
     assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=STATE_RTOL)
@@ -400,18 +417,18 @@ def accumulation_step_collectives(devices: int, mesh: str) -> dict[str, dict[str
     return many["collectives"]
 
 
-def test_data_parallel_accumulation_reduces_once_and_matches_one_device():
+def test_data_parallel_accumulation_reduces_once_and_matches_one_device(accumulation_steps):
     """grad_accum=3 on 2 devices: the gradients are all-reduced once, after the micro-batch loop (not once per
     micro-batch inside it), and the step equals the 1-device step."""
-    all_reduce = accumulation_step_collectives(2, "")["all-reduce"]
+    all_reduce = accumulation_step_collectives(accumulation_steps, "data parallel")["all-reduce"]
     assert all_reduce["total"] >= 1 and all_reduce["nested"] == 0
 
 
-def test_fsdp_accumulation_reduces_over_data_once_and_matches_one_device():
+def test_fsdp_accumulation_reduces_over_data_once_and_matches_one_device(accumulation_steps):
     """grad_accum=3 on 4 devices, mesh data=2,fsdp=2: each micro-batch's gradient shard is reduce-scattered over
     fsdp inside the loop, but the sums over data (and over both axes for the replicated params and the loss)
     are all-reduced once, after the loop; the step equals the 1-device step."""
-    collectives = accumulation_step_collectives(4, "data=2,fsdp=2")
+    collectives = accumulation_step_collectives(accumulation_steps, "fsdp")
     assert collectives["all-gather"]["total"] >= 1  # the sharded embedding (XLA may hoist it out of the loop)
     assert collectives["reduce-scatter"]["nested"] >= 1
     assert collectives["all-reduce"]["total"] >= 1 and collectives["all-reduce"]["nested"] == 0
