@@ -11,9 +11,8 @@ Conv1d default, the norm weight is ones, and A_log and dt_bias are drawn as FLA 
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,7 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import CONV_SIZE, FLA_NORM_EPS, GDN_A_INIT_MAX, GDN_DT_INIT_FLOOR, GDN_DT_MAX, GDN_DT_MIN
 
 from .fla_naive import naive_gated_delta_rule_l2, naive_gdn_gate
-from .linear_attn import LayerState, ShortConvolution, head_norm
+from .linear_attn import FLATwin, LayerState, ShortConvolution, head_norm, mixer_class
 from .norms import RMSNorm
 
 if TYPE_CHECKING:
@@ -52,9 +51,16 @@ def gated_deltanet_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | N
     return m.o_proj(o.reshape(B, T, -1))
 
 
-class NaiveGatedDeltaNet(nn.Module):
+class NaiveGatedDeltaNet(FLATwin):
     """fla.layers.GatedDeltaNet's module tree for the options the variants use (head_dim C / H, expand_v 1, output
     gate, short convolutions)."""
+
+    FLA_NAME = "GatedDeltaNet"
+
+    @staticmethod
+    def fla_options(hidden_size: int, num_heads: int) -> dict[str, Any]:
+        return dict(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, head_dim=hidden_size // num_heads,
+                    expand_v=1.0, use_gate=True, use_short_conv=True, conv_size=CONV_SIZE)
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -76,29 +82,7 @@ class NaiveGatedDeltaNet(nn.Module):
     forward = gated_deltanet_naive_forward
 
 
-@functools.cache
-def layer_class() -> type[nn.Module]:
-    """FLA's GatedDeltaNet with CUDA (output only; the naive path for CPU inputs), else the twin. Both take the
-    twin's constructor arguments and fix the variants' other FLA options (docs/variants.md)."""
-    if not torch.cuda.is_available():
-        return NaiveGatedDeltaNet
-    import fla.layers
-
-    class FLAGatedDeltaNet(fla.layers.GatedDeltaNet):
-        def __init__(self, hidden_size: int, num_heads: int):
-            super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads,
-                             head_dim=hidden_size // num_heads, expand_v=1.0, use_gate=True, use_short_conv=True,
-                             conv_size=CONV_SIZE)
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            if not x.is_cuda:
-                return gated_deltanet_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    return FLAGatedDeltaNet
-
-
 def gated_delta_net(cfg: ModelConfig) -> nn.Module:
     """fla.layers.GatedDeltaNet(mode='chunk', hidden_size=C, num_heads=H, head_dim=C // H, expand_v=1.0,
     use_gate=True, use_short_conv=True, conv_size=4): [B, T, C] -> [B, T, C]."""
-    return layer_class()(cfg.n_embd, cfg.n_head)
+    return mixer_class(NaiveGatedDeltaNet)(cfg.n_embd, cfg.n_head)

@@ -13,9 +13,7 @@ Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02)); the nor
 
 from __future__ import annotations
 
-import functools
-import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -25,7 +23,7 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import FLA_NORM_EPS
 
 from .fla_naive import naive_gla
-from .linear_attn import LayerState, state_v_first
+from .linear_attn import FLATwin, LayerState, mixer_class, state_v_first
 from .norms import RMSNorm, rms_normalize
 
 if TYPE_CHECKING:
@@ -45,8 +43,14 @@ def hgrn2_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = Non
     return m.o_proj(rms_normalize(o.reshape(B, T, -1), m.g_norm.weight, FLA_NORM_EPS).to(x.dtype))
 
 
-class NaiveHGRN2Attention(nn.Module):
+class NaiveHGRN2Attention(FLATwin):
     """fla.layers.HGRN2Attention's module tree for expand_ratio = C / H without short convolutions."""
+
+    FLA_NAME = "HGRN2Attention"
+
+    @staticmethod
+    def fla_options(hidden_size: int, num_heads: int) -> dict[str, Any]:
+        return dict(hidden_size=hidden_size, num_heads=num_heads, expand_ratio=None)
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -60,26 +64,6 @@ class NaiveHGRN2Attention(nn.Module):
     forward = hgrn2_naive_forward
 
 
-@functools.cache
-def layer_class() -> type[nn.Module]:
-    """FLA's HGRN2Attention with CUDA (output only; the naive path for CPU inputs), else the twin. Both take the
-    twin's constructor arguments."""
-    if not torch.cuda.is_available():
-        return NaiveHGRN2Attention
-    fla_layers = importlib.import_module("fla.layers")  # by name: see torch_ref.linear_attn.layer_classes
-
-    class FLAHGRN2Attention(fla_layers.HGRN2Attention):
-        def __init__(self, hidden_size: int, num_heads: int):
-            super().__init__(hidden_size=hidden_size, num_heads=num_heads, expand_ratio=None)
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            if not x.is_cuda:
-                return hgrn2_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    return FLAHGRN2Attention
-
-
 def hgrn2_attention(cfg: ModelConfig) -> nn.Module:
     """fla.layers.HGRN2Attention(hidden_size=C, num_heads=H, expand_ratio=None): [B, T, C] -> [B, T, C]."""
-    return layer_class()(cfg.n_embd, cfg.n_head)
+    return mixer_class(NaiveHGRN2Attention)(cfg.n_embd, cfg.n_head)

@@ -12,7 +12,6 @@ Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02), biases z
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +21,7 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import FLA_NORM_EPS
 
 from .fla_naive import naive_linear_attn
-from .linear_attn import LayerState, head_norm
+from .linear_attn import FLATwin, LayerState, head_norm, mixer_class
 from .norms import RMSNorm
 
 if TYPE_CHECKING:
@@ -53,9 +52,11 @@ def linear_attention_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache |
     return m.o_proj(o.reshape(B, T, -1))
 
 
-class NaiveLinearAttention(nn.Module):
+class NaiveLinearAttention(FLATwin):
     """fla.layers.LinearAttention's module tree with its defaults (expand_k = expand_v = 1, Hadamard feature maps,
     output RMSNorm)."""
+
+    FLA_NAME = "LinearAttention"
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -72,26 +73,6 @@ class NaiveLinearAttention(nn.Module):
     forward = linear_attention_naive_forward
 
 
-@functools.cache
-def layer_class() -> type[nn.Module]:
-    """FLA's LinearAttention with CUDA (output only; the naive path for CPU inputs), else the twin. Both take the
-    twin's constructor arguments; every other option is FLA's default."""
-    if not torch.cuda.is_available():
-        return NaiveLinearAttention
-    import fla.layers
-
-    class FLALinearAttention(fla.layers.LinearAttention):
-        def __init__(self, hidden_size: int, num_heads: int):
-            super().__init__(hidden_size=hidden_size, num_heads=num_heads)
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            if not x.is_cuda:
-                return linear_attention_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    return FLALinearAttention
-
-
 def linear_attention(cfg: ModelConfig) -> nn.Module:
     """fla.layers.LinearAttention(hidden_size=C, num_heads=H): [B, T, C] -> [B, T, C]."""
-    return layer_class()(cfg.n_embd, cfg.n_head)
+    return mixer_class(NaiveLinearAttention)(cfg.n_embd, cfg.n_head)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -118,6 +118,53 @@ def head_norm(norm: nn.Module, x: torch.Tensor, g: torch.Tensor | None = None) -
     return rms_normalize(x, norm.weight, norm.eps, g).to(x.dtype)
 
 
+class FLATwin(nn.Module):
+    """A Triton-free twin of an FLA layer: FLA's module tree and parameter names, computing with FLA's naive ops.
+    A subclass names the FLA layer (`FLA_NAME` in fla.layers), maps its constructor arguments to FLA's keyword
+    arguments (`fla_options`) and sets `forward` to its naive forward, which runs on FLA's layer too."""
+
+    FLA_NAME: ClassVar[str]
+
+    @staticmethod
+    def fla_options(hidden_size: int, num_heads: int) -> dict[str, Any]:
+        """FLA's constructor arguments for the twin's; every other option is FLA's default."""
+        return dict(hidden_size=hidden_size, num_heads=num_heads)
+
+    @staticmethod
+    def naive_only(x: torch.Tensor) -> bool:
+        """Whether FLA's layer leaves x [B, T, C] to the twin's forward: inputs on the CPU (FLA computes in Triton)."""
+        return not x.is_cuda
+
+    @staticmethod
+    def fla_init(layer: nn.Module) -> None:
+        """What FLA's layer needs, after its constructor, for the twin's forward to run on it (nothing here)."""
+
+
+@functools.cache
+def mixer_class(twin: type[FLATwin]) -> type[nn.Module]:
+    """The class of a linear mixer: without CUDA the twin (fla.layers cannot be imported without Triton); with CUDA
+    FLA's own `fla.layers.<twin.FLA_NAME>`, built from the twin's constructor arguments, whose forward(x [B, T, C],
+    cache) returns the output only (FLA returns (o, attentions, cache)) and gives the inputs `twin.naive_only` names
+    to the twin's forward. fla.layers is imported by name: transformers' remote-code check requires every package an
+    exported file names in an import statement, and only the linear mixers need FLA."""
+    if not torch.cuda.is_available():
+        return twin
+    base = getattr(importlib.import_module("fla.layers"), twin.FLA_NAME)
+
+    class FLALayer(base):
+        def __init__(self, *args: Any):
+            super().__init__(**twin.fla_options(*args))
+            twin.fla_init(self)
+
+        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+            if twin.naive_only(x):
+                return twin.forward(self, x, cache)
+            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
+
+    FLALayer.__name__ = FLALayer.__qualname__ = f"FLA{twin.FLA_NAME}"
+    return FLALayer
+
+
 def gla_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
     """What fla.layers.GatedLinearAttention.forward computes (x [B, T, C]), with FLA's naive recurrent GLA."""
     B, T, _ = x.shape
@@ -143,8 +190,15 @@ def deltanet_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = 
     return m.o_proj(o.reshape(B, T, -1))
 
 
-class NaiveGatedLinearAttention(nn.Module):
+class NaiveGatedLinearAttention(FLATwin):
     """fla.layers.GatedLinearAttention's module tree for the options the variants use (swish-gated fused norm)."""
+
+    FLA_NAME = "GatedLinearAttention"
+
+    @staticmethod
+    def fla_options(hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool) -> dict[str, Any]:
+        return dict(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, expand_k=expand_k, expand_v=1.0,
+                    use_output_gate=True, gate_fn="swish", use_short_conv=use_short_conv, conv_size=CONV_SIZE)
 
     def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
         super().__init__()
@@ -166,8 +220,21 @@ class NaiveGatedLinearAttention(nn.Module):
     forward = gla_naive_forward
 
 
-class NaiveDeltaNet(nn.Module):
+class NaiveDeltaNet(FLATwin):
     """fla.layers.DeltaNet's module tree for the options the variants use (beta, short conv, no output gate)."""
+
+    FLA_NAME = "DeltaNet"
+
+    @staticmethod
+    def fla_options(hidden_size: int, num_heads: int) -> dict[str, Any]:
+        return dict(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, use_beta=True, use_short_conv=True,
+                    conv_size=CONV_SIZE, qk_activation="silu", qk_norm="l2")
+
+    @staticmethod
+    def naive_only(x: torch.Tensor) -> bool:
+        """CPU inputs, and fp32 ones without autocast (the parity tests' reference), which FLA's chunk_delta_rule
+        refuses."""
+        return not x.is_cuda or (x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -185,52 +252,13 @@ class NaiveDeltaNet(nn.Module):
     forward = deltanet_naive_forward
 
 
-@functools.cache
-def layer_classes() -> tuple[type[nn.Module], type[nn.Module]]:
-    """(GLA, DeltaNet) classes: FLA's own with CUDA (output only; the naive path for CPU inputs), else the twins.
-
-    Both take the constructor arguments of the twins and fix the variants' other FLA options (docs/variants.md).
-    """
-    if not torch.cuda.is_available():
-        return NaiveGatedLinearAttention, NaiveDeltaNet
-    # By name: transformers' remote-code check requires every package an exported file names in an import
-    # statement, and FLA is needed only by the linear mixers.
-    fla_layers = importlib.import_module("fla.layers")
-
-    class FLAGatedLinearAttention(fla_layers.GatedLinearAttention):
-        def __init__(self, hidden_size: int, num_heads: int, expand_k: float, use_short_conv: bool):
-            super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, expand_k=expand_k,
-                             expand_v=1.0, use_output_gate=True, gate_fn="swish", use_short_conv=use_short_conv,
-                             conv_size=CONV_SIZE)
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            if not x.is_cuda:
-                return gla_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    class FLADeltaNet(fla_layers.DeltaNet):
-        def __init__(self, hidden_size: int, num_heads: int):
-            super().__init__(mode="chunk", hidden_size=hidden_size, num_heads=num_heads, use_beta=True,
-                             use_short_conv=True, conv_size=CONV_SIZE, qk_activation="silu", qk_norm="l2")
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            # FLA's chunk_delta_rule refuses fp32 inputs, so an fp32 forward (the parity tests' reference: CUDA
-            # without autocast) takes the naive path too.
-            fp32 = x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-            if not x.is_cuda or fp32:
-                return deltanet_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    return FLAGatedLinearAttention, FLADeltaNet
-
-
 def gated_linear_attention(cfg: ModelConfig, expand_k: float = 0.5, use_short_conv: bool = False) -> nn.Module:
     """fla.layers.GatedLinearAttention(mode='chunk', hidden_size=C, num_heads=H, expand_k, expand_v=1.0,
     use_output_gate=True, gate_fn='swish', use_short_conv, conv_size=4): [B, T, C] -> [B, T, C]."""
-    return layer_classes()[0](cfg.n_embd, cfg.n_head, expand_k, use_short_conv)
+    return mixer_class(NaiveGatedLinearAttention)(cfg.n_embd, cfg.n_head, expand_k, use_short_conv)
 
 
 def delta_net(cfg: ModelConfig) -> nn.Module:
     """fla.layers.DeltaNet(hidden_size=C, num_heads=H, use_beta=True, use_short_conv=True, conv_size=4,
     qk_activation='silu', qk_norm='l2'): [B, T, C] -> [B, T, C]."""
-    return layer_classes()[1](cfg.n_embd, cfg.n_head)
+    return mixer_class(NaiveDeltaNet)(cfg.n_embd, cfg.n_head)

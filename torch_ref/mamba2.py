@@ -16,9 +16,7 @@ Effective init: the harness re-draws in_proj and out_proj (N(0, 0.02)); conv1d k
 
 from __future__ import annotations
 
-import functools
-import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -36,7 +34,9 @@ from jaxgpt.spec.constants import (
 
 from .fla_naive import load_fla_file
 from .gated_deltanet import dt_bias_init
-from .linear_attn import LayerState, ShortConvolution, cached_short_conv, short_conv, state_v_first
+from .linear_attn import (
+    FLATwin, LayerState, ShortConvolution, cached_short_conv, mixer_class, short_conv, state_v_first,
+)
 from .norms import RMSNorm, rms_normalize
 
 if TYPE_CHECKING:
@@ -71,8 +71,18 @@ def mamba2_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = No
     return m.out_proj(rms_normalize(y * F.silu(z.float()), m.norm.weight, m.norm.eps).to(x.dtype))
 
 
-class NaiveMamba2(nn.Module):
+class NaiveMamba2(FLATwin):
     """fla.layers.Mamba2's module tree for head_dim = expand * C / H and its other defaults."""
+
+    FLA_NAME = "Mamba2"
+
+    @staticmethod
+    def fla_options(hidden_size: int, num_heads: int) -> dict[str, Any]:
+        return dict(hidden_size=hidden_size, num_heads=num_heads, head_dim=MAMBA2_EXPAND * hidden_size // num_heads)
+
+    @staticmethod
+    def fla_init(layer: nn.Module) -> None:
+        layer.conv1d.activation = layer.activation  # what torch_ref's short_conv reads (the naive path)
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -90,28 +100,6 @@ class NaiveMamba2(nn.Module):
     forward = mamba2_naive_forward
 
 
-@functools.cache
-def layer_class() -> type[nn.Module]:
-    """FLA's Mamba2 with CUDA (output only; the naive path for CPU inputs), else the twin. Both take the twin's
-    constructor arguments."""
-    if not torch.cuda.is_available():
-        return NaiveMamba2
-    fla_layers = importlib.import_module("fla.layers")  # by name: see torch_ref.linear_attn.layer_classes
-
-    class FLAMamba2(fla_layers.Mamba2):
-        def __init__(self, hidden_size: int, num_heads: int):
-            super().__init__(hidden_size=hidden_size, num_heads=num_heads,
-                             head_dim=MAMBA2_EXPAND * hidden_size // num_heads)
-            self.conv1d.activation = self.activation  # what torch_ref's short_conv reads (the naive path)
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            if not x.is_cuda:
-                return mamba2_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    return FLAMamba2
-
-
 def mamba2(cfg: ModelConfig) -> nn.Module:
     """fla.layers.Mamba2(hidden_size=C, num_heads=H, head_dim=2C // H): [B, T, C] -> [B, T, C]."""
-    return layer_class()(cfg.n_embd, cfg.n_head)
+    return mixer_class(NaiveMamba2)(cfg.n_embd, cfg.n_head)

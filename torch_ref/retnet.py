@@ -13,7 +13,6 @@ Effective init: the harness re-draws the nn.Linear weights (N(0, 0.02)); the nor
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +22,7 @@ from jaxgpt.spec.config import ModelConfig
 from jaxgpt.spec.constants import FLA_NORM_EPS, ROPE_THETA, retention_log_decays
 
 from .fla_naive import naive_simple_gla
-from .linear_attn import LayerState, head_norm
+from .linear_attn import FLATwin, LayerState, head_norm, mixer_class
 from .norms import RMSNorm
 
 if TYPE_CHECKING:
@@ -58,9 +57,11 @@ def retnet_naive_forward(m: nn.Module, x: torch.Tensor, cache: Cache | None = No
     return m.o_proj(o.reshape(B, T, -1))
 
 
-class NaiveMultiScaleRetention(nn.Module):
+class NaiveMultiScaleRetention(FLATwin):
     """fla.layers.MultiScaleRetention's parameters with its defaults (expand_k 1, expand_v 2, swish-gated fused
     norm, no short convolutions); FLA's parameter-free `rotary` module is the function `rotary_embedding`."""
+
+    FLA_NAME = "MultiScaleRetention"
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -76,26 +77,6 @@ class NaiveMultiScaleRetention(nn.Module):
     forward = retnet_naive_forward
 
 
-@functools.cache
-def layer_class() -> type[nn.Module]:
-    """FLA's MultiScaleRetention with CUDA (output only; the naive path for CPU inputs), else the twin. Both take the
-    twin's constructor arguments; every other option is FLA's default."""
-    if not torch.cuda.is_available():
-        return NaiveMultiScaleRetention
-    import fla.layers
-
-    class FLAMultiScaleRetention(fla.layers.MultiScaleRetention):
-        def __init__(self, hidden_size: int, num_heads: int):
-            super().__init__(hidden_size=hidden_size, num_heads=num_heads)
-
-        def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-            if not x.is_cuda:
-                return retnet_naive_forward(self, x, cache)
-            return super().forward(x, past_key_values=cache, use_cache=cache is not None)[0]
-
-    return FLAMultiScaleRetention
-
-
 def multiscale_retention(cfg: ModelConfig) -> nn.Module:
     """fla.layers.MultiScaleRetention(hidden_size=C, num_heads=H): [B, T, C] -> [B, T, C]."""
-    return layer_class()(cfg.n_embd, cfg.n_head)
+    return mixer_class(NaiveMultiScaleRetention)(cfg.n_embd, cfg.n_head)
