@@ -28,6 +28,7 @@ import argparse
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from jaxgpt.errors import UserError
 
 DEFAULT_HEARTBEAT_SECONDS = 100  # jax.distributed's own default: long enough for a busy host to answer
 DEFAULT_CONNECT_SECONDS = 300  # jax.distributed's own default: hosts of one job may start minutes apart
+JOIN_GRACE_SECONDS = 10  # jax.distributed's own time limit exceeds ours by this, so that ours speaks first
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
 
 
@@ -96,14 +98,13 @@ def launch_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
     return Launch(coordinator, n, i, args.heartbeat_seconds, args.connect_seconds)
 
 
-def wait_for_coordinator(address: str, seconds: int) -> None:
+def wait_for_coordinator(address: str, deadline: float, seconds: int) -> None:
     """Wait until the coordinator at HOST:PORT accepts connections (process 0 may start later than the others), or
-    raise a UserError after `seconds`. jax.distributed itself ends a process whose coordinator never answers with
-    SIGABRT and a C++ stack trace."""
+    raise a UserError at `deadline` (time.monotonic()). jax.distributed itself ends a process whose coordinator
+    never answers with SIGABRT and a C++ stack trace."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"the coordinator address must be HOST:PORT, got {address!r}")
-    deadline = time.monotonic() + seconds
     while True:
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
@@ -116,21 +117,33 @@ def wait_for_coordinator(address: str, seconds: int) -> None:
 
 
 def initialize(launch: Launch | None) -> None:
-    """Join the run of several processes `launch` describes (nothing for None); call before any JAX computation."""
+    """Join the run of several processes `launch` describes (nothing for None); call before any JAX computation.
+    Processes that have not all joined after --connect-seconds stop with one line (exit 2): jax.distributed's own
+    time limit, set later than ours, would end them with SIGABRT and a C++ stack trace."""
     if launch is None:
         return
+    deadline = time.monotonic() + launch.connect_seconds
     address = launch.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address and launch.process_id:  # process 0 hosts the coordinator; SLURM's address is jax.distributed's
-        wait_for_coordinator(address, launch.connect_seconds)
+        wait_for_coordinator(address, deadline, launch.connect_seconds)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    count = f"all {launch.num_processes}" if launch.num_processes else "all the"
+    not_joined = threading.Timer(max(0.0, deadline - time.monotonic()), _exit_now, (2, (
+        f"error: not {count} processes joined within {launch.connect_seconds} s (--connect-seconds); start each "
+        "one with the same --num-processes and a --coordinator that names process 0's host")))
+    not_joined.daemon = True
+    not_joined.start()
     try:
         jax.distributed.initialize(
             launch.coordinator, launch.num_processes, launch.process_id, local_device_ids=(),
-            initialization_timeout=launch.connect_seconds, heartbeat_timeout_seconds=launch.heartbeat_seconds,
+            initialization_timeout=launch.connect_seconds + JOIN_GRACE_SECONDS,
+            heartbeat_timeout_seconds=launch.heartbeat_seconds,
         )
-    except (RuntimeError, ValueError) as e:  # no coordinator reachable, a bad address, ids that do not match
+    except (RuntimeError, ValueError) as e:  # a bad address, ids that do not match
         line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise UserError(f"jax.distributed could not connect the processes: {line}") from None
+    finally:
+        not_joined.cancel()
 
 
 def is_primary() -> bool:

@@ -251,16 +251,18 @@ def test_bad_launch_flags(argv, needle):
         launch(argv, {})
 
 
-@pytest.mark.parametrize("address, needle", [
-    ("127.0.0.1:{port}", "no coordinator answered at 127.0.0.1:{port} within 1 s (--connect-seconds)"),
-    ("127.0.0.1", "the coordinator address must be HOST:PORT, got '127.0.0.1'"),
+@pytest.mark.parametrize("address, process, needle", [
+    ("127.0.0.1:{port}", 1, "no coordinator answered at 127.0.0.1:{port} within 1 s (--connect-seconds)"),
+    ("127.0.0.1", 1, "the coordinator address must be HOST:PORT, got '127.0.0.1'"),
+    ("127.0.0.1:{port}", 0, "not all 2 processes joined within 1 s (--connect-seconds)"),
 ])
-def test_unreachable_coordinator_is_one_line(address, needle, tmp_path):
-    """A process I > 0 whose coordinator never answers (nothing listens on the port) or whose address is malformed
-    stops after --connect-seconds with one line, not jax.distributed's SIGABRT and stack trace."""
+def test_processes_that_do_not_join_stop_with_one_line(address, process, needle, tmp_path):
+    """A process whose coordinator never answers (nothing listens on the port), whose address is malformed, or
+    (process 0, the coordinator) whose peers never join stops after --connect-seconds with one line, not with
+    jax.distributed's SIGABRT and stack trace."""
     port = free_port()
     p = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--coordinator", address.format(port=port),
-                        "--num-processes", "2", "--process-id", "1", "--connect-seconds", "1", "--out",
+                        "--num-processes", "2", "--process-id", str(process), "--connect-seconds", "1", "--out",
                         str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
                        env=train_env(tmp_path / "cache"))
     assert p.returncode == 2, p.stderr[-2000:]
