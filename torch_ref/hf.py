@@ -71,11 +71,12 @@ class JaxgptForCausalLM(PreTrainedModel, GenerationMixin):
                 past_key_values: Cache | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> CausalLMOutputWithPast:
         """input_ids [B, T] -> logits [B, T, V] (fp32 on CPU), or at the positions `logits_to_keep` names (the last
-        N, 0: all; generate() asks for 1, so a long prompt's prefill forms no [B, T, V] logits). With `use_cache` (or a `cache`, `past_key_values`
-        in older transformers) input_ids continue the tokens the cache holds, `previous_token` [B] the last of them
-        (`prepare_inputs_for_generation`), and the output carries the extended cache. Without a cache the attention
-        mask and other HF arguments are ignored: the model is causal and lm-eval feeds unpadded or right-padded rows;
-        with one, a mask with padding is an error (positions and states would count the padding)."""
+        N, 0: all; generate() asks for 1, so a long prompt's prefill forms no [B, T, V] logits). With `use_cache`
+        (or a `cache`, `past_key_values` in older transformers) input_ids continue the tokens the cache holds,
+        `previous_token` [B] the last of them (`prepare_inputs_for_generation`), and the output carries the extended
+        cache. Without a cache the attention mask and other HF arguments are ignored: the model is causal and lm-eval
+        feeds unpadded or right-padded rows; with one, a mask with padding is an error (positions and states would
+        count the padding)."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = self.new_cache()
