@@ -2,8 +2,8 @@
 PyTorch ops, loaded without Triton (torch_ref.fla_naive): `naive_recurrent_simple_gla` (input-dependent decay),
 `naive_recurrent_linear_attn` (no decay) and `naive_retention` (the fixed per-head decay log(1 - 2^(-5-h))).
 Outputs, final states and the gradients w.r.t. q, k, v, g and the initial state, within 1e-5, at ragged T (37 steps
-in chunks of 16) and whole chunks; strong decays stay finite; the GLA Pallas kernels that serve the op's GPU path
-(the decay broadcast along K) match the XLA path in Pallas interpret mode.
+in chunks of 16) and whole chunks; strong decays stay finite; the GPU path (the delta rule's chunk kernels without
+the WY step) matches the XLA path in Pallas interpret mode and lowers to Triton.
 
 GPU (`pytest -m gpu parity_tests/test_simple_gla.py` on the device): bf16, both backends, against FLA 0.6.0's Triton
 `chunk_simple_gla`, `chunk_retention` and `chunk_linear_attn` (normalize=False, as the LinearAttention layer calls
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from jaxgpt.ops import chunk_simple_gla, naive_recurrent_simple_gla
-from jaxgpt.ops.simple_gla.pallas import chunk_simple_gla_pallas
+from jaxgpt.ops.delta_rule import pallas as delta_pallas
+from jaxgpt.ops.simple_gla import pallas as simple_gla_pallas
 from jaxgpt.spec.constants import retention_log_decays
 from parity_tests.helpers import rel_err
 from parity_tests.test_ops_parity import torch_outputs_and_grads
@@ -137,23 +138,55 @@ def test_strong_decay_is_finite_and_exact():
     assert errs.pop("dg") < 10 * TOL and max(errs.values()) < TOL, errs
 
 
-def test_pallas_interpret_matches_xla():
-    """The GPU path (the GLA kernels, the decay broadcast along K) in Pallas interpret mode: ragged T, K != V; the
-    gradient of g is dgk summed over K."""
-    inputs, cot = random_inputs(np.random.default_rng(3), 1, 40, 2, 16, 32, strength=4.0)
-    got = jax_outputs_and_grads(chunk_simple_gla_pallas, inputs, cot, interpret=True)
+@pytest.mark.parametrize("shape,chunk_size,decay,strength", [
+    ((1, 40, 2, 16, 32), 16, True, 4.0),  # ragged T, K != V, strong decay
+    ((1, 70, 2, 32, 16), 32, True, 1.0),  # a part-filled last chunk of 32
+    ((2, 33, 1, 24, 40), 16, True, 1.0),  # head dims padded to 32 and 64
+    ((1, 40, 2, 16, 16), 16, False, 1.0),  # no decay: the ungated kernels
+], ids=lambda c: str(c).replace(" ", ""))
+def test_pallas_interpret_matches_xla(shape, chunk_size, decay, strength):
+    """The GPU path in Pallas interpret mode: output, final state and every gradient against the XLA path."""
+    inputs, cot = random_inputs(np.random.default_rng(3), *shape, decay=decay, strength=strength)
+    got = jax_outputs_and_grads(chunk_simple_gla, inputs, cot, chunk_size=chunk_size, backend="pallas")
     with jax.default_matmul_precision("highest"):
-        ref = jax_outputs_and_grads(chunk_simple_gla, inputs, cot, backend="xla")
-    errs = errors(got, ref, True)
+        ref = jax_outputs_and_grads(chunk_simple_gla, inputs, cot, chunk_size=chunk_size, backend="xla")
+    errs = errors(got, ref, decay)
     assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("K,V,decay", [(64, 128, True), (128, 128, True), (64, 64, False)])
+def test_lowers_to_triton(K, V, decay, cuda_module):
+    """The bf16 forward + backward export for CUDA: each kernel of the path lowers to Triton IR (compiling needs a
+    GPU), and neither WY kernel runs. (64, 128) is RetNet's head dims, (128, 128) Mamba2's, no decay linear
+    attention's."""
+    options = delta_pallas.Options(scale=K**-0.5, chunk=64, block_v=32, tril_inverse="pallas", interpret=False)
+
+    def fwd_bwd(q, k, v, gate, h0, do):
+        (o, ht), vjp = jax.vjp(lambda *x: simple_gla_pallas.simple_gla(*x, options), q, k, v, gate, h0)
+        return o, vjp((do, jnp.zeros_like(ht)))
+
+    bf, f32 = jnp.bfloat16, jnp.float32
+    B, T, H = 2, 192, 2
+    args = [jax.ShapeDtypeStruct((B, T, H, K), bf)] * 2 + [jax.ShapeDtypeStruct((B, T, H, V), bf),
+            jax.ShapeDtypeStruct((B, T, H), f32) if decay else None, jax.ShapeDtypeStruct((B, H, K, V), f32),
+            jax.ShapeDtypeStruct((B, T, H, V), bf)]
+    module = cuda_module(fwd_bwd, *args)
+    kernels = ("_state_fwd_kernel", "_output_fwd_kernel", "_dv_local_kernel", "_state_bwd_kernel", "_dqkw_kernel")
+    missing = [name for name in kernels if f'name = "{name}"' not in module]
+    assert not missing, f"kernels that did not lower to a Triton call: {missing}"
+    assert "_wy_" not in module
 
 
 def test_options():
     x = jnp.zeros((1, 8, 1, 16))
     with pytest.raises(ValueError, match="backend"):
         chunk_simple_gla(x, x, x, backend="triton")
-    with pytest.raises(ValueError, match="chunk_size=64"):
-        chunk_simple_gla(x, x, x, chunk_size=16, backend="pallas")
+    with pytest.raises(ValueError, match="chunk_size in"):
+        chunk_simple_gla(x, x, x, chunk_size=128, backend="pallas")
+    assert simple_gla_pallas.kernels_take(x, x, jnp.zeros((1, 8, 1, 200)))  # padded to 256
+    assert not simple_gla_pallas.kernels_take(x, x, jnp.zeros((1, 8, 1, 512)))  # V > 256
+    assert not simple_gla_pallas.kernels_take(x, x.astype(jnp.bfloat16), x)  # mixed dtypes
+    assert not simple_gla_pallas.kernels_take(x, x, x.astype(jnp.int32))
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_simple_gla(x, x, x, chunk_size=0, backend="xla")
     # auto off GPU (and any unsupported shape on GPU) is the xla path

@@ -36,6 +36,8 @@ gate ref and scales as the gated math says: A_ij and the intra-chunk scores by e
 exp(G)) K, the queries' state term by exp(G_i), the chunk's writes by exp(G_last - G_i) and the carried state by
 exp(G_last); `_dqkw` and `_wy_bwd` also write dL/dG (the reverse cumulative sum that makes dg is XLA's, outside).
 Without a gate every kernel runs the code above unchanged (the gate ref and the dG outputs are None: `_call`).
+Simple GLA (`jaxgpt/ops/simple_gla/pallas.py`) is this with W = 0 and U = V: it runs `_state_fwd`, `_output_fwd`,
+`_dv_local`, `_state_bwd` and `_dqkw` with no W (V' = V, dV' = dV, no dW) and neither WY kernel.
 
 Residuals: q, k, v, beta, (G,) T, W, S_n, V' (FLA recomputes S_n in its backward). With tril_inverse='trsm', or a chunk
 size that is not a multiple of 16, the forward WY step runs in XLA instead (`wy_fwd_xla`: batched products and XLA's
@@ -65,6 +67,9 @@ CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # dot_general dimension numbers for a^
 CONTRACT_COLS = (((1,), (1,)), ((), ()))  # a b^T
 SUB = 16  # diagonal block size of the triangular inverse
 BLOCK = 64  # head-dim columns per block of the per-chunk kernels (`_block`)
+HEAD_DIMS = (16, 32, 64, 128, 256)  # K and V the kernels take (powers of two: Triton's block shapes)
+CHUNK_SIZES = (16, 32, 64)  # multiples of the triangular inverse's 16-row blocks (FLA's set)
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def chunk_delta_rule_pallas(
@@ -192,6 +197,15 @@ def wy_fwd_xla(k: jax.Array, v: jax.Array, beta: jax.Array, chunk: int) -> tuple
     return tuple(from_chunks(x, Tp) for x in (tc, w, u))
 
 
+def chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
+    """G [B, T', H] fp32: the running sum of g [B, T, H] within each chunk of `chunk` steps, T zero-padded to T', a
+    multiple of the chunk (padded steps add no decay: G stays at its last real value, which the recurrence needs
+    as the chunk's G_last)."""
+    g = pad_time(g.astype(F32), chunk)
+    B, Tp, H = g.shape
+    return jnp.cumsum(g.reshape(B, Tp // chunk, chunk, H), axis=2).reshape(B, Tp, H)
+
+
 # ---------------------------------------------------------------------------------------------------- kernels
 
 
@@ -289,10 +303,11 @@ def _wy_fwd_kernel(k_ref, v_ref, beta_ref, g_ref, t_ref, w_ref, u_ref, *, H: int
 
 def _state_fwd_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, h_ref, vn_ref, ht_ref, *, H: int, C: int, block_v: int):
     """One (batch*head, block of V columns): S_n stored, V'_n = U_n - W_n S_n, S_{n+1} = S_n + K_n^T V'_n; with a
-    gate S_{n+1} = exp(G_last) S_n + K_n^T diag(exp(G_last - G)) V'_n.
+    gate S_{n+1} = exp(G_last) S_n + K_n^T diag(exp(G_last - G)) V'_n. Without W (no WY step: simple GLA) V' = U,
+    and v' is not written.
 
-    Refs: k, w [B, T, H, K]; u, v' [B, T, H, V]; g (G, or None) [B, T, H] fp32; h0, ht [B, H, K, V] fp32; h (the
-    S_n) [B, N, H, K, V].
+    Refs: k, w (or None) [B, T, H, K]; u, v' (or None) [B, T, H, V]; g (G, or None) [B, T, H] fp32; h0, ht
+    [B, H, K, V] fp32; h (the S_n) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
     b, h = bh // H, bh % H
@@ -301,13 +316,18 @@ def _state_fwd_kernel(k_ref, w_ref, u_ref, g_ref, h0_ref, h_ref, vn_ref, ht_ref,
         t = pl.ds(n * C, C)
         s = state.astype(h_ref.dtype)
         h_ref[b, n, h, :, cols] = s
-        v_new = u_ref[b, t, h, cols].astype(F32) - _dot(w_ref[b, t, h, :], s)
-        vn_ref[b, t, h, cols] = v_new.astype(vn_ref.dtype)
+        if w_ref is None:  # no WY step: V' = U
+            u = u_ref[b, t, h, cols]
+            v_new, v_operand = u.astype(F32), u
+        else:
+            v_new = u_ref[b, t, h, cols].astype(F32) - _dot(w_ref[b, t, h, :], s)
+            v_operand = v_new.astype(vn_ref.dtype)
+            vn_ref[b, t, h, cols] = v_operand
         if g_ref is None:
-            return state + _dot(k_ref[b, t, h, :], v_new.astype(vn_ref.dtype), CONTRACT_ROWS)
+            return state + _dot(k_ref[b, t, h, :], v_operand, CONTRACT_ROWS)
         gate = g_ref[b, t, h]
         last = _last(gate)
-        v_decayed = (v_new * jnp.exp(last - gate)[:, None]).astype(vn_ref.dtype)
+        v_decayed = (v_new * jnp.exp(last - gate)[:, None]).astype(h_ref.dtype)
         return jnp.exp(last) * state + _dot(k_ref[b, t, h, :], v_decayed, CONTRACT_ROWS)
 
     ht_ref[b, h, :, cols] = jax.lax.fori_loop(0, h_ref.shape[1], step, h0_ref[b, h, :, cols])
@@ -356,9 +376,10 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, dh_r
                       H: int, C: int, block_v: int, scale: float):
     """One (batch*head, block of V columns), chunks in reverse: G_{n+1} stored, dV'_n = dV_local + K_n G_{n+1},
     G_n = G_{n+1} + scale Q_n^T dO_n - W_n^T dV'_n; with a gate dV'_n = dV_local + diag(exp(G_last - G)) K_n G_{n+1},
-    G_n = exp(G_last) G_{n+1} + scale (diag(exp(G)) Q_n)^T dO_n - W_n^T dV'_n.
+    G_n = exp(G_last) G_{n+1} + scale (diag(exp(G)) Q_n)^T dO_n - W_n^T dV'_n. Without W (simple GLA) the W term
+    is dropped and dV' is dV.
 
-    Refs: q, k, w [B, T, H, K]; g (the gate G, or None) [B, T, H] fp32; do, dv' [B, T, H, V]; dv_local
+    Refs: q, k, w (or None) [B, T, H, K]; g (the gate G, or None) [B, T, H] fp32; do, dv' [B, T, H, V]; dv_local
     [B, T, H, V] fp32; dht, dh0 [B, H, K, V] fp32; dh (the G_{n+1}) [B, N, H, K, V].
     """
     bh, cols = pl.program_id(0), pl.ds(pl.program_id(1) * block_v, block_v)
@@ -379,8 +400,8 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, do_ref, dvl_ref, dht_ref, dh_r
             grad = jnp.exp(last) * grad
         dv = (dvl_ref[b, t, h, cols] + kg).astype(dv_ref.dtype)
         dv_ref[b, t, h, cols] = dv
-        dq_term = _dot(q, do_ref[b, t, h, cols], CONTRACT_ROWS)
-        return grad + scale * dq_term - _dot(w_ref[b, t, h, :], dv, CONTRACT_ROWS)
+        grad = grad + scale * _dot(q, do_ref[b, t, h, cols], CONTRACT_ROWS)
+        return grad if w_ref is None else grad - _dot(w_ref[b, t, h, :], dv, CONTRACT_ROWS)
 
     dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, n_chunks, step, dht_ref[b, h, :, cols])
 
@@ -392,21 +413,23 @@ def _dqkw_kernel(q_ref, k_ref, g_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq
     With a gate: dS *= exp(G_i - G_j), dO S_n^T's row i *= exp(G_i), V' G_{n+1}^T's row i *= exp(G_last - G_i),
     and dL/dG (this key block's part; the WY part is `_wy_bwd`'s) = rowsum(dQ * Q) - rowsum(dK * K), plus at the
     chunk's last row exp(G_last) sum(S_n * G_{n+1}) + sum(V' G_{n+1}^T-term * K) (the decay of the carried state).
+    Without the WY step (simple GLA: V' = V, dw None) dK is final and there are no WY terms.
 
-    Refs: q, k, dq, dw [B, T, H, K]; g (G, or None) [B, T, H] fp32; v', do, dv' [B, T, H, V]; h (S_n), dh
-    (G_{n+1}) [B, N, H, K, V]; dk [B, T, H, K] fp32; dg (or None) [K/BK, B, T, H] fp32.
+    Refs: q, k, dq, dw (or None) [B, T, H, K]; g (G, or None) [B, T, H] fp32; v', do, dv' [B, T, H, V]; h (S_n), dh
+    (G_{n+1}) [B, N, H, K, V]; dk [B, T, H, K] (fp32 before the WY terms); dg (or None) [K/BK, B, T, H] fp32.
     """
     n, bh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     b, h, t, ks = bh // H, bh % H, pl.ds(n * C, C), pl.ds(kb * BK, BK)
     do, v_new, s = do_ref[b, t, h, :], vn_ref[b, t, h, :], h_ref[b, n, h, ks, :]  # s: [BK, V]
     dt = do.dtype
-    dw_ref[b, t, h, ks] = (-_dot(dvn_ref[b, t, h, :], s, CONTRACT_COLS)).astype(dw_ref.dtype)
+    if dw_ref is not None:
+        dw_ref[b, t, h, ks] = (-_dot(dvn_ref[b, t, h, :], s, CONTRACT_COLS)).astype(dw_ref.dtype)
     if g_ref is None:
         dscores = (scale * jnp.where(_tril_mask(C), _dot(do, v_new, CONTRACT_COLS), 0.0)).astype(dt)
         dq = scale * _dot(do, s, CONTRACT_COLS) + _dot(dscores, k_ref[b, t, h, ks])
         dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
-        dk_ref[b, t, h, ks] = _dot(v_new, dh_ref[b, n, h, ks, :], CONTRACT_COLS) + _dot(dscores, q_ref[b, t, h, ks],
-                                                                                        CONTRACT_ROWS)
+        dk = _dot(v_new, dh_ref[b, n, h, ks, :], CONTRACT_COLS) + _dot(dscores, q_ref[b, t, h, ks], CONTRACT_ROWS)
+        dk_ref[b, t, h, ks] = dk.astype(dk_ref.dtype)
         return
     gate = g_ref[b, t, h]
     last = _last(gate)
@@ -416,7 +439,7 @@ def _dqkw_kernel(q_ref, k_ref, g_ref, vn_ref, do_ref, h_ref, dh_ref, dvn_ref, dq
     dk_state = _dot(v_new, ds, CONTRACT_COLS) * jnp.exp(last - gate)[:, None]
     dk = dk_state + _dot(dscores, q, CONTRACT_ROWS)
     dq_ref[b, t, h, ks] = dq.astype(dq_ref.dtype)
-    dk_ref[b, t, h, ks] = dk
+    dk_ref[b, t, h, ks] = dk.astype(dk_ref.dtype)
     q, k = q.astype(F32), k.astype(F32)
     dlast = jnp.exp(last) * jnp.sum(s.astype(F32) * ds.astype(F32)) + jnp.sum(dk_state * k)
     dgate = jnp.sum(dq * q, axis=1) - jnp.sum(dk * k, axis=1)
@@ -550,17 +573,18 @@ def wy_fwd_pallas(k: jax.Array, v: jax.Array, beta: jax.Array, options: Options,
     return _call(_wy_fwd_kernel, (Tp // C, B * H), out_shape, options, WARPS["wy_fwd"], k, v, beta, gate, H=H, C=C)
 
 
-def state_fwd(k: jax.Array, w: jax.Array, u: jax.Array, h0: jax.Array, options: Options,
+def state_fwd(k: jax.Array, w: jax.Array | None, u: jax.Array, h0: jax.Array, options: Options,
               gate: jax.Array | None = None):
     """Forward recurrence. k, w: [B, T, H, K]; u: [B, T, H, V]; h0: [B, H, K, V] fp32; gate (G, or None):
-    [B, T, H] fp32.
+    [B, T, H] fp32. w None: no WY step (simple GLA), V' = U.
 
     Returns:
-        S_n [B, N, H, K, V] and V' [B, T, H, V] in k's dtype; final state [B, H, K, V] fp32.
+        S_n [B, N, H, K, V] and V' [B, T, H, V] (None without w) in k's dtype; final state [B, H, K, V] fp32.
     """
     B, Tp, H, K = k.shape
     V, N, bv = u.shape[-1], Tp // options.chunk, options.block_v
-    out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype), _like(u, k.dtype), _like(h0))
+    v_new = None if w is None else _like(u, k.dtype)
+    out_shape = (jax.ShapeDtypeStruct((B, N, H, K, V), k.dtype), v_new, _like(h0))
     return _call(_state_fwd_kernel, (B * H, V // bv), out_shape, options, 4 if K * bv <= 4096 else 8,
                  k, w, u, gate, h0, num_stages=STAGES["state_fwd"], H=H, C=options.chunk, block_v=bv)
 
@@ -588,7 +612,7 @@ def dv_local_bwd(q: jax.Array, k: jax.Array, do: jax.Array, options: Options,
 
 def state_bwd(q, k, w, do, dv_local, dht, options: Options, gate: jax.Array | None = None):
     """Backward recurrence. q, k, w: [B, T, H, K]; do: [B, T, H, V]; dv_local: same, fp32; dht: [B, H, K, V] fp32;
-    gate (G, or None): [B, T, H] fp32.
+    gate (G, or None): [B, T, H] fp32. w None: no WY step (simple GLA), dV' is dV.
 
     Returns:
         G_{n+1} [B, N, H, K, V] and dV' [B, T, H, V] in q's dtype; dh0 = G_0 [B, H, K, V] fp32.
@@ -601,18 +625,20 @@ def state_bwd(q, k, w, do, dv_local, dht, options: Options, gate: jax.Array | No
                  scale=options.scale)
 
 
-def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options, gate: jax.Array | None = None):
+def dqkw_bwd(q, k, v_new, do, states, dstates, dv_new, options: Options, gate: jax.Array | None = None,
+             wy: bool = True):
     """dQ, dK (before the WY terms, fp32), dW and dL/dG (`_dqkw_kernel`). q, k: [B, T, H, K]; v', do, dv':
-    [B, T, H, V]; states, dstates: [B, N, H, K, V]; gate (G, or None): [B, T, H] fp32.
+    [B, T, H, V]; states, dstates: [B, N, H, K, V]; gate (G, or None): [B, T, H] fp32. wy=False (simple GLA: no
+    WY step): dk is final, in k's dtype, and there is no dW.
 
     Returns:
-        dq [B, T, H, K] in q's dtype, dk [B, T, H, K] fp32, dw [B, T, H, K] in q's dtype, dG by key block
-        [K/BK, B, T, H] fp32 (None without a gate).
+        dq [B, T, H, K] in q's dtype, dk [B, T, H, K] fp32 (k's dtype without wy), dw [B, T, H, K] in q's dtype (None
+        without wy), dG by key block [K/BK, B, T, H] fp32 (None without a gate).
     """
     B, Tp, H, K = q.shape
     BK = _dqkw_block(K)
     dg = None if gate is None else jax.ShapeDtypeStruct((K // BK, *gate.shape), F32)
-    out_shape = (_like(q), _like(k, F32), _like(q), dg)
+    out_shape = (_like(q), _like(k, F32 if wy else None), _like(q) if wy else None, dg)
     return _call(_dqkw_kernel, (Tp // options.chunk, B * H, K // BK), out_shape, options, WARPS["dqkw"],
                  q, k, gate, v_new, do, states, dstates, dv_new, H=H, C=options.chunk, BK=BK, scale=options.scale)
 

@@ -28,14 +28,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.ops.delta_rule.pallas import F32, Options, _default_block_v, chunk_bwd, chunk_fwd
+from jaxgpt.ops.delta_rule.pallas import (CHUNK_SIZES, DTYPES, F32, HEAD_DIMS, Options, _default_block_v, chunk_bwd,
+                                          chunk_cumsum, chunk_fwd)
 from jaxgpt.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_xla
 from jaxgpt.ops.l2norm import l2norm
 from jaxgpt.ops.utils import pad_time
-
-HEAD_DIMS = (16, 32, 64, 128, 256)  # K and V the kernels take (powers of two: Triton's block shapes)
-CHUNK_SIZES = (16, 32, 64)  # multiples of the triangular inverse's 16-row blocks (FLA's set)
-DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def chunk_gated_delta_rule_pallas(
@@ -84,15 +81,6 @@ def kernels_take(q: jax.Array, k: jax.Array, v: jax.Array, chunk_size: int) -> b
     dtypes = {x.dtype for x in (q, k, v)}
     return (len(dtypes) == 1 and dtypes.pop() in DTYPES and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS
             and chunk_size in CHUNK_SIZES and q.shape[1] > 0)
-
-
-def chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
-    """G [B, T', H] fp32: the running sum of g [B, T, H] within each chunk of `chunk` steps, T zero-padded to T', a
-    multiple of the chunk (padded steps add no decay: G stays at its last real value, which the recurrence needs
-    as the chunk's G_last)."""
-    g = pad_time(g.astype(F32), chunk)
-    B, Tp, H = g.shape
-    return jnp.cumsum(g.reshape(B, Tp // chunk, chunk, H), axis=2).reshape(B, Tp, H)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

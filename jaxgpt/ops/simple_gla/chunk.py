@@ -40,10 +40,10 @@ def chunk_simple_gla(
         initial_state: [B, H, K, V] state, or None for zeros.
         output_final_state: whether to return the final state.
         chunk_size: steps per chunk; any T works (padded internally with zero inputs / zero log-decays).
-        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'pallas' runs the fused GLA
-            kernels of jaxgpt.ops.gla.pallas with the decay broadcast over the key dimension (head dims up to 256,
-            chunk_size 64); 'xla' is this module's chunked form, differentiated by JAX; 'auto' is 'pallas' on GPU
-            for the head dims and chunk size the kernels take, else 'xla'.
+        backend: 'auto' | 'xla' | 'pallas' (see jaxgpt.ops.utils.resolve_backend). 'pallas' runs the delta rule's
+            chunk kernels without the WY step (`pallas.py`: head dims up to 256, chunk_size 16, 32 or 64; inputs
+            the kernels do not take run 'xla'); 'xla' is this module's chunked form, differentiated by JAX; 'auto'
+            is 'pallas' on GPU for the chunk sizes the kernels take, else 'xla'.
 
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
@@ -51,14 +51,14 @@ def chunk_simple_gla(
     impl = resolve_backend(backend)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    fits = pallas.supported(q.shape[-1], v.shape[-1]) and chunk_size == pallas.CHUNK
-    if impl == "pallas" and (fits or backend == "pallas"):
-        if chunk_size != pallas.CHUNK:
-            raise ValueError(f"the pallas backend uses chunk_size={pallas.CHUNK}, got {chunk_size}")
-        return pallas.chunk_simple_gla_pallas(q, k, v, g, scale, initial_state, output_final_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
+    if impl == "pallas" and (chunk_size in pallas.CHUNK_SIZES or backend == "pallas"):
+        if chunk_size not in pallas.CHUNK_SIZES:
+            raise ValueError(f"the pallas backend takes chunk_size in {pallas.CHUNK_SIZES}, got {chunk_size}")
+        if pallas.kernels_take(q, k, v):
+            return pallas.chunk_simple_gla_pallas(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     q, k, v = (to_chunks(pad_time(x.astype(acc), chunk_size), chunk_size) for x in (q, k, v))
     q = q * scale
