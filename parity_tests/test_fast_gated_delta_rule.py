@@ -21,6 +21,7 @@ import pytest
 from jaxgpt.ops import chunk_gated_delta_rule, gdn_gate
 from jaxgpt.ops.delta_rule import pallas as delta_pallas
 from jaxgpt.ops.gated_delta_rule import pallas as gated_pallas
+from parity_tests.helpers import fla_gated_backward
 from parity_tests.test_ops_parity import TOL, random_qkv, rel_err
 
 FWD_TOL, GRAD_TOL, NOISE_FACTOR, ACCURACY_FACTOR = 4e-3, 8e-3, 1.5, 1.25  # as parity_tests/test_gpu_parity.py
@@ -162,13 +163,10 @@ def test_bf16_pallas_vs_fla(shape):
           for x, t in zip(inputs, dtypes)]
     o, ht = fla_chunk_gated_delta_rule(*ts[:5], initial_state=ts[5], output_final_state=True,
                                        use_qk_l2norm_in_kernel=True)
-    try:
+    grads = [None] * len(ts)
+    with fla_gated_backward():
         grads = torch.autograd.grad((o, ht), ts, (torch.tensor(do, device="cuda", dtype=torch.bfloat16),
                                                   torch.tensor(dht, device="cuda")))
-    except RuntimeError as e:  # FLA 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0 (#640)
-        if "#640" not in str(e):
-            raise
-        grads = [None] * len(ts)
     fla = [None if x is None else x.detach().float().cpu().numpy() for x in (o, ht, *grads)]
     report = {name: {"vs_fp32": rel_err(g, r)} | ({} if f is None else {"vs_fla": rel_err(g, f),
                                                                         "fla_vs_fp32": rel_err(f, r)})

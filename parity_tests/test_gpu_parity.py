@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from jaxgpt.spec.config import ModelConfig
-from parity_tests.helpers import VARIANTS, jax_grads, random_batch, rel_err, twin_models, variant_config
+from parity_tests.helpers import (VARIANTS, fla_gated_backward, jax_grads, random_batch, rel_err, twin_models,
+                                  variant_config)
 
 FWD_TOL = 4e-3  # FLA's forward threshold
 GRAD_TOL = 8e-3  # FLA's gradient threshold
@@ -51,11 +52,9 @@ def torch_outputs(model, idx, targets, autocast: bool):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         logits = model(idx)
         loss = model.loss(idx, targets)
-    try:
+    with fla_gated_backward() as fla:
         loss.backward()
-    except RuntimeError as e:  # FLA 0.6.0's gated backward on Hopper under Triton 3.4 to 3.7.0
-        if "#640" not in str(e):
-            raise
+    if fla.refused:
         return logits.float().detach().cpu().numpy(), loss.item(), None
     grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
     return logits.float().detach().cpu().numpy(), loss.item(), grads

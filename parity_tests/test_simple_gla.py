@@ -22,7 +22,7 @@ from jaxgpt.ops import chunk_simple_gla, naive_recurrent_simple_gla
 from jaxgpt.ops.delta_rule import pallas as delta_pallas
 from jaxgpt.ops.simple_gla import pallas as simple_gla_pallas
 from jaxgpt.spec.constants import retention_log_decays
-from parity_tests.helpers import rel_err
+from parity_tests.helpers import fla_gated_backward, rel_err
 from parity_tests.test_ops_parity import torch_outputs_and_grads
 from torch_ref.fla_naive import load_fla_file
 
@@ -219,12 +219,9 @@ def fla_gpu_outputs_and_grads(op, inputs, cotangents):
         o, ht = chunk_linear_attn(q, k, v, initial_state=h0, output_final_state=True, normalize=False)
     do, dht = (torch.tensor(x, device="cuda") for x in cotangents)
     inputs = (q, k, v) + ((g,) if op == "chunk_simple_gla" else ()) + (h0,)
-    try:
+    grads = [None] * len(inputs)
+    with fla_gated_backward():
         grads = torch.autograd.grad((o.float() * do.bfloat16().float()).sum() + (ht.float() * dht).sum(), inputs)
-    except RuntimeError as e:  # FLA 0.6.0 refuses its gated backward on Hopper under Triton 3.4 to 3.7.0 (#640)
-        if "#640" not in str(e):
-            raise
-        grads = [None] * len(inputs)
     return [None if t is None else t.detach().float().cpu().numpy() for t in (o, ht, *grads)]
 
 
