@@ -12,6 +12,7 @@ import jaxgpt.ops.gla.chunk as gla_chunk
 from jaxgpt.spec.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.model import init_model
+from jaxgpt import ops
 from jaxgpt.ops import utils
 
 
@@ -76,3 +77,31 @@ def test_model_config_reaches_the_op(monkeypatch, mixer):
         init_model(dataclasses.replace(cfg, linear_attn_backend="pallas"))(idx)
     with pytest.raises(UserError, match="linear_attn_backend"):
         dataclasses.replace(cfg, linear_attn_backend="cuda")
+
+
+X, HEADS = jnp.ones((1, 8, 2, 16)), jnp.full((1, 8, 2), 0.5)
+OPS = {  # op -> its arguments after q, k, v at the right shapes
+    "chunk_gla": (ops.chunk_gla, {"gk": -X}),
+    "chunk_delta_rule": (ops.chunk_delta_rule, {"beta": HEADS}),
+    "chunk_gated_delta_rule": (ops.chunk_gated_delta_rule, {"g": -HEADS, "beta": HEADS}),
+    "chunk_simple_gla": (ops.chunk_simple_gla, {"g": -HEADS}),
+}
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad,match", [
+    ({"v": X[:, :5]}, r"v must be \[B, T, H, V\] = \[1, 8, 2, V\]"),  # T padded to a chunk would line up silently
+    ({"k": X[..., :8]}, "q and k must both be"),
+    ({"initial_state": jnp.ones((1, 2, 16, 8))}, "initial_state must be"),
+    ({"gate": "shorter"}, r"must be \[1, 8, 2"),
+])
+def test_shapes_that_do_not_fit_are_one_line(op, backend, bad, match):
+    """Every chunked op, on either backend, rejects inputs whose shapes do not fit together with one ValueError
+    line naming the argument, before any padding or kernel."""
+    fn, gates = OPS[op]
+    if "gate" in bad:  # each of the op's per-step arguments, 3 steps short
+        bad = {name: x[:, :5] for name, x in gates.items()}
+    with pytest.raises(ValueError, match=match) as e:
+        fn(**{"q": X, "k": X, "v": X} | gates | bad, backend=backend)
+    assert "\n" not in str(e.value)

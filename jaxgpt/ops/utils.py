@@ -1,10 +1,36 @@
-"""Helpers shared by the chunked ops: backend dispatch, padding the time axis and splitting it into chunks, and
-reading a row of a value inside a Pallas kernel."""
+"""Helpers shared by the chunked ops: input checks, backend dispatch, padding the time axis and splitting it into
+chunks, and reading a row of a value inside a Pallas kernel."""
 
 import jax
 import jax.numpy as jnp
 
 SM_COUNT = 132  # streaming multiprocessors of an H100 / H200 (SXM): the kernels' grid heuristics fill them
+
+
+def check_shapes(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    initial_state: jax.Array | None = None,
+    *,
+    per_head: dict[str, jax.Array | None] | None = None,
+    per_key: dict[str, jax.Array | None] | None = None,
+) -> None:
+    """One-line ValueError unless q and k are [B, T, H, K], v [B, T, H, V], every array of `per_head` (name ->
+    array; None skipped) [B, T, H], every one of `per_key` [B, T, H, K], and initial_state None or [B, H, K, V].
+    (Padding T to whole chunks would otherwise line up inputs of different lengths without an error.)"""
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
+    B, T, H, K = q.shape
+    if v.ndim != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V] like q, got {list(v.shape)}")
+    for names, shape in ((per_head, (B, T, H)), (per_key, (B, T, H, K))):
+        for name, x in (names or {}).items():
+            if x is not None and x.shape != shape:
+                raise ValueError(f"{name} must be {list(shape)} like q, got {list(x.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {[B, H, K, v.shape[-1]]}, "
+                         f"got {list(initial_state.shape)}")
 
 
 def pad_time(x: jax.Array, multiple: int) -> jax.Array:

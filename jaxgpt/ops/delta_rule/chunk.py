@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxgpt.ops.delta_rule.pallas import chunk_delta_rule_pallas
 from jaxgpt.ops.l2norm import l2norm
 from jaxgpt.ops.triangular import unit_lower_solve
-from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
+from jaxgpt.ops.utils import accumulation_dtype, check_shapes, from_chunks, pad_time, resolve_backend, to_chunks
 
 
 def chunk_delta_rule(
@@ -54,6 +54,7 @@ def chunk_delta_rule(
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
+    check_shapes(q, k, v, initial_state, per_head={"beta": beta})
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

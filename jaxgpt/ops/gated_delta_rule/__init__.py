@@ -8,7 +8,7 @@ from jaxgpt.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_xla
 from jaxgpt.ops.gated_delta_rule.gate import gdn_gate
 from jaxgpt.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from jaxgpt.ops.gated_delta_rule.pallas import chunk_gated_delta_rule_pallas
-from jaxgpt.ops.utils import resolve_backend
+from jaxgpt.ops.utils import check_shapes, resolve_backend
 
 __all__ = ["chunk_gated_delta_rule", "gdn_gate", "naive_recurrent_gated_delta_rule"]
 
@@ -67,13 +67,4 @@ def check_arguments(
     """One-line ValueError for shapes that do not fit together or a chunk size that is not a power of two."""
     if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be [B, T, H, K], got {q.shape} and {k.shape}")
-    B, T, H, K = q.shape
-    if v.ndim != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V] like q, got {v.shape}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, got {initial_state.shape}")
+    check_shapes(q, k, v, initial_state, per_head={"g": g, "beta": beta})

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.ops.gla import pallas
-from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
+from jaxgpt.ops.utils import accumulation_dtype, check_shapes, from_chunks, pad_time, resolve_backend, to_chunks
 
 
 def chunk_gla(
@@ -52,6 +52,7 @@ def chunk_gla(
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
+    check_shapes(q, k, v, initial_state, per_key={"gk": gk})
     impl = resolve_backend(backend)
     fits = pallas.supported(q.shape[-1], v.shape[-1]) and (chunk_size, sub_chunk_size) == (pallas.CHUNK, pallas.SUB)
     if impl == "pallas" and (fits or backend == "pallas"):

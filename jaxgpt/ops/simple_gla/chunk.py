@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.ops.simple_gla import pallas
-from jaxgpt.ops.utils import accumulation_dtype, from_chunks, pad_time, resolve_backend, to_chunks
+from jaxgpt.ops.utils import accumulation_dtype, check_shapes, from_chunks, pad_time, resolve_backend, to_chunks
 
 
 def chunk_simple_gla(
@@ -48,6 +48,7 @@ def chunk_simple_gla(
     Returns:
         o: [B, T, H, V] in q's dtype; final state [B, H, K, V] fp32, or None.
     """
+    check_shapes(q, k, v, initial_state, per_head={"g": g})
     impl = resolve_backend(backend)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
