@@ -48,7 +48,7 @@ def chunk_delta_rule(
             a hand-written backward, Pallas recurrences; interpreted off GPU).
         tril_inverse: the pallas path's per-chunk (I + A)^{-1}: 'pallas' (kernel) or 'trsm' (XLA's solve).
         block_v: the pallas recurrences' state columns per program (a power of two >= 16 dividing V); None:
-            32, or 16 where 32 would leave GPU multiprocessors idle (`pallas._default_block_v`). The xla path
+            32, or 16 where 32 would leave GPU multiprocessors idle (`pallas.default_block_v`). The xla path
             ignores these two.
 
     Returns:

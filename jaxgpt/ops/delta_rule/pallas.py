@@ -88,7 +88,7 @@ def chunk_delta_rule_pallas(
 ) -> tuple[jax.Array, jax.Array | None]:
     """`chunk_delta_rule` on the fast path; arguments as there (q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H]).
 
-    block_v: state columns per recurrence program (a power of 2 dividing V); None: `_default_block_v`.
+    block_v: state columns per recurrence program (a power of 2 dividing V); None: `default_block_v`.
     tril_inverse: how T = (I + A)^{-1} is computed: 'pallas' (inside `_wy_fwd_kernel`, blockwise forward
     substitution; chunk sizes that are multiples of 16) or 'trsm' (`wy_fwd_xla`, XLA's batched triangular solve).
     Off GPU the kernels run in Pallas's interpreter (slow; for tests).
@@ -100,7 +100,7 @@ def chunk_delta_rule_pallas(
     B, T, H, K = q.shape
     V = v.shape[-1]
     if block_v is None:
-        block_v = _default_block_v(B * H, V)
+        block_v = default_block_v(B * H, V)
     if block_v < 16 or block_v & (block_v - 1) or V % block_v:
         raise ValueError(f"block_v must be a power of two >= 16 dividing V={V}, got {block_v}")
     if use_qk_l2norm_in_kernel:
@@ -530,7 +530,7 @@ WARPS = {"wy_fwd": 2, "output_fwd": 4, "dv_local": 4, "dqkw": 4, "wy_bwd": 4}
 STAGES = {"state_fwd": 4, "state_bwd": 3}
 
 
-def _default_block_v(heads: int, V: int) -> int:
+def default_block_v(heads: int, V: int) -> int:
     """State columns per recurrence program: 32, or 16 where 32 leaves multiprocessors idle (heads * V / 32 programs
     under SM_COUNT: the recurrences' only parallelism is batch x heads x state columns)."""
     return min(V, 32 if heads * V // 32 >= SM_COUNT else 16)

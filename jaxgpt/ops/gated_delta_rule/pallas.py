@@ -28,8 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.ops.delta_rule.pallas import (CHUNK_SIZES, DTYPES, F32, HEAD_DIMS, Options, _default_block_v, chunk_bwd,
-                                          chunk_cumsum, chunk_fwd)
+from jaxgpt.ops.delta_rule.pallas import (CHUNK_SIZES, DTYPES, F32, HEAD_DIMS, Options, chunk_bwd, chunk_cumsum,
+                                          chunk_fwd, default_block_v)
 from jaxgpt.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_xla
 from jaxgpt.ops.l2norm import l2norm
 from jaxgpt.ops.utils import pad_time
@@ -63,7 +63,7 @@ def chunk_gated_delta_rule_pallas(
     B, T, H, K = q.shape
     V = v.shape[-1]
     if block_v is None:
-        block_v = _default_block_v(B * H, V)
+        block_v = default_block_v(B * H, V)
     if block_v < 16 or block_v & (block_v - 1) or V % block_v:
         raise ValueError(f"block_v must be a power of two >= 16 dividing V={V}, got {block_v}")
     if use_qk_l2norm_in_kernel:

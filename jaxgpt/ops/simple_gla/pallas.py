@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.ops.delta_rule.pallas import (CHUNK_SIZES, DTYPES, F32, HEAD_DIMS, Options, _default_block_v, chunk_cumsum,
+from jaxgpt.ops.delta_rule.pallas import (CHUNK_SIZES, DTYPES, F32, HEAD_DIMS, Options, chunk_cumsum, default_block_v,
                                           dqkw_bwd, dv_local_bwd, output_fwd, state_bwd, state_fwd)
 from jaxgpt.ops.utils import pad_time
 
@@ -64,7 +64,7 @@ def chunk_simple_gla_pallas(
     v = jnp.pad(pad_time(v, chunk_size), ((0, 0),) * 3 + ((0, Vp - V),))
     h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
     gate = None if g is None else chunk_cumsum(g, chunk_size)
-    options = Options(scale, chunk_size, _default_block_v(B * H, Vp), "pallas", jax.default_backend() != "gpu")
+    options = Options(scale, chunk_size, default_block_v(B * H, Vp), "pallas", jax.default_backend() != "gpu")
     o, final_state = simple_gla(q, k, v, gate, h0, options)
     return o[:, :T, :, :V], (final_state[:, :, :K, :V] if output_final_state else None)
 
