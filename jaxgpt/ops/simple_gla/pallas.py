@@ -3,11 +3,11 @@
 Simple GLA is the gated delta rule with W = 0 and U = V (nothing is subtracted before a write), so per chunk of C
 steps, with G_i the cumulative log decay from the chunk's start (`chunk_cumsum`, in XLA outside the kernels):
 
-forward     S_{n+1} = exp(G_last) S_n + K_n^T diag(exp(G_last - G)) V_n                     (`_state_fwd`)
-            O = scale (diag(exp(G)) Q S_n + (tril(Q K^T) * exp(G_i - G_j)) V)                  (`_output_fwd`)
-backward    dV = scale (triu(K Q^T) * exp(G_i - G_j)) dO + diag(exp(G_last - G)) K dS_{n+1}   (`_dv_local`, `_state_bwd`)
-            dS_n = exp(G_last) dS_{n+1} + scale (diag(exp(G)) Q)^T dO
-            dQ, dK and dL/dG_i = q_i . dq_i - k_i . dk_i (+ the carried state's term at a chunk's last row)  (`_dqkw`)
+forward   S_{n+1} = exp(G_last) S_n + K_n^T diag(exp(G_last - G)) V_n                         `_state_fwd`
+          O = scale (diag(exp(G)) Q S_n + (tril(Q K^T) * exp(G_i - G_j)) V)                      `_output_fwd`
+backward  dV = scale (triu(K Q^T) * exp(G_i - G_j)) dO + diag(exp(G_last - G)) K dS_{n+1}      `_dv_local`,
+          dS_n = exp(G_last) dS_{n+1} + scale (diag(exp(G)) Q)^T dO                               `_state_bwd`
+          dQ, dK, dL/dG_i = q_i . dq_i - k_i . dk_i (+ the carried state's term at a last row)     `_dqkw`
 
 Without a decay (linear attention) the kernels run their ungated code. The decay is one [C, C] matrix per head and
 chunk, so the intra-chunk scores are one product Q K^T (no per-key-dimension decay as in GLA). Head dims that are
