@@ -176,7 +176,7 @@ class TorchSide:
         self.cuda = torch.cuda.is_available()
         self.note = None
         if self.cuda and uses_gated_delta_rule(cfg.model):
-            from bench_linear_attention import lift_fla_hopper_guard  # scripts/ is on sys.path
+            from fla_guard import lift_fla_hopper_guard  # scripts/ is on sys.path
 
             self.note = lift_fla_hopper_guard()
         device = "cuda" if self.cuda else "cpu"
