@@ -10,7 +10,7 @@ All in fp32; one exp per element. So the [N, V] array costs one DRAM read and on
 read) plus, in the backward, the softmax - onehot pass (a read and a write); the backward (head.py) reads e only through
 its two matmuls.
 
-Tiles: BV = min(CHUNK, next power of two >= V) columns, the tail masked (V = 50304: 13 chunks of 4096, the last 288
+Tiles: BV = min(CHUNK, next power of two >= V) columns, the tail masked (V = 50304: 13 chunks of 4096, the last 1152
 wide), NUM_WARPS warps, one row per program; at GPT-2's vocabulary this reaches ~2.8 TB/s of the bytes read and
 written (docs/kernels-cross-entropy.md).
 """
