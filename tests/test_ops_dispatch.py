@@ -105,3 +105,14 @@ def test_shapes_that_do_not_fit_are_one_line(op, backend, bad, match):
     with pytest.raises(ValueError, match=match) as e:
         fn(**{"q": X, "k": X, "v": X} | gates | bad, backend=backend)
     assert "\n" not in str(e.value)
+
+
+def test_gla_pallas_backend_off_gpu_runs_the_interpreter():
+    """An explicit 'pallas' off GPU runs the kernels in Pallas's interpreter (what `--set
+    model.linear_attn_backend=pallas` does on a CPU), with the xla path's result. (The other ops' interpreted
+    kernels are checked against xla in their parity tests.)"""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(X.shape), jnp.float32) for _ in range(3))
+    o_pallas, _ = ops.chunk_gla(q, k, v, -0.5 * X, backend="pallas")
+    o_xla, _ = ops.chunk_gla(q, k, v, -0.5 * X, backend="xla")
+    np.testing.assert_allclose(o_pallas, o_xla, rtol=1e-4, atol=1e-5)

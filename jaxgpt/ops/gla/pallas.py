@@ -491,20 +491,22 @@ def chunk_gla_pallas(
     scale: float | None = None,
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
-    interpret: bool = False,
+    interpret: bool | None = None,
     *,
     state_block: int | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """GLA with the Pallas kernels; arguments and results as `chunk_gla` (q, k, gk: [B, T, H, K], v: [B, T, H, V],
     initial_state [B, H, K, V]; returns o [B, T, H, V] in q's dtype and the fp32 final state or None).
 
-    `interpret=True` runs the kernels in Pallas interpret mode (any device; used by the CPU tests).
+    `interpret=True` runs the kernels in Pallas interpret mode (any device; used by the CPU tests); None: off GPU.
     `state_block`: the state kernels' tile, SK = min(K', state_block) and SV = min(V', state_block) on the padded
     head dims K', V' (a power of two >= 16); None: `state_block_for` (64, or 32 when the GPU would sit part idle).
     Key / value blocks and warps of the other kernels: the module constants BLOCK_K, BLOCK_V, NUM_WARPS (read when
     a call is traced). Any T works: the time axis is zero-padded to a multiple of 64 (zero log-gates keep the
     state); any K, V in [1, 256]: padded to the next power of two >= 16 (module docstring).
     """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
     B, T, H, K = q.shape
     V = v.shape[-1]
     if not supported(K, V):
