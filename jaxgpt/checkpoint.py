@@ -368,6 +368,8 @@ def checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
+    if path.is_file():
+        raise UserError(f"{path} is a file, not a run folder or a checkpoints folder")
     if not path.is_dir():
         raise UserError(f"checkpoint directory {path} does not exist")
     return path

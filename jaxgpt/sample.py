@@ -63,8 +63,11 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
             raise UserError("give --prompt or --prompt-file, not both")
         path = Path(prompt_file)
         if not path.is_file():
-            raise UserError(f"prompt file {path} does not exist")
-        prompts = [path.read_text(encoding="utf-8")]
+            raise UserError(f"prompt file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+        try:
+            prompts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
     prompts = prompts or ["\n"]
     if any(not p for p in prompts):
         raise UserError("empty prompt: give at least one character (nanoGPT's default is a newline)")
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(args.prompt, args.prompt_file)
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0: all tokens), got {args.top_k}")
     enc = get_tokenizer()
     sampling = Sampling(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k or None,
                         top_p=args.top_p, vocab_limit=enc.n_vocab)

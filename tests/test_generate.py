@@ -2,6 +2,7 @@
 the CLI, and greedy tokens against transformers' generate() on exported models (CPU, fp32)."""
 
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.checkpoint import Checkpointer, TrainState, checkpoint_dir
+from jaxgpt.errors import UserError
 from jaxgpt.generate import Decoder, Sampling, candidates, feed, generate, sample_logits
 from jaxgpt.model import GPT
 from jaxgpt.optim import make_optimizer
+from jaxgpt.sample import read_prompts
 from jaxgpt.spec.config import Config, ModelConfig
 from jaxgpt.spec.variants import LINEAR_MIXERS, PRESETS, apply_variant
 from parity_tests.helpers import inference_presets
@@ -188,10 +191,34 @@ def test_cli_prints_samples_and_throughput(baseline_run):
     (("--max-new-tokens", "40"), "exceeds block_size 32"),
     (("--step", "9"), "no checkpoint for step 9"),
     (("--top-p", "1.5"), "top_p must be in (0, 1]"),
-], ids=["empty-prompt", "past-block-size", "missing-step", "bad-top-p"])
+    (("--top-k", "-3"), "--top-k must be >= 0 (0: all tokens)"),
+], ids=["empty-prompt", "past-block-size", "missing-step", "bad-top-p", "bad-top-k"])
 def test_cli_bad_input_is_one_line(baseline_run, args, message):
     p = sample_cli(str(baseline_run), *args)
     assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and message in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"temperature": float("inf")}, "temperature must be a finite number"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"top_p": float("nan")}, "top_p must be in (0, 1]"),
+])
+def test_bad_sampling_options_are_refused(options, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        Sampling(**options)
+
+
+def test_bad_prompt_files_and_sources_are_one_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "file").write_text("x")
+    for prompt_file, message in ((tmp_path / "latin1.txt", "is not UTF-8 text"), (tmp_path, "is a folder"),
+                                 (tmp_path / "absent", "does not exist")):
+        with pytest.raises(UserError, match=message):
+            read_prompts(None, str(prompt_file))
+    with pytest.raises(UserError, match="is a file, not a run folder"):
+        checkpoint_dir(tmp_path / "file")
 
 
 def test_cli_missing_folder_is_one_line(tmp_path):
