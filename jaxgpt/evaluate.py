@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import tempfile
@@ -135,10 +136,28 @@ def offline() -> bool:
     return any(os.environ.get(k, "0") not in ("", "0") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+def check_weights(path: Path) -> None:
+    """UserError unless `path` is a safetensors file whose header is intact and covers the file (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+
+
 def model_info(model_dir: Path) -> tuple[int, str, float | None]:
     """(context length, benchmark label, logged val loss) of an exported folder."""
+    if (model_dir / "checkpoints").is_dir():
+        raise UserError(f"{model_dir} is a training run folder, not an exported model folder; export it first: "
+                        f"python -m jaxgpt.export {model_dir} OUT")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not an exported model folder (no config.json); see python -m jaxgpt.export")
+    if not (model_dir / "model.safetensors").is_file():
+        raise UserError(f"{model_dir} is not an exported model folder (no model.safetensors); "
+                        "see python -m jaxgpt.export")
+    check_weights(model_dir / "model.safetensors")
     meta_path = model_dir / "jaxgpt.json"
     try:
         config = json.loads((model_dir / "config.json").read_text())
@@ -146,8 +165,46 @@ def model_info(model_dir: Path) -> tuple[int, str, float | None]:
     except ValueError as e:  # a file cut short or overwritten
         raise UserError(f"{model_dir} is not a readable export: {e}") from None
     block = config.get("n_positions") or config.get("max_position_embeddings")
+    if not isinstance(block, int) or block < 1:
+        raise UserError(f"{model_dir / 'config.json'} has no context length (n_positions or max_position_embeddings)")
     size = meta.get("config", {}).get("model_size", model_dir.name)
-    return int(block), model_label(size), meta.get("val_loss")
+    return block, model_label(size), meta.get("val_loss")
+
+
+def task_names(tasks: str) -> list[str]:
+    """The lm-eval task names `--tasks` stands for: mlsbench's, the local ones, or a comma-separated list (none
+    empty)."""
+    if tasks in ("mlsbench", "local"):
+        return list(MLSBENCH if tasks == "mlsbench" else LOCAL)
+    names = [name.strip() for name in tasks.split(",")]
+    if not all(names):
+        raise UserError(f"--tasks {tasks!r} has an empty task name; give mlsbench, local or comma-separated "
+                        f"lm-eval task names (local ones: {', '.join(LOCAL)})")
+    return names
+
+
+def devices() -> list[str]:
+    """The torch devices that lm-eval's hf model is placed on as given, among those this machine has."""
+    import torch
+
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = ["mps", "mps:0"] if torch.backends.mps.is_available() else []
+    return ["cpu"] + (["cuda", *cuda] if cuda else []) + mps
+
+
+def check_arguments(limit: int | None, val_loss: float | None, tasks_dir: Path | None, batch_size: int) -> None:
+    """UserError for an option out of range: --limit or --batch-size below 1, a non-finite or negative --val-loss,
+    a --tasks-dir that is (or lies under) a file."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be a positive integer (documents per task), got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+    if val_loss is not None and not (math.isfinite(val_loss) and val_loss >= 0):
+        raise UserError(f"--val-loss must be a finite number >= 0, got {val_loss}")
+    if tasks_dir is not None:
+        existing = next(p for p in (tasks_dir, *tasks_dir.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"--tasks-dir {tasks_dir} must be a folder ({existing} is a file)")
 
 
 def final_line(label: str, val_loss: float | None, metrics: dict[str, float]) -> str:
@@ -166,30 +223,37 @@ def evaluate(
     device: str | None = None,
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """Run lm-eval on an exported folder; returns {benchmark metric: value} and prints the Final metrics line."""
+    """Run lm-eval on an exported folder; returns {benchmark metric: value} and prints the Final metrics line.
+    Bad arguments raise UserError before the model is loaded."""
+    tasks_dir = None if tasks_dir is None else Path(tasks_dir)
+    check_arguments(limit, val_loss, tasks_dir, batch_size)
+    names = task_names(tasks)
+    model_dir = Path(model_dir).resolve()
+    block, label, logged = model_info(model_dir)
+    if device is not None and device not in (valid := devices()):
+        raise UserError(f"--device {device!r} is not available here; choose from {', '.join(valid)}")
+
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
 
-    model_dir = Path(model_dir).resolve()
-    block, label, logged = model_info(model_dir)
     if tasks == "mlsbench" and offline():
         print("offline: using the local tasks instead of the mlsbench suite")
-        tasks = "local"
+        names = list(LOCAL)
     with tempfile.TemporaryDirectory() as tmp:
-        include = Path(tasks_dir or tmp)
-        if tasks == "local":
-            names, table = write_local_tasks(include, block), LOCAL
-        else:
-            names = list(MLSBENCH) if tasks == "mlsbench" else tasks.split(",")
-            table = MLSBENCH | LOCAL
-            if set(names) & set(LOCAL):
-                write_local_tasks(include, block)
+        include = tasks_dir or Path(tmp)
+        if set(names) & set(LOCAL):
+            write_local_tasks(include, block)
+        task_manager = TaskManager(include_path=str(include))
+        unknown = sorted(set(names) - set(task_manager.all_tasks))
+        if unknown:
+            raise UserError(f"--tasks: unknown task {', '.join(unknown)}; give mlsbench, local, the local tasks "
+                            f"({', '.join(LOCAL)}) or lm-eval task names (list them: lm-eval ls tasks)")
         results = lm_eval.simple_evaluate(
             model="hf",
             model_args={"pretrained": str(model_dir), "trust_remote_code": True, "max_length": block},
             tasks=names,
-            task_manager=TaskManager(include_path=str(include)),
+            task_manager=task_manager,
             limit=limit,
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
             batch_size=batch_size,
@@ -198,7 +262,7 @@ def evaluate(
         )["results"]
     metrics = {}
     for name in names:
-        bench, metric = table.get(name, (f"{name}_acc", "acc"))
+        bench, metric = (MLSBENCH | LOCAL).get(name, (f"{name}_acc", "acc"))
         metrics[bench] = float(results[name][f"{metric},none"])
     print(final_line(label, val_loss if val_loss is not None else logged, metrics))
     return metrics
