@@ -16,8 +16,10 @@ plots. A background thread samples and copies the next batches to the devices wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import queue
 import signal
 import sys
@@ -148,6 +150,16 @@ class Evaluator:
         return out
 
 
+def check_run_folder(out: Path) -> None:
+    """One line unless the run folder `out` is a folder or can be made one: no file at `out` or above it, and its
+    nearest existing ancestor writable. Nothing is created."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable")
+
+
 def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = WatchdogLimits(),
           peak_tflops: float | None = None) -> dict:
     """Run (or resume) training; returns the final evaluation {'train_loss', 'val_loss', 'step'}.
@@ -161,31 +173,38 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     """
     primary = distributed.is_primary()
     out = run_dir(cfg)
+    check_run_folder(out)
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
     mesh = make_mesh(B, cfg.mesh)
-    train_data = BatchSampler(data_dir, "train", T, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
-    if resume and not (out / "checkpoints").is_dir():
-        raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
-    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
-    if ckpt.steps() and not resume:
-        raise UserError(f"{out} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue it or --out NEW_DIR")
-    if resume and not ckpt.steps():
-        raise UserError(f"nothing to resume: no checkpoint in {ckpt.directory}")
-
     abstract_model = nnx.eval_shape(lambda: init_model(cfg.model, cfg.seed))
     n_params = num_params(abstract_model)
     graphdef, abstract = nnx.split(abstract_model, nnx.Param)
     tx = make_optimizer(cfg)
     abstract_opt = jax.eval_shape(tx.init, abstract)
     param_sh, opt_sh = state_shardings(abstract, mesh), state_shardings(abstract_opt, mesh)
+    # both splits are opened (and checked) before anything is written to the run folder
+    train_data = BatchSampler(data_dir, "train", T, vocab_size=cfg.model.vocab_size, seed=cfg.seed)
+    evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef, param_sh), mesh)
+    if resume and not (out / "checkpoints").is_dir():
+        raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    if ckpt.steps() and not resume:
+        raise UserError(f"{out} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue it or "
+                        "--out NEW_DIR")
+    if resume and not ckpt.steps():
+        raise UserError(f"nothing to resume: no checkpoint in {ckpt.directory}")
+
     log = MetricsLog(out / "metrics.jsonl", writes=primary)
     start, records = 0, []
     if resume:
         start = ckpt.select(set_aside=True, action="resuming from")
         saved = Config.from_dict(ckpt.read_meta(start)["config"])
         if saved.model != cfg.model:
-            raise UserError(f"--resume: the checkpoint's model {saved.model} differs from the requested {cfg.model}")
+            diff = [f"{f.name} {getattr(saved.model, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
+                    for f in dataclasses.fields(cfg.model)
+                    if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+            raise UserError(f"--resume: the requested model differs from the checkpoint's in {', '.join(diff)}")
         # restored straight onto this run's layout, whatever mesh saved it
         state = ckpt.restore(abstract_with_shardings(abstract, param_sh), abstract_with_shardings(abstract_opt, opt_sh),
                              start)
@@ -210,7 +229,6 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
 
     train_step = make_train_step(graphdef, tx, abstract, abstract_opt, param_shardings=param_sh, opt_shardings=opt_sh,
                                  remat=cfg.remat)
-    evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef, param_sh), mesh)
     processes = f"{jax.process_count()} processes x " if jax.process_count() > 1 else ""
     say(
         f"{cfg.variant} ({', '.join(f'{a}={getattr(cfg.model, a)}' for a in AXES)}) | {cfg.model_size} "
@@ -366,6 +384,8 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg = apply_overrides(cfg, load_config_file(args.config), source=f"config {args.config}")
     cfg = apply_variant(cfg, args.variant, **{axis: getattr(args, axis) for axis in AXES})
     sets = parse_set_args(args.set)
+    if "variant" in sets:
+        raise UserError("--set variant=... would rename the run without changing its model; use --variant NAME")
     cfg = apply_overrides(cfg, sets, source="--set")
     direct = {"data": args.data, "out": args.out, "max_iters": args.max_iters, "mesh": args.mesh}
     cfg = apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, source="option")
@@ -414,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     distributed.initialize(distributed.launch_from(args))
     with distributed.exit_at_once_on_error():
         cfg = build_config(args)
+        if args.peak_tflops is not None and not args.peak_tflops > 0:
+            raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+        if not args.watchdog_seconds >= 0:
+            raise UserError(f"--watchdog-seconds must be >= 0 (0: no watchdog), got {args.watchdog_seconds}")
         limits = WatchdogLimits(factor=args.watchdog_factor, min_seconds=args.watchdog_seconds)
         try:
             train(cfg, resume=args.resume, watchdog=limits, peak_tflops=args.peak_tflops)
