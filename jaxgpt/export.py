@@ -202,7 +202,7 @@ def export(src: str | Path, out: str | Path, step: int | None = None, fmt: str =
     out = Path(out)
     if out.is_dir() and not force:
         raise UserError(f"{out} exists; pass --force to replace it")
-    check_out(out, force)  # before the checkpoint is read: no file in the way
+    check_out(out, force, arg="OUT")  # before the checkpoint is read: no file in the way
     cfg, meta, params = load_checkpoint(src, step)
     plain = is_plain_gpt2(cfg.model)
     fmt = ("gpt2" if plain else "torch_ref") if fmt == "auto" else fmt
@@ -241,18 +241,34 @@ def config_from_hf(hf_config: dict) -> Config:
     return Config(model=model, model_size="custom")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or one line saying why it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def read_hf_folder(src: Path) -> tuple[Config, int, dict[str, np.ndarray]]:
     """An exported (or HF GPT-2) folder -> (run config, step, torch_ref state dict)."""
     from safetensors.numpy import load_file
 
     if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
         raise UserError(f"{src} is not a Hugging Face model folder (needs config.json and model.safetensors)")
-    hf_config = json.loads((src / "config.json").read_text())
-    meta = json.loads((src / META_FILE).read_text()) if (src / META_FILE).is_file() else None
+    hf_config = read_json(src / "config.json")
+    meta = read_json(src / META_FILE) if (src / META_FILE).is_file() else None
+    if meta is not None and not {"config", "step"} <= meta.keys():
+        raise UserError(f"{src / META_FILE} lacks its 'config' or 'step' entry")
     if meta is None and hf_config.get("model_type") != "gpt2":
         raise UserError(f"{src}: model_type {hf_config.get('model_type')!r} without {META_FILE}; cannot import")
     cfg = Config.from_dict(meta["config"]) if meta else config_from_hf(hf_config)
-    weights = load_file(str(src / "model.safetensors"))
+    try:
+        weights = load_file(str(src / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        raise UserError(f"{src / 'model.safetensors'} is not a readable safetensors file: {e}") from None
     if hf_config.get("model_type") == "gpt2":
         torch_sd = hf_gpt2_to_torch(weights, bias=cfg.model.bias)
     else:
@@ -263,7 +279,7 @@ def read_hf_folder(src: Path) -> tuple[Config, int, dict[str, np.ndarray]]:
 def import_folder(src: str | Path, run: str | Path, force: bool = False) -> Path:
     """Import an HF folder into a jaxgpt run folder `run` (checkpoints/<step>, config.json); returns `run`."""
     src, run = Path(src), Path(run)
-    check_out(run, force)
+    check_out(run, force, arg="OUT")
     if not src.is_dir():
         raise UserError(f"{src} does not exist or is not a folder")
     cfg, step, torch_sd = read_hf_folder(src)

@@ -3,6 +3,8 @@
 import ast
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from flax import nnx
 
 from jaxgpt import export as export_module
 from jaxgpt.checkpoint import Checkpointer, TrainState
+from jaxgpt.errors import UserError
 from jaxgpt.export import MODELING_FILE, export, import_folder, load_checkpoint, modeling_sources
 from jaxgpt.metrics import MetricsLog
 from jaxgpt.model import GPT
@@ -281,3 +284,17 @@ def test_force_replaces(baseline_run, tmp_path):
     export(baseline_run, tmp_path / "out", force=True)
     assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".old" in p.name]
+
+
+def test_damaged_export_folders_are_one_line(baseline_run, tmp_path):
+    """--import (and sampling, which reads exports the same way) of a folder whose config.json, jaxgpt.json or
+    model.safetensors is damaged stops with one line naming the file."""
+    good = export(baseline_run, tmp_path / "good")
+    cases = {"config.json": b"{not json", "jaxgpt.json": b"[1, 2]", "model.safetensors": b"\x05\x00\x00\x00junk"}
+    for name, content in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(content)
+        with pytest.raises(UserError, match=re.escape(str(bad / name))):
+            import_folder(bad, tmp_path / f"run-{name}")
+        assert not (tmp_path / f"run-{name}").exists()
