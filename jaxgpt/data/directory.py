@@ -27,9 +27,14 @@ def _prepare_hint(data_dir: Path) -> str:
 def split_files(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """The shard files `*{split}*.bin` of a data directory, sorted by name (UserError if none)."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(
+            f"data directory {data_dir} is a file, not a folder; give the folder that holds the *train*.bin and "
+            "*val*.bin shards"
+        )
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; {_prepare_hint(data_dir)}")
-    files = sorted(data_dir.glob(f"*{split}*.bin"))
+    files = sorted(f for f in data_dir.glob(f"*{split}*.bin") if f.is_file())
     if not files:
         raise UserError(f"no {split} shards (*{split}*.bin) in {data_dir}; {_prepare_hint(data_dir)}")
     return files

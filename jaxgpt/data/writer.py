@@ -50,11 +50,12 @@ class ShardWriter:
             self.filled = 0
 
 
-def check_out(out: Path, force: bool) -> None:
-    """A folder can be written at `out`: no file at `out` or above it, and a non-empty `out` only with `force`."""
+def check_out(out: Path, force: bool, *, arg: str = "--out") -> None:
+    """A folder can be written at `out`: no file at `out` or above it, and a non-empty `out` only with `force`.
+    `arg` names the command-line argument that gave `out` in the messages."""
     blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UserError(f"--out {out}: {blocker} is a file, not a directory")
+        raise UserError(f"{arg} {out}: {blocker} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty; pass --force to replace it")
 
