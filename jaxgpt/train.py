@@ -379,10 +379,16 @@ def _on_disk(ckpt: Checkpointer) -> str:
 
 
 def build_config(args: argparse.Namespace) -> Config:
+    """The run's config from the command line (defaults, --config, the variant, --set, direct options), checked;
+    a bad option or value is a UserError."""
     cfg = Config()
     if args.config:
         cfg = apply_overrides(cfg, load_config_file(args.config), source=f"config {args.config}")
     cfg = apply_variant(cfg, args.variant, **{axis: getattr(args, axis) for axis in AXES})
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if not args.watchdog_seconds >= 0:
+        raise UserError(f"--watchdog-seconds must be >= 0 (0: no watchdog), got {args.watchdog_seconds}")
     sets = parse_set_args(args.set)
     if "variant" in sets:
         raise UserError("--set variant=... would rename the run without changing its model; use --variant NAME")
@@ -434,10 +440,6 @@ def main(argv: list[str] | None = None) -> None:
     distributed.initialize(distributed.launch_from(args))
     with distributed.exit_at_once_on_error():
         cfg = build_config(args)
-        if args.peak_tflops is not None and not args.peak_tflops > 0:
-            raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
-        if not args.watchdog_seconds >= 0:
-            raise UserError(f"--watchdog-seconds must be >= 0 (0: no watchdog), got {args.watchdog_seconds}")
         limits = WatchdogLimits(factor=args.watchdog_factor, min_seconds=args.watchdog_seconds)
         try:
             train(cfg, resume=args.resume, watchdog=limits, peak_tflops=args.peak_tflops)

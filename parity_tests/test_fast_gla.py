@@ -150,10 +150,11 @@ KERNELS = ("_chunk_cumsum_kernel", "_state_fwd_kernel", "_chunk_A_off_kernel", "
 @pytest.mark.parametrize("K,V,state_block", [(32, 64, None), (64, 64, 64), (64, 64, 32), (128, 128, 64),
                                              (40, 24, None)])
 def test_lowers_to_triton(K, V, state_block, cuda_module):
-    """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU)."""
+    """The bf16 forward + backward export for CUDA: every kernel lowers to Triton IR (compiling it needs a GPU).
+    The kernels are called compiled (interpret=False), as on a GPU; off GPU the dispatch would interpret them."""
 
     def fwd_bwd(q, k, v, gk, do):
-        o, vjp = jax.vjp(lambda *x: chunk_gla(*x, backend="pallas", state_block=state_block)[0], q, k, v, gk)
+        o, vjp = jax.vjp(lambda *x: chunk_gla_pallas(*x, interpret=False, state_block=state_block)[0], q, k, v, gk)
         return o, vjp(do)
 
     bf = jnp.bfloat16

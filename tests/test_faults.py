@@ -556,8 +556,8 @@ def test_export_refuses_a_file_in_the_way_and_a_damaged_checkpoint(base, tmp_pat
 
     file = tmp_path / "file"
     file.write_text("x")
-    assert error(base, file) == f"--out {file}: {file} is a file, not a directory"
-    assert error(base, file / "hf") == f"--out {file / 'hf'}: {file} is a file, not a directory"
+    assert error(base, file) == f"OUT {file}: {file} is a file, not a directory"
+    assert error(base, file / "hf") == f"OUT {file / 'hf'}: {file} is a file, not a directory"
     run = copy_run(base, tmp_path / "run", upto=2)
     truncate(largest_array_file(run / "checkpoints" / "2"))
     assert re.fullmatch(r"no intact checkpoint in \S+: step 2 is damaged \(state/\S+ has \d+ bytes, \d+ written\)",

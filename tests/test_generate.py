@@ -235,8 +235,7 @@ def test_cli_missing_folder_is_one_line(tmp_path):
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module", params=["baseline", "ve_lcr", "gla_conv", "deltanet", "gated_deltanet", "retnet",
-                                        "linear_attn", "hgrn2", "mamba2"])
+@pytest.fixture(scope="module", params=["baseline", "ve_lcr", "gla_conv", "deltanet", "gated_deltanet", "mamba2"])
 def exported(request, tmp_path_factory) -> tuple[Path, str]:
     """(an export folder of a perturbed tiny model, its variant): GPT2LMHeadModel for baseline, torch_ref else."""
     from jaxgpt.export import export

@@ -208,9 +208,6 @@ BAD_INPUT = {
     "data": (["--data", "{tmp}/no_such_dir"], ["no_such_dir", "prepare"]),
     "resume_nothing": (["--resume"], ["resume", "no checkpoint"]),
     "recipe": (["--set", "learning_rate=nan"], ["learning_rate", "finite", "nan"]),
-    "set_variant": (["--set", "variant=gla"], ["--set variant", "--variant NAME"]),
-    "peak_tflops": (["--peak-tflops", "-1"], ["--peak-tflops", "positive", "-1"]),
-    "watchdog": (["--watchdog-seconds", "-5"], ["--watchdog-seconds", ">= 0", "-5"]),
     "out_is_a_file": (["--out", "{tmp}/a_file/run"], ["a_file", "is a file"]),
     "no_val_split": (["--data", "{tmp}/train_only"], ["val", "train_only"]),
 }
@@ -262,6 +259,10 @@ INVALID_RECIPES = {  # arguments -> the error
     "beta2_one": (["--set", "beta2=1"], "beta2 must be in [0, 1), got 1.0"),
     "weight_decay_negative": (["--set", "weight_decay=-0.1"], "weight_decay must be a finite number >= 0, got -0.1"),
     "grad_clip_nan": (["--set", "grad_clip=nan"], "grad_clip must be a finite number >= 0, got nan"),
+    "set_variant": (["--set", "variant=gla"], "--set variant=... would rename the run without changing its model; "
+                                              "use --variant NAME"),
+    "peak_tflops": (["--peak-tflops", "-1"], "--peak-tflops must be positive, got -1.0"),
+    "watchdog": (["--watchdog-seconds", "-5"], "--watchdog-seconds must be >= 0 (0: no watchdog), got -5.0"),
 }
 
 
