@@ -208,7 +208,7 @@ def fineweb_docs(name: str = "sample-10BT", source: str | None = None) -> Iterat
     """Texts of FineWeb config `name` (split train), streamed from the Hugging Face hub, or of the local
     parquet / JSON Lines files `source` (file, directory or glob) read the same way; texts that are empty or
     whitespace only are skipped.
-    The dataset is opened now (errors surface here), its rows are read lazily; a row that cannot be read or
+    The dataset is opened by the call (errors surface here), its rows are read lazily; a row that cannot be read or
     whose text is not a string is a UserError."""
     try:
         from datasets import load_dataset
