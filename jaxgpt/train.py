@@ -188,7 +188,10 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     evaluate = Evaluator(cfg, data_dir, make_eval_step(graphdef, param_sh), mesh)
     if resume and not (out / "checkpoints").is_dir():
         raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
-    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+        ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    except OSError as e:  # a folder the permission bits allow but the filesystem refuses (root in /proc)
+        raise UserError(f"--out {out}: cannot create the run folder ({e.strerror or e})") from None
     if ckpt.steps() and not resume:
         raise UserError(f"{out} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue it or "
                         "--out NEW_DIR")

@@ -209,6 +209,7 @@ BAD_INPUT = {
     "resume_nothing": (["--resume"], ["resume", "no checkpoint"]),
     "recipe": (["--set", "learning_rate=nan"], ["learning_rate", "finite", "nan"]),
     "out_is_a_file": (["--out", "{tmp}/a_file/run"], ["a_file", "is a file"]),
+    "out_unwritable": (["--out", "/proc/jaxgpt/run"], ["--out /proc/jaxgpt/run"]),  # refused by bits or the kernel
     "no_val_split": (["--data", "{tmp}/train_only"], ["val", "train_only"]),
 }
 
