@@ -154,6 +154,18 @@ def test_pallas_interpret_matches_xla(shape, chunk_size, decay, strength):
     assert max(errs.values()) < TOL, errs
 
 
+def test_pallas_interpret_bf16_within_bf16_error():
+    """The GPU path's bf16 operands and casts (interpreted): output, state and every gradient within the GPU tests'
+    bf16 bound (8e-3) of the fp32 xla path, at RetNet's head dims (K 64, V 128) over three chunks."""
+    inputs, cot = random_inputs(np.random.default_rng(5), 1, 130, 2, 64, 128)
+    bf16 = tuple(jnp.asarray(x, jnp.bfloat16) for x in inputs[:3]) + inputs[3:]
+    got = jax_outputs_and_grads(chunk_simple_gla, bf16, cot, backend="pallas")
+    with jax.default_matmul_precision("highest"):
+        ref = jax_outputs_and_grads(chunk_simple_gla, inputs, cot, backend="xla")
+    errs = errors([np.asarray(x, np.float32) for x in got], ref, True)
+    assert max(errs.values()) < 8e-3, errs
+
+
 @pytest.mark.parametrize("K,V,decay", [(64, 128, True), (128, 128, True), (64, 64, False)])
 def test_lowers_to_triton(K, V, decay, cuda_module):
     """The bf16 forward + backward export for CUDA: each kernel of the path lowers to Triton IR (compiling needs a
