@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import queue
 import signal
 import sys
@@ -44,6 +43,7 @@ from jaxgpt.spec.config import (
     parse_set_args,
 )
 from jaxgpt.data import BatchSampler, ensure_default_corpus
+from jaxgpt.data.writer import check_out
 from jaxgpt.errors import UserError, cli_main
 from jaxgpt.metrics import (
     TENSORBOARD_GLOB,
@@ -150,16 +150,6 @@ class Evaluator:
         return out
 
 
-def check_run_folder(out: Path) -> None:
-    """One line unless the run folder `out` is a folder or can be made one: no file at `out` or above it, and its
-    nearest existing ancestor writable. Nothing is created."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {existing} is not writable")
-
-
 def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = WatchdogLimits(),
           peak_tflops: float | None = None) -> dict:
     """Run (or resume) training; returns the final evaluation {'train_loss', 'val_loss', 'step'}.
@@ -173,7 +163,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
     """
     primary = distributed.is_primary()
     out = run_dir(cfg)
-    check_run_folder(out)
+    check_out(out, force=True)  # no file in the way (a resumed run's folder holds files)
     data_dir = Path(cfg.data) if cfg.data else ensure_default_corpus()
     T, B, A = cfg.model.block_size, cfg.batch_size, cfg.grad_accum
     mesh = make_mesh(B, cfg.mesh)
@@ -190,7 +180,7 @@ def train(cfg: Config, resume: bool = False, *, watchdog: WatchdogLimits = Watch
         raise UserError(f"nothing to resume: no checkpoint in {out / 'checkpoints'}")
     try:
         ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
-    except OSError as e:  # a folder the permission bits allow but the filesystem refuses (root in /proc)
+    except OSError as e:  # the run folder is made here: not writable, or refused by the filesystem
         raise UserError(f"--out {out}: cannot create the run folder ({e.strerror or e})") from None
     if ckpt.steps() and not resume:
         raise UserError(f"{out} already holds checkpoints (steps {ckpt.steps()}); pass --resume to continue it or "

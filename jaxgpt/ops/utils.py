@@ -43,6 +43,17 @@ def pad_time(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+def pow2_dim(d: int) -> int:
+    """A kernel's size for head dim d: the next power of two, at least 16 (Triton's block shapes)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def pad_trailing(x: jax.Array, *sizes: int) -> jax.Array:
+    """Zero-pad the trailing len(sizes) axes of x [..., D1, ..., Dn] up to sizes [..., S1, ..., Sn]."""
+    widths = [(0, 0)] * (x.ndim - len(sizes)) + [(0, n - d) for n, d in zip(sizes, x.shape[-len(sizes):])]
+    return jnp.pad(x, widths)
+
+
 def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     """[B, T, H, D] (T a multiple of chunk_size) -> [B, H, N, C, D] with N = T / C chunks of C steps."""
     B, T, H, D = x.shape

@@ -91,7 +91,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxgpt.ops.utils import SM_COUNT, pad_time
+from jaxgpt.ops.utils import SM_COUNT, pad_time, pad_trailing, pow2_dim
 
 CHUNK = 64  # steps per chunk (one state stored per chunk)
 SUB = 16  # steps per sub-chunk (pairwise gating inside)
@@ -112,11 +112,6 @@ __all__ = ["chunk_gla_pallas", "supported"]
 def supported(K: int, V: int) -> bool:
     """Whether the kernels take these head dims (any in [1, 256]: padded to powers of two from 16 internally)."""
     return all(1 <= d <= MAX_HEAD_DIM for d in (K, V))
-
-
-def _padded_dim(d: int) -> int:
-    """The kernels' size for head dim d: the next power of two, at least 16 (Triton tiles)."""
-    return max(16, 1 << (d - 1).bit_length())
 
 
 def state_block_for(B: int, H: int, K: int, V: int) -> int:
@@ -477,12 +472,6 @@ def _gla_bwd(options: Options, residuals, cotangents):
 _gla.defvjp(_gla_fwd, _gla_bwd)
 
 
-def _pad_trailing(x: jax.Array, *sizes: int) -> jax.Array:
-    """Zero-pad the trailing len(sizes) axes of x [..., D1, ..., Dn] up to sizes [..., S1, ..., Sn]."""
-    widths = [(0, 0)] * (x.ndim - len(sizes)) + [(0, n - d) for n, d in zip(sizes, x.shape[-len(sizes):])]
-    return jnp.pad(x, widths)
-
-
 def chunk_gla_pallas(
     q: jax.Array,
     k: jax.Array,
@@ -514,11 +503,11 @@ def chunk_gla_pallas(
     for name, value in (("state_block", state_block), ("BLOCK_K", BLOCK_K), ("BLOCK_V", BLOCK_V)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    Kp, Vp = _padded_dim(K), _padded_dim(V)
+    Kp, Vp = pow2_dim(K), pow2_dim(V)
     scale = K**-0.5 if scale is None else float(scale)
     options = Options(scale, state_block or state_block_for(B, H, Kp, Vp), BLOCK_K, BLOCK_V, interpret)
-    h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else _pad_trailing(initial_state.astype(f32), Kp, Vp)
-    q, k, gk = (_pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk.astype(f32)))
-    v = _pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
+    h0 = jnp.zeros((B, H, Kp, Vp), f32) if initial_state is None else pad_trailing(initial_state.astype(f32), Kp, Vp)
+    q, k, gk = (pad_trailing(pad_time(x, CHUNK), Kp) for x in (q, k.astype(q.dtype), gk.astype(f32)))
+    v = pad_trailing(pad_time(v.astype(q.dtype), CHUNK), Vp)
     o, ht = _gla(q, k, v, gk, h0, options)
     return o[:, :T, :, :V], (ht[:, :, :K, :V] if output_final_state else None)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxgpt.ops.delta_rule.pallas import (CHUNK_SIZES, DTYPES, F32, HEAD_DIMS, Options, chunk_cumsum, default_block_v,
                                           dqkw_bwd, dv_local_bwd, output_fwd, state_bwd, state_fwd)
-from jaxgpt.ops.utils import pad_time
+from jaxgpt.ops.utils import pad_time, pad_trailing, pow2_dim
 
 __all__ = ["CHUNK_SIZES", "chunk_simple_gla_pallas", "kernels_take"]
 
@@ -32,11 +32,6 @@ def kernels_take(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     dtypes = {x.dtype for x in (q, k, v)}
     return (len(dtypes) == 1 and dtypes.pop() in DTYPES and max(q.shape[-1], v.shape[-1]) <= HEAD_DIMS[-1]
             and q.shape[1] > 0)
-
-
-def padded_dim(d: int) -> int:
-    """The kernels' size for head dim d: the next power of two, at least 16 (Triton's block shapes)."""
-    return max(HEAD_DIMS[0], 1 << (d - 1).bit_length())
 
 
 def chunk_simple_gla_pallas(
@@ -58,11 +53,10 @@ def chunk_simple_gla_pallas(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    Kp, Vp = padded_dim(K), padded_dim(V)
-    h0 = jnp.zeros((B, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
-    q, k = (jnp.pad(pad_time(x, chunk_size), ((0, 0),) * 3 + ((0, Kp - K),)) for x in (q, k))
-    v = jnp.pad(pad_time(v, chunk_size), ((0, 0),) * 3 + ((0, Vp - V),))
-    h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    Kp, Vp = pow2_dim(K), pow2_dim(V)
+    h0 = jnp.zeros((B, H, Kp, Vp), F32) if initial_state is None else pad_trailing(initial_state.astype(F32), Kp, Vp)
+    q, k = (pad_trailing(pad_time(x, chunk_size), Kp) for x in (q, k))
+    v = pad_trailing(pad_time(v, chunk_size), Vp)
     gate = None if g is None else chunk_cumsum(g, chunk_size)
     options = Options(scale, chunk_size, default_block_v(B * H, Vp), "pallas", jax.default_backend() != "gpu")
     o, final_state = simple_gla(q, k, v, gate, h0, options)
